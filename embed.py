@@ -1,0 +1,93 @@
+"""Task 1 on the command line: sentence embeddings and their cosine similarities.
+
+    python embed.py --model DIR --pool max --normalize l2 "a sentence" "another"
+    python embed.py --model DIR --json "a sentence"          # the vectors as JSON
+    cat sentences.txt | python embed.py --model DIR          # one sentence per line
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from data import DataError, load_tokenizer
+from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pretrained
+
+
+def at_least(low):
+    """An argparse type: an integer no smaller than low."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Embed sentences with a BERT model folder and compare them.")
+    p.add_argument("sentences", nargs="*", help="sentences to embed (default: one per line on stdin)")
+    p.add_argument("--model", required=True, help="BERT folder: config.json, model.safetensors, "
+                                                  "tokenizer.json or vocab.txt")
+    p.add_argument("--pool", choices=POOLS, default="mean", help="mean of token states, the [CLS] pooler "
+                                                                 "output, or max over tokens (default: mean)")
+    p.add_argument("--embed-dim", type=at_least(1), default=None,
+                   help="add a linear projection to this size (random until trained; seeded by --seed)")
+    p.add_argument("--normalize", choices=NORMS, default="none", help="divide by the L1 or L2 norm")
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--max-len", type=at_least(2), default=None,
+                   help="cut inputs to this many word pieces (default: the model's limit)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the vectors as JSON instead of the similarities")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda was asked for, but no CUDA device is available")
+    return args
+
+
+def similarity_table(sentences, vectors):
+    """Cosine similarity of every pair, as rows of text with one label per sentence."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(vectors.dtype).tiny)
+    cos = unit @ unit.T  # (N, N)
+    lines = ["     " + "".join(f"{f'[{j}]':>8}" for j in range(len(sentences)))]
+    for i, row in enumerate(cos.tolist()):
+        lines.append(f"{f'[{i}]':<5}" + "".join(f"{c:8.3f}" for c in row))
+    lines += [f"[{i}] {s}" for i, s in enumerate(sentences)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not sentences:
+        print("error: no sentences given (pass them as arguments or on stdin)", file=sys.stderr)
+        return 2
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    torch.manual_seed(args.seed)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        bert = load_pretrained(args.model)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_len and args.max_len > bert.config.max_position_embeddings:
+        print(f"error: argument --max-len: {args.max_len} is more than the model's "
+              f"max_position_embeddings ({bert.config.max_position_embeddings})", file=sys.stderr)
+        return 2
+    encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize).to(device)
+    vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=args.max_len)
+    if args.json:
+        print(json.dumps({"pool": args.pool, "normalize": args.normalize, "embed_dim": encoder.embed_dim,
+                          "sentences": sentences, "embeddings": vectors.tolist()}))
+    else:
+        print(f"embedding size: {encoder.embed_dim} (pool={args.pool}, normalize={args.normalize}, "
+              f"{len(sentences)} sentences, {device})")
+        print(similarity_table(sentences, vectors))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

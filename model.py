@@ -1,0 +1,344 @@
+"""The BERT encoder, written out in full, and sentence embeddings on top of it.
+
+Follows Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers
+for Language Understanding" (2019), and matches the numerics of Hugging Face
+`transformers.BertModel` (tests/test_model.py proves it to 1e-5 in fp32).
+
+Reading order: BertConfig -> Embeddings -> SelfAttention -> Layer -> Bert
+(encoder + pooler) -> load_pretrained (weights from a safetensors file) ->
+pool_tokens / SentenceEncoder (Task 1: one vector per sentence).
+
+Masks follow the Hugging Face convention everywhere: attention_mask is (B, T)
+with 1 = a real token, 0 = padding.
+"""
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message is one line naming the file."""
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # word pieces in vocab.txt
+    hidden_size: int = 768  # H: width of every token state
+    num_hidden_layers: int = 12  # L: transformer layers
+    num_attention_heads: int = 12  # nh: H is split into nh heads of H / nh
+    intermediate_size: int = 3072  # width inside each feed-forward block (4 H)
+    max_position_embeddings: int = 512  # longest input, in word pieces
+    type_vocab_size: int = 2  # segment A / segment B
+    # BERT was pre-trained in TensorFlow with LayerNorm epsilon 1e-12, not
+    # PyTorch's default 1e-5; the pretrained weights expect it.
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1  # dropout on embeddings and block outputs
+    attention_probs_dropout_prob: float = 0.1  # dropout on attention weights
+    pad_token_id: int = 0  # id of [PAD]
+
+    @classmethod
+    def from_json(cls, path):
+        """Read the fields above from a Hugging Face config.json; ignore the rest."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found (a model folder needs config.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        # BERT uses the exact, erf-based GELU. The tanh approximation
+        # ("gelu_new") differs by up to ~1e-3 and would break parity.
+        if raw.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
+                                  "is not supported (only 'absolute')")
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in known})
+        if config.hidden_size % config.num_attention_heads:
+            raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
+                                  f"by num_attention_heads {config.num_attention_heads}")
+        return config
+
+
+class Embeddings(nn.Module):
+    """Token id + position + segment embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, H)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; the softmax(QK^T / sqrt(hs)) V itself runs in SDPA."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x, keep):
+        B, T, H = x.shape
+        hs = H // self.n_head
+        # (B, T, H) -> (B, T, nh, hs) -> (B, nh, T, hs)
+        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)
+        k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)
+        v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)
+        # keep: (B, 1, 1, T) boolean, True = this key may be attended to.
+        # A query whose keys are all masked gets zeros from SDPA, not NaN.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H)  # (B, nh, T, hs) -> (B, T, H)
+        return self.out(y)
+
+
+class Layer(nn.Module):
+    """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn = SelfAttention(config)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, keep):
+        x = self.attn_norm(x + self.dropout(self.attn(x, keep)))  # (B, T, H)
+        h = F.gelu(self.ffn_in(x))  # (B, T, 4H); exact erf GELU, as BERT was trained
+        return self.ffn_norm(x + self.dropout(self.ffn_out(h)))  # (B, T, H)
+
+
+class Bert(nn.Module):
+    """The encoder: embeddings, L layers, and the pooler (dense + tanh on [CLS])."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """input_ids (B, T) -> hidden (B, T, H), pooled (B, H)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # The one place the 1 = keep mask becomes SDPA's boolean mask:
+        # (B, T) -> (B, 1, 1, T), broadcast over heads and query positions.
+        keep = attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        for layer in self.layers:
+            x = layer(x, keep)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, H), from the [CLS] state
+        return x, pooled
+
+
+# --- Loading pretrained weights -------------------------------------------------
+
+# One rename table: our module names -> the names in a plain Hugging Face
+# checkpoint. Parameter suffixes (.weight, .bias) are the same in both, and
+# Linear weights need no transpose: both store (out_features, in_features).
+_TOP_NAMES = {
+    "embeddings.word": "embeddings.word_embeddings",
+    "embeddings.position": "embeddings.position_embeddings",
+    "embeddings.token_type": "embeddings.token_type_embeddings",
+    "embeddings.norm": "embeddings.LayerNorm",
+    "pooler": "pooler.dense",
+}
+_LAYER_NAMES = {  # inside layers.{i} (ours) / encoder.layer.{i} (theirs)
+    "attn.query": "attention.self.query",
+    "attn.key": "attention.self.key",
+    "attn.value": "attention.self.value",
+    "attn.out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+
+
+def checkpoint_name(ours):
+    """'layers.3.attn.query.weight' -> 'encoder.layer.3.attention.self.query.weight'."""
+    module, _, suffix = ours.rpartition(".")
+    if module.startswith("layers."):
+        _, i, inner = module.split(".", 2)
+        return f"encoder.layer.{i}.{_LAYER_NAMES[inner]}.{suffix}"
+    return f"{_TOP_NAMES[module]}.{suffix}"
+
+
+def _plain_name(key):
+    """Rewrite a key of the original bert-base-uncased file into the plain layout.
+
+    That file was converted from TensorFlow: every encoder tensor sits under
+    `bert.` and LayerNorm parameters are called gamma/beta. Returns None for
+    tensors the encoder does not use: the pre-training heads (`cls.*`) and the
+    constant `position_ids` buffer some exports include.
+    """
+    key = key.removeprefix("bert.")
+    if key.startswith("cls.") or key == "embeddings.position_ids":
+        return None
+    if ".LayerNorm." in key:
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
+    return key
+
+
+def _list_keys(keys, limit=5):
+    keys = sorted(keys)
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_pretrained(model_dir, device="cpu"):
+    """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors.
+
+    Every weight must be present with the shape config.json implies, and no
+    tensor may be left unexplained; otherwise CheckpointError names the keys.
+    """
+    model_dir = Path(model_dir)
+    config = BertConfig.from_json(model_dir / "config.json")
+    path = model_dir / "model.safetensors"
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+    renamed = {}
+    for key, tensor in tensors.items():
+        name = _plain_name(key)
+        if name is not None:
+            renamed[name] = tensor
+    model = Bert(config)
+    params = dict(model.named_parameters())
+    names = {ours: checkpoint_name(ours) for ours in params}  # ours -> theirs
+    missing = set(names.values()) - renamed.keys()
+    unexpected = renamed.keys() - set(names.values())
+    if missing:
+        raise CheckpointError(f"{path}: missing keys: {_list_keys(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys: {_list_keys(unexpected)}")
+
+    wrong = [f"{theirs} is {tuple(renamed[theirs].shape)}, config.json implies {tuple(params[ours].shape)}"
+             for ours, theirs in names.items() if renamed[theirs].shape != params[ours].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: shape mismatch: {'; '.join(wrong[:3])}"
+                              + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            params[ours].copy_(renamed[theirs])  # copy_ also casts, e.g. fp16 files to fp32
+    return model.to(device)
+
+
+# --- Sentence embeddings (Task 1) ----------------------------------------------
+
+POOLS = ("mean", "cls", "max")
+NORMS = ("none", "l1", "l2")
+
+
+def pool_tokens(hidden, pooled, attention_mask, pool):
+    """Reduce token states (B, T, H) to one vector per sentence (B, H).
+
+    mean: average of the real tokens; cls: the pooler output (dense + tanh on
+    [CLS]); max: per-feature maximum over the real tokens. Padding never counts,
+    and a row with no real tokens pools to zeros.
+    """
+    if pool == "cls":
+        return pooled
+    real = attention_mask.bool()[:, :, None]  # (B, T, 1)
+    if pool == "mean":
+        total = hidden.masked_fill(~real, 0).sum(dim=1)  # (B, H)
+        return total / real.sum(dim=1).clamp(min=1)
+    if pool == "max":
+        # Padding gets the lowest finite value of the dtype, so it can never win.
+        lowest = torch.finfo(hidden.dtype).min
+        best = hidden.masked_fill(~real, lowest).amax(dim=1)  # (B, H)
+        return best.masked_fill(~real.any(dim=1), 0)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def normalize(x, norm):
+    """Divide each row by its L1 or L2 norm; an all-zero row stays zero."""
+    if norm == "none":
+        return x
+    p = {"l1": 1, "l2": 2}[norm]
+    # tiny is the smallest normal number of the dtype: a floor that is never
+    # rounded to zero, in fp16 included.
+    return x / x.norm(p=p, dim=-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+
+
+class SentenceEncoder(nn.Module):
+    """BERT -> pooling -> optional linear projection to embed_dim -> optional L1/L2 normalization."""
+
+    def __init__(self, bert, pool="mean", embed_dim=None, normalize=None):
+        super().__init__()
+        normalize = normalize or "none"
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if normalize not in NORMS:
+            raise ValueError(f"normalize must be one of {NORMS}, got {normalize!r}")
+        self.bert = bert
+        self.pool = pool
+        self.norm = normalize
+        hidden = bert.config.hidden_size
+        # The projection is new and untrained: it starts random and learns with a task.
+        self.project = nn.Linear(hidden, embed_dim) if embed_dim else None
+        self.embed_dim = embed_dim or hidden
+
+    def forward(self, input_ids, attention_mask):
+        hidden, pooled = self.bert(input_ids, attention_mask)
+        x = pool_tokens(hidden, pooled, attention_mask, self.pool)  # (B, H)
+        if self.project is not None:
+            x = self.project(x)  # (B, H) -> (B, D)
+        return normalize(x, self.norm)
+
+    @torch.no_grad()
+    def encode(self, texts, tokenizer, batch_size=32, max_len=None):
+        """Embed a list of strings in batches; returns a float32 (N, D) tensor on the CPU.
+
+        Inputs longer than max_len word pieces (default: the model's limit)
+        keep their first max_len - 1 pieces and the final [SEP].
+        """
+        limit = self.bert.config.max_position_embeddings
+        max_len = max_len or limit
+        if not 2 <= max_len <= limit:
+            raise ValueError(f"max_len must be between 2 and {limit} (max_position_embeddings), got {max_len}")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in range(0, len(texts), batch_size):
+            encodings = tokenizer.encode_batch(texts[start:start + batch_size])
+            ids = [e.ids if len(e.ids) <= max_len else e.ids[:max_len - 1] + e.ids[-1:] for e in encodings]
+            width = max(map(len, ids))
+            input_ids = torch.full((len(ids), width), self.bert.config.pad_token_id)
+            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, seq in enumerate(ids):
+                input_ids[row, :len(seq)] = torch.tensor(seq)
+                attention_mask[row, :len(seq)] = 1
+            out.append(self(input_ids.to(device), attention_mask.to(device)).float().cpu())
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)

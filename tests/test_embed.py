@@ -1,0 +1,85 @@
+"""embed.py, the Task 1 command line: its output, and its errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BROKEN, ROOT, TINY_PLAIN, broken_copy
+
+from data import load_tokenizer
+from model import SentenceEncoder, load_pretrained
+
+SENTENCES = ["the cat sat on the mat", "the dog sat on the rug", "stocks fell"]
+
+
+def run_embed(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "embed.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def expected_vectors(pool, norm, embed_dim=None, seed=0):
+    torch.manual_seed(seed)  # embed.py seeds before it builds the projection
+    encoder = SentenceEncoder(load_pretrained(TINY_PLAIN), pool, embed_dim, norm)
+    return encoder.encode(SENTENCES, load_tokenizer(TINY_PLAIN))
+
+
+def test_json_output_equals_the_library():
+    result = run_embed("--model", TINY_PLAIN, "--pool", "max", "--normalize", "l2", "--json", *SENTENCES)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert (out["pool"], out["normalize"], out["embed_dim"], out["sentences"]) == ("max", "l2", 32, SENTENCES)
+    got = torch.tensor(out["embeddings"])
+    assert (got - expected_vectors("max", "l2")).abs().max() <= 1e-6
+
+
+def test_similarity_matrix_printout():
+    result = run_embed("--model", TINY_PLAIN, "--pool", "mean", *SENTENCES)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "embedding size: 32 (pool=mean, normalize=none, 3 sentences, cpu)"
+    vectors = expected_vectors("mean", "none")
+    cos = torch.nn.functional.cosine_similarity(vectors[:, None], vectors[None], dim=2)
+    for i in range(3):
+        row = [float(x) for x in lines[2 + i].split()[1:]]
+        assert row == [round(c, 3) for c in cos[i].tolist()]
+    assert lines[5:] == [f"[{i}] {s}" for i, s in enumerate(SENTENCES)]
+
+
+def test_projection_is_seeded_and_sentences_come_from_stdin():
+    args = ("--model", TINY_PLAIN, "--embed-dim", 8, "--seed", 7, "--json")
+    first = json.loads(run_embed(*args, *SENTENCES).stdout)
+    second = json.loads(run_embed(*args, stdin="\n".join(SENTENCES) + "\n").stdout)
+    assert first == second
+    got = torch.tensor(first["embeddings"])
+    assert got.shape == (3, 8)
+    assert (got - expected_vectors("mean", "none", embed_dim=8, seed=7)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path, case):
+    folder, expected = broken_copy(tmp_path, case)
+    result = run_embed("--model", folder, "hello")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"error: {expected}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pool", "median"], "argument --pool: invalid choice: 'median'"),
+    (["--max-len", "1"], "argument --max-len: must be at least 2, got 1"),
+    (["--max-len", "65"], "error: argument --max-len: 65 is more than the model's max_position_embeddings (64)"),
+    (["--embed-dim", "0"], "argument --embed-dim: must be at least 1, got 0"),
+])
+def test_bad_flags_exit_2(args, message):
+    result = run_embed("--model", TINY_PLAIN, *args, "hello")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_sentences_is_an_error():
+    result = run_embed("--model", TINY_PLAIN, stdin="")
+    assert result.returncode == 2
+    assert result.stderr == "error: no sentences given (pass them as arguments or on stdin)\n"
