@@ -64,8 +64,9 @@ def main(argv=None):
     if not sentences:
         print("error: no sentences given (pass them as arguments or on stdin)", file=sys.stderr)
         return 2
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     try:
         tokenizer = load_tokenizer(args.model)

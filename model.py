@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 
 class CheckpointError(ValueError):
@@ -105,7 +105,8 @@ class SelfAttention(nn.Module):
         k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)
         v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)
         # keep: (B, 1, 1, T) boolean, True = this key may be attended to.
-        # A query whose keys are all masked gets zeros from SDPA, not NaN.
+        # A query whose keys are all masked (an all-padding row) gets zeros
+        # from SDPA, not NaN: checked on CPU and CUDA (scripts/cuda_check.py).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                            dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, nh, T, hs) -> (B, T, H)
@@ -126,7 +127,7 @@ class Layer(nn.Module):
 
     def forward(self, x, keep):
         x = self.attn_norm(x + self.dropout(self.attn(x, keep)))  # (B, T, H)
-        h = F.gelu(self.ffn_in(x))  # (B, T, 4H); exact erf GELU, as BERT was trained
+        h = F.gelu(self.ffn_in(x))  # (B, T, I), I = intermediate_size; exact erf GELU, as BERT was trained
         return self.ffn_norm(x + self.dropout(self.ffn_out(h)))  # (B, T, H)
 
 
@@ -280,7 +281,7 @@ def pool_tokens(hidden, pooled, attention_mask, pool):
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
-def normalize(x, norm):
+def normalize_rows(x, norm):
     """Divide each row by its L1 or L2 norm; an all-zero row stays zero."""
     if norm == "none":
         return x
@@ -313,7 +314,7 @@ class SentenceEncoder(nn.Module):
         x = pool_tokens(hidden, pooled, attention_mask, self.pool)  # (B, H)
         if self.project is not None:
             x = self.project(x)  # (B, H) -> (B, D)
-        return normalize(x, self.norm)
+        return normalize_rows(x, self.norm)
 
     @torch.no_grad()
     def encode(self, texts, tokenizer, batch_size=32, max_len=None):

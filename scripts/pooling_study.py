@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import load_tokenizer  # noqa: E402
-from model import POOLS, load_pretrained, normalize, pool_tokens  # noqa: E402
+from data import load_tokenizer
+from model import POOLS, load_pretrained, normalize_rows, pool_tokens
 
 
 def pad(id_lists, max_len):
@@ -80,7 +80,7 @@ def retrieval_study(bert, tokenizer, args):
           f"{len(rows) - n_train} queries (dot-product similarity)\n")
     print("| pooling | no normalization | L1 | L2 (= cosine) |\n|---|---|---|---|")
     for pool in POOLS:
-        accs = [knn_accuracy(normalize(pooled[pool], norm), labels, n_train, args.k) for norm in ("none", "l1", "l2")]
+        accs = [knn_accuracy(normalize_rows(pooled[pool], norm), labels, n_train, args.k) for norm in ("none", "l1", "l2")]
         print(f"| {pool} | " + " | ".join(f"{a:.1%}" for a in accs) + " |")
     print("\n## 2. Vector norms against length (word pieces)\n")
     print("| pooling | mean L2 norm | min | max | correlation of norm with length |\n|---|---|---|---|---|")

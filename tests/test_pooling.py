@@ -8,7 +8,7 @@ from conftest import FIXTURES, TINY_PLAIN
 from safetensors import safe_open
 
 from data import load_tokenizer
-from model import SentenceEncoder, load_pretrained, normalize, pool_tokens
+from model import SentenceEncoder, load_pretrained, normalize_rows, pool_tokens
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def test_projection_then_normalization(tiny):
 
 def test_normalize_values():
     x = torch.tensor([[3.0, -4.0], [0.0, 0.0], [1.0, 1.0]])
-    assert torch.allclose(normalize(x, "l2"), torch.tensor([[0.6, -0.8], [0.0, 0.0], [2 ** -0.5, 2 ** -0.5]]))
-    assert torch.allclose(normalize(x, "l1"), torch.tensor([[3 / 7, -4 / 7], [0.0, 0.0], [0.5, 0.5]]))
-    assert torch.equal(normalize(x, "none"), x)
+    assert torch.allclose(normalize_rows(x, "l2"), torch.tensor([[0.6, -0.8], [0.0, 0.0], [2 ** -0.5, 2 ** -0.5]]))
+    assert torch.allclose(normalize_rows(x, "l1"), torch.tensor([[3 / 7, -4 / 7], [0.0, 0.0], [0.5, 0.5]]))
+    assert torch.equal(normalize_rows(x, "none"), x)
 
 
 def test_rejects_unknown_modes(tiny):
