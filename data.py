@@ -1,4 +1,14 @@
-"""Text in, token ids out: the tokenizer shared by both tasks.
+"""Text in, batches out: both datasets, the shared tokenizer, and the multi-task sampler.
+
+Reading order:
+  files    read_ag_news (AG News CSV, cleaned) and read_conll (CoNLL-2003, IOB2)
+  tokens   load_tokenizer, then encode_classification / encode_ner; NER labels
+           sit on the first word piece of each word, and word_tags maps
+           per-piece predictions back to one tag per word
+  batches  collate pads one batch of one task; MultiTaskSampler decides which
+           examples go together, with the same number per task each epoch
+  splits   load_splits reads, tokenizes (with an on-disk cache) and splits all of it
+  CLI      python data.py --data DIR --model DIR prints a summary of every split
 
 BERT's tokenizer (Devlin et al., 2019; Wu et al., 2016 for WordPiece) runs in
 four steps, each one a component of the `tokenizers` library:
@@ -8,17 +18,135 @@ characters) -> pre-tokenize (split on whitespace and punctuation) -> WordPiece
 -> post-process ([CLS] text [SEP]).
 """
 
+import argparse
+import csv
+import hashlib
+import io
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+AG_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # label = AG class - 1
+NER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+NER_ID = {tag: i for i, tag in enumerate(NER_TAGS)}
+IGNORE_INDEX = -100  # label of pieces the NER loss skips; PyTorch's cross_entropy default
 
 
 class DataError(ValueError):
     """An input file that cannot be used; the message is one line naming the file."""
 
+
+# --- Reading the files -----------------------------------------------------------
+
+def _read_text(path):
+    """The whole file as text; a missing, binary or non-UTF-8 file is a DataError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run `python download.py` first") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if b"\x00" in raw:
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: binary data (a NUL byte), not a text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    return text
+
+
+# AG News was scraped from HTML and stored with some damage. The `&` of HTML
+# entities was lost (leaving " #39;" for an apostrophe), "$" was escaped as
+# "\$", and line breaks inside a description became a lone backslash.
+_AG_ENTITIES = {"#39": "'", "quot": '"', "amp": "&", "#36": "$"}
+_AG_ENTITY = re.compile(r" ?(?<!&)(#39|quot|amp|#36);")
+
+
+def clean_ag_text(text):
+    """Undo the AG News artefacts above, then collapse runs of spaces."""
+    text = text.replace("\\$", "$")
+    text = re.sub(r"\\+", " ", text)  # a backslash line join: "on\Wednesday" -> "on Wednesday"
+    text = _AG_ENTITY.sub(lambda m: _AG_ENTITIES[m.group(1)], text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def read_ag_news(path):
+    """AG News CSV rows (class 1-4, title, description) -> [(title + " " + description, class - 1)]."""
+    rows = []
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if len(row) != 3:
+                raise DataError(f"{where}: expected 3 columns (class, title, description), found {len(row)}")
+            label, title, description = row
+            if label not in ("1", "2", "3", "4"):
+                raise DataError(f"{where}: class must be 1, 2, 3 or 4, found {label!r}")
+            rows.append((clean_ag_text(f"{title} {description}"), int(label) - 1))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    return rows
+
+
+def to_iob2(tags):
+    """IOB1 -> IOB2: an entity that starts with I- (after O or another type) starts with B- instead.
+
+    IOB1 uses B- only between two adjacent entities of one type; IOB2 opens
+    every entity with B-. Tags already in IOB2 come back unchanged.
+    """
+    out = []
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-") and (i == 0 or tags[i - 1] == "O" or tags[i - 1][2:] != tag[2:]):
+            tag = "B-" + tag[2:]
+        out.append(tag)
+    return out
+
+
+def read_conll(path):
+    """CoNLL-2003 ("word POS chunk NER" per line, blank line between sentences) -> [(words, IOB2 tags)]."""
+    sentences, words, tags = [], [], []
+    lines = _read_text(path).split("\n")
+    for number, line in enumerate(lines + [""], start=1):
+        columns = line.split()
+        if not columns or columns[0] == "-DOCSTART-":
+            if words:
+                sentences.append((words, to_iob2(tags)))
+            words, tags = [], []
+            continue
+        if len(columns) < 2:
+            raise DataError(f"{path}:{number}: expected columns 'word POS chunk NER', found {len(columns)}")
+        tag = columns[-1]
+        if tag not in NER_ID:
+            raise DataError(f"{path}:{number}: unknown NER tag {tag!r} (expected one of {', '.join(NER_TAGS)})")
+        words.append(columns[0])
+        tags.append(tag)
+    return sentences
+
+
+def split_off(n, fraction, seed):
+    """Seeded split of range(n): (kept indices, held-out indices), both sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = round(n * fraction)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+# --- The tokenizer -------------------------------------------------------------
 
 def _wordpiece_from_vocab(path):
     """The lower-casing BERT WordPiece tokenizer, built from a vocab.txt (one piece per line)."""
@@ -65,3 +193,320 @@ def load_tokenizer(model_dir):
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
+
+
+
+# --- Token ids and labels --------------------------------------------------------
+
+@dataclass
+class TaskData:
+    """One split of one task, tokenized: example i is input_ids[i] with labels[i]."""
+    task: str  # "ag" (classification) or "ner"
+    input_ids: list  # per example: [CLS] pieces [SEP], at most max_len ids
+    labels: list  # ag: one class id per example; ner: one tag id per piece, IGNORE_INDEX off first pieces
+    truncated: list  # per example: True if it was cut at max_len
+    word_tags: list = None  # ner: the gold IOB2 tag of every word, cut-off words included
+    first_piece: list = None  # ner: per word, the position of its first piece; -1 if none is left
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def lengths(self):
+        return np.array([len(ids) for ids in self.input_ids])
+
+    def subset(self, indices):
+        def pick(rows):
+            return None if rows is None else [rows[i] for i in indices]
+        return TaskData(self.task, pick(self.input_ids), pick(self.labels), pick(self.truncated),
+                        pick(self.word_tags), pick(self.first_piece))
+
+
+def _encode(tokenizer, inputs, max_len, pretokenized=False):
+    """The batch API with truncation to max_len ids, [CLS] and [SEP] included; [SEP] is kept."""
+    tokenizer.enable_truncation(max_len)
+    try:
+        return tokenizer.encode_batch(inputs, is_pretokenized=pretokenized)
+    finally:
+        tokenizer.no_truncation()  # leave the shared tokenizer as load_tokenizer made it
+
+
+def encode_classification(rows, tokenizer, max_len):
+    """[(text, label)] -> TaskData of [CLS] text [SEP]."""
+    encodings = _encode(tokenizer, [text for text, _ in rows], max_len)
+    return TaskData("ag", [e.ids for e in encodings], [label for _, label in rows],
+                    [bool(e.overflowing) for e in encodings])
+
+
+def encode_ner(sentences, tokenizer, max_len):
+    """[(words, tags)] -> TaskData with each word's tag on its first piece and IGNORE_INDEX elsewhere."""
+    encodings = _encode(tokenizer, [words for words, _ in sentences], max_len, pretokenized=True)
+    labels, first_pieces = [], []
+    for (words, tags), encoding in zip(sentences, encodings):
+        piece_labels = [IGNORE_INDEX] * len(encoding.ids)
+        first = [-1] * len(words)
+        for position, word in enumerate(encoding.word_ids):  # word is None for [CLS] and [SEP]
+            if word is not None and first[word] == -1:
+                first[word] = position
+                piece_labels[position] = NER_ID[tags[word]]
+        labels.append(piece_labels)
+        first_pieces.append(first)
+    return TaskData("ner", [e.ids for e in encodings], labels, [bool(e.overflowing) for e in encodings],
+                    [tags for _, tags in sentences], first_pieces)
+
+
+def word_tags(piece_tag_ids, first_piece):
+    """Per-piece predicted tag ids -> one IOB2 tag per word, read at each word's first piece.
+
+    A word with no piece left (cut at max_len) is tagged O, so entity F1 is
+    still computed over every word of the sentence, as conlleval does.
+    """
+    return [NER_TAGS[piece_tag_ids[p]] if p >= 0 else "O" for p in first_piece]
+
+
+# --- On-disk cache of tokenized files --------------------------------------------
+
+def _pack(rows):
+    """Ragged int lists -> (flat array, offsets) for safetensors."""
+    offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+    flat = np.fromiter((x for r in rows for x in r), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def _unpack(flat, offsets):
+    flat = flat.tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def _cache_key(path, tokenizer, max_len):
+    h = hashlib.sha256()
+    h.update(Path(path).read_bytes())
+    h.update(tokenizer.to_str().encode())
+    h.update(f"max_len={max_len};format=1".encode())
+    return h.hexdigest()[:20]
+
+
+def save_cache(data, path):
+    """Write TaskData as safetensors, atomically (temporary file, then rename)."""
+    arrays = {"truncated": np.array(data.truncated, dtype=np.int8)}
+    arrays["ids"], arrays["ids_offsets"] = _pack(data.input_ids)
+    if data.task == "ag":
+        arrays["labels"] = np.array(data.labels, dtype=np.int64)
+    else:
+        arrays["labels"], _ = _pack(data.labels)  # same offsets as ids
+        arrays["word_tags"], arrays["word_offsets"] = _pack([[NER_ID[t] for t in tags] for tags in data.word_tags])
+        arrays["first_piece"], _ = _pack(data.first_piece)  # same offsets as word_tags
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(arrays, tmp, metadata={"task": data.task})
+    os.replace(tmp, path)
+
+
+def load_cache(path, task):
+    arrays = load_file(path)
+    truncated = arrays["truncated"].astype(bool).tolist()
+    input_ids = _unpack(arrays["ids"], arrays["ids_offsets"])
+    if task == "ag":
+        return TaskData("ag", input_ids, arrays["labels"].tolist(), truncated)
+    tags = [[NER_TAGS[i] for i in row] for row in _unpack(arrays["word_tags"], arrays["word_offsets"])]
+    return TaskData("ner", input_ids, _unpack(arrays["labels"], arrays["ids_offsets"]), truncated, tags,
+                    _unpack(arrays["first_piece"], arrays["word_offsets"]))
+
+
+def encode_file(path, task, tokenizer, max_len, cache_dir=None):
+    """Read and tokenize one file, through the cache when cache_dir is given."""
+    read, encode = (read_ag_news, encode_classification) if task == "ag" else (read_conll, encode_ner)
+    path, cached = Path(path), None
+    if cache_dir is not None and path.exists():
+        key = _cache_key(path, tokenizer, max_len)
+        cached = Path(cache_dir) / f"{path.parent.name}-{path.stem}-{key}.safetensors"
+        if cached.exists():
+            try:
+                return load_cache(cached, task)
+            except (SafetensorError, KeyError) as e:
+                print(f"warning: {cached}: unreadable cache ({e}); tokenizing again", file=sys.stderr)
+    data = encode(read(path), tokenizer, max_len)  # a missing file raises its error here
+    if cached is not None:
+        save_cache(data, cached)
+    return data
+
+
+# --- Batches ---------------------------------------------------------------------
+
+def collate(data, indices, pad_id=0):
+    """Pad the chosen examples of one task to the longest among them.
+
+    Returns the task name, input_ids and attention_mask (B, T), and labels:
+    (B,) class ids for ag, (B, T) tag ids for ner with IGNORE_INDEX on padding.
+    """
+    rows = [data.input_ids[i] for i in indices]
+    width = max(map(len, rows))
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64) if data.task == "ner" else None
+    for row, (i, ids) in enumerate(zip(indices, rows)):
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+        if labels is not None:
+            labels[row, :len(ids)] = data.labels[i]
+    if labels is None:
+        labels = np.array([data.labels[i] for i in indices], dtype=np.int64)
+    return {"task": data.task, "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask), "labels": torch.from_numpy(labels)}
+
+
+class MultiTaskSampler:
+    """Which examples form each batch, epoch by epoch, for several tasks at once.
+
+    - Every epoch takes n = min(task sizes) examples from each task. The
+      larger task walks through shuffled passes of all its examples, n at a
+      time, so consecutive epochs see different examples and all are used.
+    - Every batch holds one task; the order of the tasks' batches is shuffled.
+    - group_window > 0 sorts examples by length inside windows of that many
+      batches before cutting batches, so a batch holds similar lengths and
+      needs less padding. 0 turns it off.
+    - With world_size > 1, rank r gets the r-th of every world_size
+      consecutive batches of a task: shares are disjoint, equally long, and
+      every rank runs the same task at the same step. Batches that would
+      leave ranks unequal are dropped (at most world_size - 1 per task).
+    - Everything depends only on (seed, epoch), so a run can resume at any epoch.
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, group_window=50, rank=0, world_size=1):
+        self.lengths = {task: np.asarray(v) for task, v in sorted(lengths.items())}  # task -> lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_window = group_window
+        self.rank = rank
+        self.world_size = world_size
+        self.per_task = min(len(v) for v in self.lengths.values())
+
+    def _draw(self, task_no, size, epoch):
+        """This epoch's per_task examples of a task with `size` examples.
+
+        A lap is one shuffled pass over the task, served per_task at a time
+        over ceil(size / per_task) epochs; the lap's last epoch tops up its
+        short slice from the lap's start. So no epoch repeats an example, and
+        every lap uses every example.
+        """
+        n = self.per_task
+        lap, slot = divmod(epoch, -(-size // n))
+        order = np.random.default_rng([self.seed, task_no, lap]).permutation(size)
+        chosen = order[slot * n:(slot + 1) * n]
+        return np.concatenate([chosen, order[:n - len(chosen)]])
+
+    def _batches(self, chosen, lengths):
+        if self.group_window:
+            span = self.group_window * self.batch_size
+            windows = [chosen[i:i + span] for i in range(0, len(chosen), span)]
+            chosen = np.concatenate([w[np.argsort(lengths[w], kind="stable")] for w in windows])
+        return [chosen[i:i + self.batch_size].tolist() for i in range(0, len(chosen), self.batch_size)]
+
+    def epoch(self, epoch):
+        """[(task, example indices)] for this rank, in training order."""
+        groups = []  # (task, world_size consecutive batches of it)
+        for task_no, (task, lengths) in enumerate(self.lengths.items()):
+            batches = self._batches(self._draw(task_no, len(lengths), epoch), lengths)
+            usable = len(batches) - len(batches) % self.world_size
+            groups += [(task, batches[i:i + self.world_size]) for i in range(0, usable, self.world_size)]
+        order = np.random.default_rng([self.seed, epoch, 1_000_003]).permutation(len(groups))
+        return [(groups[g][0], groups[g][1][self.rank]) for g in order]
+
+
+def padding_fraction(batches, lengths):
+    """Share of padded positions in [(task, indices)] batches, given per-task example lengths."""
+    real = padded = 0
+    for task, indices in batches:
+        sizes = lengths[task][indices]
+        real += int(sizes.sum())
+        padded += int(sizes.max()) * len(indices)
+    return 1 - real / padded
+
+
+# --- All splits --------------------------------------------------------------------
+
+AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train
+
+
+def load_splits(data_dir, tokenizer, max_len, seed=0, cache_dir=None, splits=("train", "valid", "test")):
+    """{"ag": {split: TaskData}, "ner": {split: TaskData}} from the data directory (see download.py)."""
+    data_dir = Path(data_dir)
+    out = {"ag": {}, "ner": {}}
+    if "train" in splits or "valid" in splits:
+        ag_train = encode_file(data_dir / "ag_news" / "train.csv", "ag", tokenizer, max_len, cache_dir)
+        kept, held = split_off(len(ag_train), AG_VALID_FRACTION, seed)
+        out["ag"].update(train=ag_train.subset(kept), valid=ag_train.subset(held))
+    if "test" in splits:
+        out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir)
+    for split in splits:
+        out["ner"][split] = encode_file(data_dir / "conll2003" / f"{split}.txt", "ner", tokenizer, max_len, cache_dir)
+    for task in out:
+        out[task] = {s: out[task][s] for s in splits}
+    return out
+
+
+# --- Command line: a summary of every split ---------------------------------------
+
+def describe(data):
+    """One summary row: examples, label counts, word pieces per example, share truncated."""
+    if data.task == "ag":
+        counts = np.bincount(data.labels, minlength=len(AG_CLASSES))
+        labels = " ".join(f"{name} {c:,}" for name, c in zip(AG_CLASSES, counts))
+    else:
+        entities = [tag[2:] for tags in data.word_tags for tag in tags if tag.startswith("B-")]
+        words = sum(len(tags) for tags in data.word_tags)
+        labels = f"{words:,} words; entities " + " ".join(
+            f"{kind} {entities.count(kind):,}" for kind in ("PER", "ORG", "LOC", "MISC"))
+    lengths = data.lengths()
+    return (f"{len(data):>7,}  {labels:<62}  {lengths.mean():6.1f} {np.percentile(lengths, 95):5.0f} "
+            f"{lengths.max():5d}  {sum(data.truncated):,} ({np.mean(data.truncated):.2%})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Read, tokenize and summarize AG News and CoNLL-2003.")
+    p.add_argument("--data", default="data", help="data directory written by download.py (default: data)")
+    p.add_argument("--model", default="data/bert-base-uncased", help="model folder with the tokenizer")
+    p.add_argument("--max-len", type=int, default=128, help="word pieces per example, [CLS] and [SEP] included")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", default="train,valid,test", help="comma-separated, from train,valid,test")
+    p.add_argument("--no-cache", action="store_true", help="tokenize again instead of using DATA/.cache")
+    args = p.parse_args(argv)
+    splits = tuple(args.splits.split(","))
+    if not splits or not set(splits) <= {"train", "valid", "test"}:
+        p.error(f"argument --splits: expected names from train,valid,test, got {args.splits!r}")
+    if args.max_len < 3:
+        p.error(f"argument --max-len: must be at least 3, got {args.max_len}")
+    try:
+        start = time.perf_counter()
+        tokenizer = load_tokenizer(args.model)
+        cache_dir = None if args.no_cache else Path(args.data) / ".cache"
+        data = load_splits(args.data, tokenizer, args.max_len, args.seed, cache_dir, splits)
+        seconds = time.perf_counter() - start
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'split':<11}{'examples':>8}  {'labels':<62}  {'pieces: mean':>12} {'p95':>5} {'max':>5}  truncated")
+    for task, by_split in data.items():
+        for split, part in by_split.items():
+            print(f"{task + ' ' + split:<11} {describe(part)}")
+    print(f"read and tokenized in {seconds:.1f} s (max_len {args.max_len}, "
+          f"{'no cache' if cache_dir is None else f'cache in {cache_dir}'})")
+    if "train" in data["ag"]:
+        train = {task: by_split["train"] for task, by_split in data.items()}
+        lengths = {task: part.lengths() for task, part in train.items()}
+        for window in (0, 50):
+            sampler = MultiTaskSampler(lengths, args.batch_size, args.seed, group_window=window)
+            start = time.perf_counter()
+            batches = sampler.epoch(0)
+            for task, indices in batches:
+                collate(train[task], indices, tokenizer.token_to_id("[PAD]"))
+            seconds = time.perf_counter() - start
+            grouping = "grouped by length in windows of 50 batches" if window else "no length grouping"
+            print(f"one training epoch: {sampler.per_task:,} examples per task, {len(batches):,} batches of "
+                  f"{args.batch_size}, padding {padding_fraction(batches, lengths):.1%} ({grouping}); "
+                  f"sampled and collated in {seconds:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
