@@ -151,9 +151,9 @@ def split_off(n, fraction, seed):
 def _wordpiece_from_vocab(path):
     """The lower-casing BERT WordPiece tokenizer, built from a vocab.txt (one piece per line)."""
     vocab = {}
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            vocab[line.rstrip("\n")] = index  # a repeated line keeps its last index, as in BertTokenizer
+    lines = io.StringIO(_read_text(path), newline=None)  # universal newlines, as open() reads it
+    for index, line in enumerate(lines):
+        vocab[line.rstrip("\n")] = index  # a repeated line keeps its last index, as in BertTokenizer
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise DataError(f"{path}: lacks the special tokens {', '.join(missing)}")
@@ -180,6 +180,8 @@ def load_tokenizer(model_dir):
     callers pad per batch and truncate to their own --max-len.
     """
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir}: model folder not found; run `python download.py` first")
     if (model_dir / "tokenizer.json").exists():
         path = model_dir / "tokenizer.json"
         try:

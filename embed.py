@@ -8,6 +8,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--normalize", choices=NORMS, default="none", help="divide by the L1 or L2 norm")
     p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--max-len", type=at_least(2), default=None,
-                   help="cut inputs to this many word pieces (default: the model's limit)")
+                   help="cut inputs to this many word pieces (default: max_seq_length from the folder's "
+                        "sentence_bert_config.json, else max_position_embeddings)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the vectors as JSON instead of the similarities")
@@ -58,37 +60,70 @@ def similarity_table(sentences, vectors):
     return "\n".join(lines)
 
 
+def read_stdin():
+    """Non-empty lines of standard input; bytes that are not UTF-8 are an error."""
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"standard input: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def default_max_len(model_dir, config):
+    """sentence-transformers models cap inputs below the position limit (256 for
+    all-MiniLM-L6-v2) in sentence_bert_config.json; use that cap where it exists."""
+    path = Path(model_dir) / "sentence_bert_config.json"
+    if not path.exists():
+        return config.max_position_embeddings
+    try:
+        cap = json.loads(path.read_text()).get("max_seq_length", config.max_position_embeddings)
+    except (ValueError, AttributeError, OSError) as e:
+        raise CheckpointError(f"{path}: not a JSON object ({e})") from None
+    if not (isinstance(cap, int) and 2 <= cap <= config.max_position_embeddings):
+        raise CheckpointError(f"{path}: max_seq_length must be a whole number from 2 to "
+                              f"{config.max_position_embeddings}, found {cap!r}")
+    return cap
+
+
 def main(argv=None):
     args = parse_args(argv)
-    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not sentences:
-        print("error: no sentences given (pass them as arguments or on stdin)", file=sys.stderr)
-        return 2
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     try:
+        sentences = args.sentences or read_stdin()
+        if not sentences:
+            raise DataError("no sentences given (pass them as arguments or on stdin)")
         tokenizer = load_tokenizer(args.model)
         bert = load_pretrained(args.model)
+        if tokenizer.get_vocab_size() > bert.config.vocab_size:
+            raise DataError(f"{args.model}: the tokenizer has {tokenizer.get_vocab_size()} entries, "
+                            f"more than vocab_size {bert.config.vocab_size} in config.json")
+        max_len = args.max_len or default_max_len(args.model, bert.config)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.max_len and args.max_len > bert.config.max_position_embeddings:
-        print(f"error: argument --max-len: {args.max_len} is more than the model's "
-              f"max_position_embeddings ({bert.config.max_position_embeddings})", file=sys.stderr)
+    limit = bert.config.max_position_embeddings
+    if max_len > limit:
+        print(f"error: argument --max-len: {max_len} is more than the model's "
+              f"max_position_embeddings ({limit})", file=sys.stderr)
         return 2
     encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize).to(device)
-    vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=args.max_len)
+    vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=max_len)
     if args.json:
         print(json.dumps({"pool": args.pool, "normalize": args.normalize, "embed_dim": encoder.embed_dim,
-                          "sentences": sentences, "embeddings": vectors.tolist()}))
+                          "max_len": max_len, "sentences": sentences, "embeddings": vectors.tolist()}))
     else:
         print(f"embedding size: {encoder.embed_dim} (pool={args.pool}, normalize={args.normalize}, "
-              f"{len(sentences)} sentences, {device})")
+              f"max_len={max_len}, {len(sentences)} sentences, {device})")
         print(similarity_table(sentences, vectors))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error
+        sys.stderr.close()
+        sys.exit(0)

@@ -51,8 +51,12 @@ class BertConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: not found (a model folder needs config.json)") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
         # BERT uses the exact, erf-based GELU. The tanh approximation
         # ("gelu_new") differs by up to ~1e-3 and would break parity.
         if raw.get("hidden_act", "gelu") != "gelu":
@@ -60,11 +64,24 @@ class BertConfig:
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                                   "is not supported (only 'absolute')")
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in known})
+        values = {}
+        for f in fields(cls):  # check every value: a bad one would fail later, far from its cause
+            value = raw.get(f.name, f.default)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if f.type is int:
+                lowest = 0 if f.name == "pad_token_id" else 1
+                if not (is_number and isinstance(value, int) and value >= lowest):
+                    raise CheckpointError(f"{path}: {f.name} must be a whole number >= {lowest}, found {value!r}")
+            elif not (is_number and 0 <= value < 1):
+                raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
+            values[f.name] = value
+        config = cls(**values)
         if config.hidden_size % config.num_attention_heads:
             raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
                                   f"by num_attention_heads {config.num_attention_heads}")
+        if config.pad_token_id >= config.vocab_size:
+            raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is outside the vocabulary "
+                                  f"of {config.vocab_size}")
         return config
 
 
@@ -231,8 +248,13 @@ def load_pretrained(model_dir, device="cpu"):
     renamed = {}
     for key, tensor in tensors.items():
         name = _plain_name(key)
-        if name is not None:
-            renamed[name] = tensor
+        if name is None:
+            continue
+        if name in renamed:
+            raise CheckpointError(f"{path}: two tensors are named {name} once legacy names are read")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {key} holds {tensor.dtype}, not floating-point weights")
+        renamed[name] = tensor
     model = Bert(config)
     params = dict(model.named_parameters())
     names = {ours: checkpoint_name(ours) for ours in params}  # ours -> theirs
@@ -265,7 +287,8 @@ def pool_tokens(hidden, pooled, attention_mask, pool):
 
     mean: average of the real tokens; cls: the pooler output (dense + tanh on
     [CLS]); max: per-feature maximum over the real tokens. Padding never counts,
-    and a row with no real tokens pools to zeros.
+    and for mean and max a row with no real tokens pools to zeros (cls reads
+    position 0 whatever it holds).
     """
     if pool == "cls":
         return pooled

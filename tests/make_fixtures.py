@@ -122,6 +122,8 @@ MINILM_SENTENCES = [
      "the largest increase in more than two decades, surprising analysts."),
     "Café naïve résumé",
     "x",
+    # Longer than the model's max_seq_length of 256 pieces, so truncation is compared too.
+    " ".join(["The committee met again on Thursday to review the annual budget and the new rules."] * 20),
 ]
 
 

@@ -1,12 +1,13 @@
 """embed.py, the Task 1 command line: its output, and its errors for bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import BROKEN, ROOT, TINY_PLAIN, broken_copy
+from conftest import BROKEN, FIXTURES, ROOT, TINY_PLAIN, broken_copy
 
 from data import load_tokenizer
 from model import SentenceEncoder, load_pretrained
@@ -38,7 +39,7 @@ def test_similarity_matrix_printout():
     result = run_embed("--model", TINY_PLAIN, "--pool", "mean", *SENTENCES)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "embedding size: 32 (pool=mean, normalize=none, 3 sentences, cpu)"
+    assert lines[0] == "embedding size: 32 (pool=mean, normalize=none, max_len=64, 3 sentences, cpu)"
     vectors = expected_vectors("mean", "none")
     cos = torch.nn.functional.cosine_similarity(vectors[:, None], vectors[None], dim=2)
     for i in range(3):
@@ -83,3 +84,33 @@ def test_no_sentences_is_an_error():
     result = run_embed("--model", TINY_PLAIN, stdin="")
     assert result.returncode == 2
     assert result.stderr == "error: no sentences given (pass them as arguments or on stdin)\n"
+
+
+def test_config_and_input_problems_are_one_line(tmp_path):
+    """Problems beyond the weights file: bad config values, a tokenizer larger than the model, bad stdin."""
+    cases = []
+    for key, value in [("num_attention_heads", 0), ("hidden_size", "32"), ("layer_norm_eps", None)]:
+        folder = tmp_path / key
+        shutil.copytree(TINY_PLAIN, folder)
+        raw = json.loads((folder / "config.json").read_text())
+        raw[key] = value
+        (folder / "config.json").write_text(json.dumps(raw))
+        cases.append((folder, f"{folder / 'config.json'}: {key} must be"))
+    folder = tmp_path / "list"
+    shutil.copytree(TINY_PLAIN, folder)
+    (folder / "config.json").write_text("[]")
+    cases.append((folder, f"{folder / 'config.json'}: expected a JSON object, found list"))
+    folder = tmp_path / "big_vocab"
+    shutil.copytree(TINY_PLAIN, folder)
+    shutil.copyfile(FIXTURES / "bert_vocab" / "vocab.txt", folder / "vocab.txt")
+    cases.append((folder, f"{folder}: the tokenizer has 30522 entries, more than vocab_size 101 in config.json"))
+    cases.append((tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: model folder not found"))
+    for folder, message in cases:
+        result = run_embed("--model", folder, "hello")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1
+    result = subprocess.run([sys.executable, str(ROOT / "embed.py"), "--model", str(TINY_PLAIN)],
+                            input=b"caf\xe9\n", capture_output=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.decode() == "error: standard input: not UTF-8 text (byte 0xe9)\n"

@@ -8,6 +8,7 @@ from conftest import FIXTURES, TINY_PLAIN
 from safetensors import safe_open
 
 from data import load_tokenizer
+from embed import default_max_len
 from model import SentenceEncoder, load_pretrained, normalize_rows, pool_tokens
 
 
@@ -133,8 +134,11 @@ def minilm_reference():
 
 def test_mean_l2_matches_sentence_transformers_golden(minilm_dir):
     sentences, expected = minilm_reference()
-    encoder = SentenceEncoder(load_pretrained(minilm_dir), "mean", normalize="l2")
-    ours = encoder.encode(sentences, load_tokenizer(minilm_dir), batch_size=4)
+    bert = load_pretrained(minilm_dir)
+    max_len = default_max_len(minilm_dir, bert.config)
+    assert max_len == 256  # the model's max_seq_length; the last sentence is longer
+    assert len(load_tokenizer(minilm_dir).encode(sentences[-1]).ids) > 256
+    ours = SentenceEncoder(bert, "mean", normalize="l2").encode(sentences, load_tokenizer(minilm_dir), 4, max_len)
     cosine = torch.nn.functional.cosine_similarity(ours, expected, dim=1)
     assert cosine.min() >= 0.99999
     assert (ours - expected).abs().max() <= 1e-5
@@ -143,17 +147,20 @@ def test_mean_l2_matches_sentence_transformers_golden(minilm_dir):
 def test_mean_l2_matches_sentence_transformers_live(minilm_dir):
     st = pytest.importorskip("sentence_transformers")
     sentences = ["A completely new sentence for the live check.", "Short one.",
-                 "Naïve façades and 3.5% growth in the 1990s!", "[MASK] tokens and 🙂 emoji"]
+                 "Naïve façades and 3.5% growth in the 1990s!", "[MASK] tokens and 🙂 emoji",
+                 "A long one, repeated past the limit of 256 pieces. " * 30]
     expected = st.SentenceTransformer(str(minilm_dir), device="cpu").encode(sentences, convert_to_tensor=True)
-    encoder = SentenceEncoder(load_pretrained(minilm_dir), "mean", normalize="l2")
-    ours = encoder.encode(sentences, load_tokenizer(minilm_dir))
+    bert = load_pretrained(minilm_dir)
+    encoder = SentenceEncoder(bert, "mean", normalize="l2")
+    ours = encoder.encode(sentences, load_tokenizer(minilm_dir), max_len=default_max_len(minilm_dir, bert.config))
     assert torch.nn.functional.cosine_similarity(ours, expected.cpu(), dim=1).min() >= 0.99999
 
 
 def test_encode_batch_size_does_not_change_results(tiny, tiny_tokenizer):
     texts = ["the cat sat on the mat", "a dog", "stocks fell and rose", "the team won the game in the end"]
-    encoder = SentenceEncoder(tiny, "max", normalize="l2")
+    encoder = SentenceEncoder(tiny, "max", normalize="l2").train()
     one_batch = encoder.encode(texts, tiny_tokenizer, batch_size=64)
+    assert encoder.training and encoder.bert.training  # encode() puts the training mode back
     one_by_one = encoder.encode(texts, tiny_tokenizer, batch_size=1)
     assert (one_batch - one_by_one).abs().max() <= 1e-6
     assert encoder.encode([], tiny_tokenizer).shape == (0, 32)
