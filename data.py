@@ -75,7 +75,7 @@ def _read_text(path):
 # entities was lost (leaving " #39;" for an apostrophe), "$" was escaped as
 # "\$", and line breaks inside a description became a lone backslash.
 _AG_ENTITIES = {"#39": "'", "quot": '"', "amp": "&", "#36": "$"}
-_AG_ENTITY = re.compile(r" ?(?<!&)(#39|quot|amp|#36);")
+_AG_ENTITY = re.compile(r" ?(?<![\w&])(#39|quot|amp|#36);")  # not inside a word ("camp;"), not "&amp;"
 
 
 def clean_ag_text(text):
@@ -136,6 +136,8 @@ def read_conll(path):
             raise DataError(f"{path}:{number}: unknown NER tag {tag!r} (expected one of {', '.join(NER_TAGS)})")
         words.append(columns[0])
         tags.append(tag)
+    if not sentences:
+        raise DataError(f"{path}: no sentences (only blank or -DOCSTART- lines)")
     return sentences
 
 
@@ -196,6 +198,16 @@ def load_tokenizer(model_dir):
     tokenizer.no_truncation()
     return tokenizer
 
+
+
+def check_fits(tokenizer, config, max_len, model_dir):
+    """The tokenizer's ids and max_len must fit the model's embedding tables."""
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise DataError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} entries, "
+                        f"more than vocab_size {config.vocab_size} in config.json")
+    if max_len > config.max_position_embeddings:
+        raise DataError(f"argument --max-len: {max_len} is more than the model's "
+                        f"max_position_embeddings ({config.max_position_embeddings})")
 
 
 # --- Token ids and labels --------------------------------------------------------
@@ -298,7 +310,7 @@ def save_cache(data, path):
         arrays["word_tags"], arrays["word_offsets"] = _pack([[NER_ID[t] for t in tags] for tags in data.word_tags])
         arrays["first_piece"], _ = _pack(data.first_piece)  # same offsets as word_tags
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may write at once
     save_file(arrays, tmp, metadata={"task": data.task})
     os.replace(tmp, path)
 
@@ -328,7 +340,10 @@ def encode_file(path, task, tokenizer, max_len, cache_dir=None):
                 print(f"warning: {cached}: unreadable cache ({e}); tokenizing again", file=sys.stderr)
     data = encode(read(path), tokenizer, max_len)  # a missing file raises its error here
     if cached is not None:
-        save_cache(data, cached)
+        try:
+            save_cache(data, cached)
+        except OSError as e:  # a read-only data folder, say: run on without a cache
+            print(f"warning: cannot write the cache {cached} ({e.strerror}); continuing without it", file=sys.stderr)
     return data
 
 
@@ -429,13 +444,17 @@ def padding_fraction(batches, lengths):
 AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train
 
 
-def load_splits(data_dir, tokenizer, max_len, seed=0, cache_dir=None, splits=("train", "valid", "test")):
-    """{"ag": {split: TaskData}, "ner": {split: TaskData}} from the data directory (see download.py)."""
+def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "valid", "test"), split_seed=0):
+    """{"ag": {split: TaskData}, "ner": {split: TaskData}} from the data directory (see download.py).
+
+    The AG validation split is fixed by split_seed, not by a run's --seed,
+    so that runs with different seeds are compared on the same examples.
+    """
     data_dir = Path(data_dir)
     out = {"ag": {}, "ner": {}}
     if "train" in splits or "valid" in splits:
         ag_train = encode_file(data_dir / "ag_news" / "train.csv", "ag", tokenizer, max_len, cache_dir)
-        kept, held = split_off(len(ag_train), AG_VALID_FRACTION, seed)
+        kept, held = split_off(len(ag_train), AG_VALID_FRACTION, split_seed)
         out["ag"].update(train=ag_train.subset(kept), valid=ag_train.subset(held))
     if "test" in splits:
         out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir)
@@ -478,11 +497,13 @@ def main(argv=None):
         p.error(f"argument --splits: expected names from train,valid,test, got {args.splits!r}")
     if args.max_len < 3:
         p.error(f"argument --max-len: must be at least 3, got {args.max_len}")
+    if args.batch_size < 1:
+        p.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
     try:
         start = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
         cache_dir = None if args.no_cache else Path(args.data) / ".cache"
-        data = load_splits(args.data, tokenizer, args.max_len, args.seed, cache_dir, splits)
+        data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits)
         seconds = time.perf_counter() - start
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, load_tokenizer
+from data import DataError, check_fits, load_tokenizer
 from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pretrained
 
 
@@ -97,17 +97,10 @@ def main(argv=None):
             raise DataError("no sentences given (pass them as arguments or on stdin)")
         tokenizer = load_tokenizer(args.model)
         bert = load_pretrained(args.model)
-        if tokenizer.get_vocab_size() > bert.config.vocab_size:
-            raise DataError(f"{args.model}: the tokenizer has {tokenizer.get_vocab_size()} entries, "
-                            f"more than vocab_size {bert.config.vocab_size} in config.json")
         max_len = args.max_len or default_max_len(args.model, bert.config)
+        check_fits(tokenizer, bert.config, max_len, args.model)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    limit = bert.config.max_position_embeddings
-    if max_len > limit:
-        print(f"error: argument --max-len: {max_len} is more than the model's "
-              f"max_position_embeddings ({limit})", file=sys.stderr)
         return 2
     encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize).to(device)
     vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=max_len)

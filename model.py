@@ -13,13 +13,14 @@ with 1 = a real token, 0 = padding.
 """
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -245,8 +246,12 @@ def load_pretrained(model_dir, device="cpu"):
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
+    # A trained multi-task model (save_multitask) also holds its heads; they are not BERT's.
+    heads = "multitask" in json.loads((model_dir / "config.json").read_text())
     renamed = {}
     for key, tensor in tensors.items():
+        if heads and key.startswith("multitask."):
+            continue
         name = _plain_name(key)
         if name is None:
             continue
@@ -366,3 +371,118 @@ class SentenceEncoder(nn.Module):
             out.append(self(input_ids.to(device), attention_mask.to(device)).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+
+# --- Multi-task model (Task 2) -------------------------------------------------------
+
+class Head(nn.Module):
+    """A task head: dropout -> dense -> LayerNorm -> GELU -> projection to the task's labels."""
+
+    def __init__(self, in_dim, n_labels, dropout=0.1, eps=1e-12):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(in_dim, in_dim)
+        self.norm = nn.LayerNorm(in_dim, eps=eps)
+        self.out = nn.Linear(in_dim, n_labels)
+
+    def forward(self, x):
+        # (..., in_dim) -> (..., n_labels): (B, D) for a sentence, (B, T, H) for tokens
+        return self.out(F.gelu(self.norm(self.dense(self.dropout(x)))))
+
+
+class MultiTaskModel(nn.Module):
+    """One shared encoder, two heads.
+
+    The classification head reads the sentence embedding (pooling ->
+    optional projection -> optional normalization, as in SentenceEncoder); the
+    NER head reads every token state, because pooling would blur the words
+    it has to tag. A batch holds one task, and forward runs only that head.
+    """
+
+    def __init__(self, bert, pool="mean", embed_dim=None, normalize="none", n_classes=4, n_tags=9,
+                 head_dropout=0.1):
+        super().__init__()
+        self.encoder = SentenceEncoder(bert, pool, embed_dim, normalize)
+        eps = bert.config.layer_norm_eps
+        self.cls_head = Head(self.encoder.embed_dim, n_classes, head_dropout, eps)
+        self.ner_head = Head(bert.config.hidden_size, n_tags, head_dropout, eps)
+
+    @property
+    def bert(self):
+        return self.encoder.bert
+
+    def forward(self, input_ids, attention_mask, task):
+        """task "ag": logits (B, n_classes); task "ner": logits (B, T, n_tags)."""
+        if task == "ag":
+            return self.cls_head(self.encoder(input_ids, attention_mask))
+        hidden, _ = self.bert(input_ids, attention_mask)
+        return self.ner_head(hidden)
+
+    def settings(self):
+        """What, beyond the BERT config, rebuilds this model (stored in config.json)."""
+        embed_dim = None if self.encoder.project is None else self.encoder.embed_dim
+        return {"pool": self.encoder.pool, "embed_dim": embed_dim,
+                "normalize": self.encoder.norm, "n_classes": self.cls_head.out.out_features,
+                "n_tags": self.ner_head.out.out_features, "head_dropout": self.cls_head.dropout.p}
+
+
+def parameter_part(name):
+    """Which part of a MultiTaskModel a parameter belongs to, for freezing and learning rates.
+
+    Returns "embeddings", "layer.{i}", "pooler", "cls_head" (with the
+    sentence-embedding projection) or "ner_head".
+    """
+    if name.startswith(("cls_head.", "encoder.project.")):
+        return "cls_head"
+    if name.startswith("ner_head."):
+        return "ner_head"
+    inner = name.removeprefix("encoder.bert.")
+    if inner.startswith("layers."):
+        return "layer." + inner.split(".")[1]
+    return inner.split(".")[0]  # "embeddings" or "pooler"
+
+
+def save_multitask(model, out_dir, extra=None):
+    """Write out_dir/model.safetensors and config.json, atomically.
+
+    The encoder's tensors keep the plain BERT names, so load_pretrained (and
+    other BERT code) reads the file; the heads sit under "multitask.".
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        inner = name.removeprefix("encoder.bert.")
+        key = checkpoint_name(inner) if inner != name else "multitask." + name
+        tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
+    config = {f.name: getattr(model.bert.config, f.name) for f in fields(BertConfig)}
+    config.update(model_type="bert", hidden_act="gelu", multitask=model.settings(), **(extra or {}))
+    _atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+
+
+def _atomic_write(path, write):
+    """Call write(temporary path), then rename it over path: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_multitask(model_dir, device="cpu"):
+    """A MultiTaskModel from a folder written by save_multitask."""
+    model_dir = Path(model_dir)
+    bert = load_pretrained(model_dir)  # also checks config.json
+    settings = json.loads((model_dir / "config.json").read_text()).get("multitask")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{model_dir / 'config.json'}: has no 'multitask' settings; "
+                              "it is a plain BERT folder, not a trained multi-task model")
+    model = MultiTaskModel(bert, **settings)
+    heads = {k.removeprefix("multitask."): v for k, v in load_file(model_dir / "model.safetensors").items()
+             if k.startswith("multitask.")}
+    expected = {n for n in model.state_dict() if not n.startswith("encoder.bert.")}
+    if heads.keys() != expected:
+        raise CheckpointError(f"{model_dir / 'model.safetensors'}: head tensors do not match config.json: "
+                              f"missing {_list_keys(expected - heads.keys()) or 'none'}, "
+                              f"unexpected {_list_keys(heads.keys() - expected) or 'none'}")
+    model.load_state_dict(heads, strict=False)
+    return model.to(device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT
 
+import data
 from data import (
     IGNORE_INDEX,
     NER_TAGS,
@@ -55,7 +56,8 @@ def tokenizer():
     ("for  #36;5 billion", "for $5 billion"),
     # runs of spaces
     ("profit fell on Wednesday  as profit    warnings mounted ", "profit fell on Wednesday as profit warnings mounted"),
-    # an entity that kept its "&" is left alone
+    # an entity that kept its "&" is left alone, and so is a word that ends like one
+    ("the training camp; officials said", "the training camp; officials said"),
     ("&lt;b&gt;...&lt;/b&gt; Fish &amp; chips", "&lt;b&gt;...&lt;/b&gt; Fish &amp; chips"),
 ])
 def test_ag_cleaning_rules(before, after):
@@ -124,6 +126,7 @@ BAD_FILES = [
     ("conll2003/train.txt", "EU NNP B-NP B-ORG\n\nBonn NNP B-NP B-CITY\n",
      "conll2003/train.txt:3: unknown NER tag 'B-CITY'"),
     ("ag_news/train.csv", b'"3","Title","Body"\n"1","Caf\xe9","Body"\n', "ag_news/train.csv:2: not UTF-8 text (byte 0xe9)"),
+    ("conll2003/valid.txt", "-DOCSTART- -X- -X- O\n\n\n", "conll2003/valid.txt: no sentences"),
     ("conll2003/train.txt", b"EU NNP B-NP B-ORG\n\n\x89PNG\x00\x00\x01", "conll2003/train.txt:3: binary data"),
 ]
 
@@ -156,7 +159,7 @@ def test_bad_file_raises_with_file_and_line(tmp_path, name, content, message):
 
 
 @pytest.mark.parametrize("name, content, message",
-                         [BAD_FILES[0], BAD_FILES[5], BAD_FILES[7],
+                         [BAD_FILES[0], BAD_FILES[5], BAD_FILES[7], BAD_FILES[8],
                           ("conll2003/test.txt", None, "conll2003/test.txt: not found; run `python download.py` first")])
 def test_bad_file_on_the_command_line(tmp_path, name, content, message):
     root, _ = write_data_dir(tmp_path, name, content)
@@ -223,12 +226,14 @@ def test_alignment_round_trips_on_real_valid(tokenizer):
     assert len(truncated) == 3  # with this vocabulary and max_len 128
 
 
-def test_cache_gives_the_same_data_and_follows_the_file(tmp_path, tokenizer):
+def test_cache_gives_the_same_data_and_follows_the_file(tmp_path, tokenizer, monkeypatch):
     root, path = write_data_dir(tmp_path, "conll2003/valid.txt", (DATA / "conll2003" / "valid.txt").read_text())
     cache = tmp_path / "cache"
     first = encode_file(path, "ner", tokenizer, 128, cache)
     assert len(list(cache.iterdir())) == 1
-    again = encode_file(path, "ner", tokenizer, 128, cache)
+    with monkeypatch.context() as patch:  # a second read must come from the cache, not the tokenizer
+        patch.setattr(data, "encode_ner", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
+        again = encode_file(path, "ner", tokenizer, 128, cache)
     assert again == first == encode_file(path, "ner", tokenizer, 128)
     ag = encode_file(root / "ag_news" / "train.csv", "ag", tokenizer, 128, cache)
     assert encode_file(root / "ag_news" / "train.csv", "ag", tokenizer, 128, cache) == ag
@@ -323,7 +328,7 @@ def test_ag_validation_split_is_seeded_and_disjoint():
 
 
 def test_load_splits_and_command_line_summary(tokenizer):
-    splits = load_splits(DATA, tokenizer, 128, seed=0)
+    splits = load_splits(DATA, tokenizer, 128)
     sizes = {task: {s: len(part) for s, part in by.items()} for task, by in splits.items()}
     assert sizes == {"ag": {"train": 38, "valid": 2, "test": 12}, "ner": {"train": 24, "valid": 8, "test": 8}}
     result = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data", str(DATA), "--model",

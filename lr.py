@@ -1,0 +1,79 @@
+"""Learning rates (Task 4): layer-wise rates, weight-decay rules, and the schedule.
+
+Layer-wise learning-rate decay (Howard & Ruder, 2018; Sun et al., 2019, "How
+to Fine-Tune BERT for Text Classification"): the top encoder layer gets --lr,
+each layer below it --lr-decay times the rate of the layer above, and the
+embeddings one step lower still. Lower layers hold general features that
+pre-training got right, so they move least; the freshly initialized heads
+start from nothing and get the highest rate, --head-lr, or a rate per task
+with --cls-lr / --ner-lr.
+
+Biases and LayerNorm parameters get no weight decay: decay pulls weights
+towards zero, which means nothing for a shift or a scale of 1.
+
+Groups are built from trainable parameters only, so freezing (freeze.py)
+decides what is in the optimizer and this file decides how fast it moves.
+"""
+
+from torch import nn
+
+from model import parameter_part
+
+
+def part_rates(num_layers, lr, lr_decay, head_lr, cls_lr=None, ner_lr=None):
+    """The base learning rate of every part of the model."""
+    rates = {f"layer.{i}": lr * lr_decay ** (num_layers - 1 - i) for i in range(num_layers)}
+    rates["embeddings"] = lr * lr_decay ** num_layers
+    rates["pooler"] = lr  # it sits on the top layer
+    rates["cls_head"] = head_lr if cls_lr is None else cls_lr
+    rates["ner_head"] = head_lr if ner_lr is None else ner_lr
+    return rates
+
+
+def _order(part):
+    """Bottom to top: embeddings, layer.0 .. layer.L-1, pooler, cls_head, ner_head."""
+    if part.startswith("layer."):
+        return (1, int(part.split(".")[1]))
+    return ({"embeddings": 0, "pooler": 2, "cls_head": 3, "ner_head": 4}[part], 0)
+
+
+def param_groups(model, rates, weight_decay, names=None):
+    """Optimizer groups for the trainable parameters (only those in `names`, if given).
+
+    One group per (part, decay or not). Each group carries its "name" and its
+    "base_lr"; the training loop sets "lr" = base_lr x schedule factor.
+    """
+    no_decay = {f"{module_name}.{p}" if module_name else p
+                for module_name, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+                for p, _ in module.named_parameters(recurse=False)}
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad or (names is not None and name not in names):
+            continue
+        part = parameter_part(name)
+        decays = not (name.endswith(".bias") or name in no_decay)
+        group = groups.setdefault((part, decays), {
+            "name": part if decays else f"{part} (no decay)", "params": [], "base_lr": rates[part],
+            "lr": rates[part], "weight_decay": weight_decay if decays else 0.0})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: (_order(k[0]), not k[1]))]
+
+
+def lr_factor(step, total_steps, warmup_steps):
+    """Linear warmup to 1 over warmup_steps, then linear decay towards 0 at total_steps.
+
+    step counts from 0; the first step already has a non-zero rate, and the
+    last one (total_steps - 1) has 1 / (total_steps - warmup_steps).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def format_groups(groups):
+    """The table printed at start: group, parameter count, learning rate, weight decay."""
+    lines = [f"  {'group':<24} {'parameters':>12} {'lr':>9} {'decay':>6}"]
+    for g in groups:
+        count = sum(p.numel() for p in g["params"])
+        lines.append(f"  {g['name']:<24} {count:>12,} {g['base_lr']:>9.2e} {g['weight_decay']:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Evaluation metrics: accuracy, and entity-level precision / recall / F1.
+
+Entity scores follow conlleval, the CoNLL-2000/2003 shared-task script (and
+seqeval's default mode, which reproduces it): an entity counts as found only
+if its type and its exact span match a gold entity. Chunks are read from IOB2
+tags the way conlleval reads them, so an I- tag after O or after another type
+opens a new chunk instead of being an error.
+
+Scores are built from counts (true positives, predicted, gold per type) so
+that counts from several processes can be summed before dividing.
+"""
+
+def chunks(tags):
+    """The entities in one tag sequence, as a set of (type, first index, last index)."""
+    found = set()
+    start, kind = None, None
+    for i, tag in enumerate(list(tags) + ["O"]):  # the extra O closes a chunk at the end
+        prefix, tag_kind = (tag[0], tag[2:]) if tag != "O" else ("O", None)
+        # A chunk ends at O, at a B-, or where the type changes.
+        if start is not None and (prefix in ("O", "B") or tag_kind != kind):
+            found.add((kind, start, i - 1))
+            start = None
+        # A chunk starts at B-, or at an I- that does not continue the current chunk.
+        if prefix in ("B", "I") and start is None:
+            start, kind = i, tag_kind
+    return found
+
+
+def entity_counts(gold, pred):
+    """Per-type counts over a corpus: {type: [true positives, predicted, gold]}."""
+    counts = {}
+    for gold_tags, pred_tags in zip(gold, pred, strict=True):
+        if len(gold_tags) != len(pred_tags):
+            raise ValueError(f"a sentence has {len(gold_tags)} gold tags but {len(pred_tags)} predicted")
+        g, p = chunks(gold_tags), chunks(pred_tags)
+        for kind, (tp, n_pred, n_gold) in _count_by_type(g, p).items():
+            total = counts.setdefault(kind, [0, 0, 0])
+            total[0] += tp
+            total[1] += n_pred
+            total[2] += n_gold
+    return counts
+
+
+def _count_by_type(gold_chunks, pred_chunks):
+    kinds = {c[0] for c in gold_chunks | pred_chunks}
+    return {k: (sum(1 for c in pred_chunks & gold_chunks if c[0] == k),
+                sum(1 for c in pred_chunks if c[0] == k),
+                sum(1 for c in gold_chunks if c[0] == k)) for k in kinds}
+
+
+def prf(tp, n_pred, n_gold):
+    """Precision, recall and F1 from counts; 0 where a denominator is 0."""
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def scores_from_counts(counts):
+    """Micro-averaged precision/recall/F1 over all types, plus per-type scores."""
+    tp, n_pred, n_gold = (sum(c[i] for c in counts.values()) for i in range(3))
+    precision, recall, f1 = prf(tp, n_pred, n_gold)
+    per_type = {}
+    for kind in sorted(counts):
+        p, r, f = prf(*counts[kind])
+        per_type[kind] = {"precision": p, "recall": r, "f1": f, "support": counts[kind][2]}
+    return {"precision": precision, "recall": recall, "f1": f1, "per_type": per_type}
+
+
+def entity_f1(gold, pred):
+    """Entity-level scores for lists of IOB2 tag sequences (one list per sentence)."""
+    return scores_from_counts(entity_counts(gold, pred))
+
+
+def accuracy(gold, pred):
+    """Share of equal labels."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    return sum(g == p for g, p in zip(gold, pred)) / len(gold) if gold else 0.0

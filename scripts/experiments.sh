@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The training runs behind the README's Task 2-4 tables. Usage:
+#   scripts/experiments.sh MODEL_DIR DATA_DIR OUT_DIR
+# Each run writes OUT_DIR/NAME/summary.json; scripts/tabulate.py turns them into tables.
+set -euo pipefail
+model=$1 data=$2 out=$3
+run() {  # NAME FLAGS...
+  local name=$1; shift
+  [ -f "$out/$name/summary.json" ] && return 0
+  python train.py --model "$model" --data "$data" --out "$out/$name" --log-every 100 "$@" > "$out/$name.log" 2>&1
+}
+mkdir -p "$out"
+# Task 2: the full run, and the headline configuration.
+run mean-full --pool mean --epochs 2
+run max-backbone-full --pool max --freeze backbone --epochs 2
+# Task 3 and Task 4: the same smaller budget for every variant (1,500 examples per task and split, 2 epochs).
+small=(--limit 1500 --epochs 2 --pool mean)
+run freeze-none "${small[@]}"
+run freeze-embeddings "${small[@]}" --freeze embeddings
+run freeze-lower3 "${small[@]}" --freeze lower:3
+run freeze-backbone "${small[@]}" --freeze backbone
+run freeze-gradual "${small[@]}" --unfreeze gradual
+run lr-flat "${small[@]}" --lr-decay 1.0
+run lr-decay0.7 "${small[@]}" --lr-decay 0.7
+run lr-high "${small[@]}" --lr 1e-4
+run lr-task-heads "${small[@]}" --cls-lr 3e-4 --ner-lr 3e-3
+# Mixed precision on the CPU: bf16 autocast against fp32.
+run amp-bf16-cpu "${small[@]}" --amp bf16

@@ -1,0 +1,62 @@
+"""Layer-wise learning rates, weight-decay rules and the schedule (lr.py)."""
+
+import pytest
+from conftest import TINY_PLAIN
+
+import freeze
+from lr import format_groups, lr_factor, param_groups, part_rates
+from model import MultiTaskModel, load_pretrained
+
+
+def model():
+    return MultiTaskModel(load_pretrained(TINY_PLAIN), "mean", embed_dim=8)
+
+
+def test_rates_rise_from_embeddings_through_layers_to_heads():
+    rates = part_rates(num_layers=4, lr=1e-4, lr_decay=0.5, head_lr=1e-3, ner_lr=2e-3)
+    assert rates == {"layer.3": 1e-4, "layer.2": 5e-5, "layer.1": 2.5e-5, "layer.0": 1.25e-5,
+                     "embeddings": 6.25e-6, "pooler": 1e-4, "cls_head": 1e-3, "ner_head": 2e-3}
+    order = [rates[p] for p in ("embeddings", "layer.0", "layer.1", "layer.2", "layer.3", "cls_head")]
+    assert order == sorted(order) and len(set(order)) == len(order)
+
+
+def test_every_group_gets_its_formula_rate_and_decay_rule():
+    m = model()
+    rates = part_rates(2, 3e-5, 0.9, 1e-3, cls_lr=5e-4)
+    groups = param_groups(m, rates, weight_decay=0.01)
+    expected_lr = {"embeddings": 3e-5 * 0.81, "layer.0": 3e-5 * 0.9, "layer.1": 3e-5, "pooler": 3e-5,
+                   "cls_head": 5e-4, "ner_head": 1e-3}
+    names = {id(p): n for n, p in m.named_parameters()}
+    seen = set()
+    for g in groups:
+        part = g["name"].removesuffix(" (no decay)")
+        assert g["base_lr"] == pytest.approx(expected_lr[part])
+        for p in g["params"]:
+            name = names[id(p)]
+            no_decay = name.endswith(".bias") or "norm" in name.split(".")[-2]
+            assert g["weight_decay"] == (0.0 if no_decay else 0.01), name
+            seen.add(name)
+    assert seen == set(names.values())  # every trainable parameter is in exactly one group
+    assert sum(len(g["params"]) for g in groups) == len(seen)
+    assert [g["name"] for g in groups][:3] == ["embeddings", "embeddings (no decay)", "layer.0"]
+    assert "cls_head (no decay)" in format_groups(groups)
+
+
+def test_groups_hold_trainable_parameters_only():
+    m = model()
+    freeze.apply_freeze(m, freeze.parse_freeze("lower:1,ner-head", 2))
+    groups = param_groups(m, part_rates(2, 3e-5, 0.9, 1e-3), 0.01)
+    assert {g["name"].removesuffix(" (no decay)") for g in groups} == {"layer.1", "pooler", "cls_head"}
+    assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_schedule_warmup_end_and_last_step():
+    total, warmup = 100, 10
+    assert lr_factor(0, total, warmup) == pytest.approx(0.1)
+    assert lr_factor(warmup - 1, total, warmup) == 1.0  # the end of warmup reaches the full rate
+    assert lr_factor(warmup, total, warmup) == 1.0
+    assert lr_factor(55, total, warmup) == pytest.approx(0.5)
+    assert lr_factor(total - 1, total, warmup) == pytest.approx(1 / 90)  # the last step
+    assert lr_factor(5, 10, 0) == pytest.approx(0.5)  # no warmup
+    factors = [lr_factor(s, total, warmup) for s in range(total)]
+    assert factors[:warmup] == sorted(factors[:warmup]) and factors[warmup:] == sorted(factors[warmup:], reverse=True)

@@ -1,0 +1,225 @@
+"""train.py end to end on a tiny BERT and fixture data: outputs, resume, signals, AMP, bad flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FIXTURES, ROOT, TINY_PLAIN
+from safetensors import safe_open
+
+import train
+from data import load_splits, load_tokenizer
+from model import MultiTaskModel, load_multitask, load_pretrained
+
+DATA = FIXTURES / "data"
+TASK_LOSS = train.task_loss
+
+
+def flags(out, *extra):
+    return ["--model", str(TINY_PLAIN), "--data", str(DATA), "--out", str(out), "--max-len", "64",
+            "--batch-size", "4", "--no-cache", "--log-every", "5", *map(str, extra)]
+
+
+def checkpoint_weights(out):
+    with safe_open(out / "checkpoint" / "checkpoint.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+
+
+def test_full_tiny_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 2, "--lr", "1e-3")) == 0
+    log = capsys.readouterr().out
+    assert "step 5/24 | epoch 1 | loss ag" in log and "samples/s | ETA" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["split"]) for r in records] == [(1, 12, "valid"), (2, 24, "valid")]
+    assert set(records[0]) == {"epoch", "step", "split", "ag_accuracy", "ner_f1", "ner_precision", "ner_recall",
+                               "train_loss", "elapsed_s", "samples_per_s"}
+    summary = json.loads((out / "summary.json").read_text())
+    scores = [(r["ag_accuracy"] + r["ner_f1"]) / 2 for r in records]
+    assert summary["best_epoch"] == 1 + scores.index(max(scores))
+    assert summary["parameters"]["trainable"] == summary["parameters"]["total"] > 20_000
+    assert summary["config"]["epochs"] == 2 and summary["precision"] == "fp32"
+    assert set(summary["timings_s"]) == {"data", "train", "eval", "total"}
+    # The saved model is the best one, loads both ways, and reproduces the test metrics.
+    model = load_multitask(out)
+    load_pretrained(out)  # the encoder part is a plain BERT checkpoint
+    tokenizer = load_tokenizer(TINY_PLAIN)
+    splits = load_splits(DATA, tokenizer, 64)
+    again = train.evaluate(model, splits["ag"]["test"], splits["ner"]["test"], torch.device("cpu"), None, 8, 0)
+    for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall"):
+        assert again[key] == summary[key]
+
+
+def run_recording_losses(monkeypatch, argv):
+    losses = []
+
+    def recording(logits, labels, task):
+        loss = TASK_LOSS(logits, labels, task)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train, "task_loss", recording)
+    assert train.main(argv) == 0
+    return losses
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    common = ("--epochs", 2, "--lr", "1e-3", "--unfreeze", "gradual")
+    straight = run_recording_losses(monkeypatch, flags(tmp_path / "a", *common))
+    first = run_recording_losses(monkeypatch, flags(tmp_path / "b", *common, "--stop-after", 1))
+    assert not (tmp_path / "b" / "summary.json").exists()
+    rest = run_recording_losses(monkeypatch, flags(tmp_path / "b", *common, "--resume"))
+    assert len(straight) == 24 and first + rest == straight  # the same losses, step by step
+    a, b = checkpoint_weights(tmp_path / "a"), checkpoint_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_leaves_a_checkpoint_to_resume(tmp_path, signum):
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "train.py"), *flags(out, "--epochs", 40, "--log-every", 1)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.send_signal(signum)
+            break
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert "checkpoint saved; continue with" in stderr and "Traceback" not in stderr
+    assert not list((out / "checkpoint").glob("*.tmp"))
+    with safe_open(out / "checkpoint" / "checkpoint.safetensors", "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    assert state["step"] >= 3
+    model = MultiTaskModel(load_pretrained(TINY_PLAIN))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint_weights(out).items()})
+    # It resumes where it stopped (run to the end of a shorter schedule of the same length per epoch).
+    result = subprocess.run([*argv, "--resume", "--stop-after", "1"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {out / 'checkpoint' / 'checkpoint.safetensors'}: epoch 1, batch {state['batch']}" \
+        in result.stdout
+
+
+def test_fp16_scaler_skips_a_step_with_an_inf_gradient():
+    torch.manual_seed(0)
+    model = MultiTaskModel(load_pretrained(TINY_PLAIN))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    ids, mask = torch.randint(5, 99, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+
+    def backward():
+        loss = train.task_loss(model(ids, mask, "ag"), torch.tensor([0, 3]), "ag")
+        scaler.scale(loss).backward()
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backward()
+    model.cls_head.out.weight.grad[0, 0] = float("inf")  # as an fp16 overflow would leave it
+    assert train.optimizer_step(optimizer, scaler, clip=1.0) is True
+    assert scaler.get_scale() == 512.0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    backward()
+    assert train.optimizer_step(optimizer, scaler, clip=1.0) is False
+    assert not torch.equal(model.cls_head.out.weight, before["cls_head.out.weight"])
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, monkeypatch):
+    fp32 = run_recording_losses(monkeypatch, flags(tmp_path / "fp32", "--epochs", 1, "--limit", 8))
+    bf16 = run_recording_losses(monkeypatch, flags(tmp_path / "bf16", "--epochs", 1, "--limit", 8, "--amp", "bf16"))
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert summary["precision"] == "bf16 autocast"
+    # bf16 keeps 8 bits of mantissa: the losses differ from fp32, but only a little.
+    assert bf16 != fp32 and max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.05
+
+
+def test_mid_epoch_signal_then_resume_is_exact(tmp_path, monkeypatch):
+    """A run stopped by SIGINT in its second epoch, after gradual unfreezing released a layer, resumes exactly."""
+    common = ("--epochs", 3, "--lr", "1e-3", "--unfreeze", "gradual")
+    straight = run_recording_losses(monkeypatch, flags(tmp_path / "a", *common))
+    losses = []
+
+    def interrupting(logits, labels, task):
+        loss = TASK_LOSS(logits, labels, task)
+        losses.append(loss.item())
+        if len(losses) == 17:  # step 17 of 36: inside epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train, "task_loss", interrupting)
+    assert train.main(flags(tmp_path / "b", *common)) == 128 + signal.SIGINT
+    rest = run_recording_losses(monkeypatch, flags(tmp_path / "b", *common, "--resume"))
+    assert losses + rest == straight
+    a, b = checkpoint_weights(tmp_path / "a"), checkpoint_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def records(run):  # without the timings, which differ between any two runs
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "samples_per_s")} for line in lines]
+
+    assert records("a") == records("b")  # train_loss included
+
+
+def test_resume_refuses_changed_flags_and_out_refuses_a_second_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 2, "--stop-after", 1)) == 0
+    assert train.main(flags(out, "--epochs", 2, "--resume", "--batch-size", 8)) == 2
+    err = capsys.readouterr().err
+    assert "--resume needs the flags of the saved run; changed: --batch-size 4 -> 8" in err
+    assert train.main(flags(out, "--epochs", 2)) == 2
+    assert f"argument --out: {out} already holds a run; add --resume" in capsys.readouterr().err
+    (out / "checkpoint" / "checkpoint.safetensors").write_bytes(b"garbage")
+    assert train.main(flags(out, "--epochs", 2, "--resume")) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_a_task_with_nothing_to_train_is_skipped_not_fatal(tmp_path):
+    """--freeze backbone,ner-head trains only the classification head; NER batches still run forward."""
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 1, "--freeze", "backbone,ner-head")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    model, start = load_multitask(out), MultiTaskModel(load_pretrained(TINY_PLAIN))
+    assert summary["parameters"]["trainable"] == sum(p.numel() for p in model.cls_head.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.bert.parameters(), start.bert.parameters()))
+    bert = load_pretrained(TINY_PLAIN)
+    torch.manual_seed(0)  # train.py seeds after loading BERT, then builds the heads
+    fresh = MultiTaskModel(bert)
+    assert all(torch.equal(a, b) for a, b in zip(model.ner_head.parameters(), fresh.ner_head.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.cls_head.parameters(), fresh.cls_head.parameters()))
+
+
+def test_freeze_all_only_evaluates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 2, "--freeze", "all")) == 0
+    assert "--freeze all: nothing trains; evaluating the model as it is" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parameters"]["trainable"] == 0 and summary["best_epoch"] is None
+    assert not (out / "metrics.jsonl").exists()
+    saved, start = load_pretrained(out), load_pretrained(TINY_PLAIN)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), start.state_dict().values()))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--freeze", "top"], "error: argument --freeze: unknown strategy 'top'; choose from none, all, backbone"),
+    (["--freeze", "lower:5"], "error: argument --freeze: 'lower:5': N must be a whole number from 1 to 2"),
+    (["--lr", "-0.001"], "error: argument --lr: must be a number >= 0, got -0.001"),
+    (["--amp", "fp16", "--device", "cpu"], "error: argument --amp: fp16 needs a CUDA GPU"),
+    (["--data", "/nonexistent/data"], ("error: argument --data: /nonexistent/data is not a folder; "
+                                       "run `python download.py` first")),
+    (["--max-len", "65"], "error: argument --max-len: 65 is more than the model's max_position_embeddings (64)"),
+    (["--resume"], "error: argument --resume:"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    argv = flags(tmp_path / "run", "--epochs", 1) + extra
+    if extra[0] == "--data":
+        argv[argv.index("--data") + 1] = extra[1]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_bad_flag_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags(tmp_path / "run", "--freeze", "lower:9")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: argument --freeze: 'lower:9'")
