@@ -407,7 +407,7 @@ def main(argv=None):
               f"step {state['step']}")
 
     if not trains:
-        print("--freeze all: nothing trains; evaluating the model as it is")
+        print(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is")
     print(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
           f"per epoch, batch {args.batch_size}); warmup {warmup_steps} steps")
     with stop_on_signals() as stop:

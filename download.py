@@ -1,0 +1,300 @@
+"""Fetch the pretrained model and both datasets into the data directory, verified.
+
+    python download.py                       # everything, into data/
+    python download.py --only conll2003      # one part
+    python download.py --mirror URL          # from URL/<path under data/>, e.g. URL/conll2003/train.txt
+
+Every file streams into FILE.part, is checked against its pinned size and
+sha256 (or, for the CoNLL fallback archive, its sentence count), and only
+then is renamed into place: a file at its final path is always a good one.
+An interrupted .part is resumed with an HTTP Range request. Each source is
+retried with backoff; when one fails, the next is tried. Only the standard
+library is used for the network.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from http.client import HTTPException, IncompleteRead
+from pathlib import Path
+from urllib.parse import urlparse
+
+HF = "https://huggingface.co/google-bert/bert-base-uncased/resolve/86b5e0934494bd15c9632b12f734a8a67f723594"
+AG = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv"
+CONLL = ("https://raw.githubusercontent.com/davidsbatista/NER-datasets/"
+         "dcb6c7439a7de43abc2448bad5b1d81a47f26c0d/CONLL2003")
+CONLL_ZIP = "https://data.deepai.org/conll2003.zip"  # holds train.txt, valid.txt, test.txt
+
+# The one table of what to fetch. path: where it goes under --dest. A file is
+# good when its size and sha256 match; "sentences" is the check used instead
+# for a copy taken from the fallback archive (its files may differ by a final
+# newline); "check" names a content check for files without a pinned hash.
+FILES = [
+    {"part": "model", "path": "bert-base-uncased/model.safetensors", "urls": [f"{HF}/model.safetensors"],
+     "size": 440_449_768, "sha256": "68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3"},
+    {"part": "model", "path": "bert-base-uncased/vocab.txt", "urls": [f"{HF}/vocab.txt"],
+     "size": 231_508, "sha256": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"},
+    {"part": "model", "path": "bert-base-uncased/config.json", "urls": [f"{HF}/config.json"], "check": "config"},
+    {"part": "model", "path": "bert-base-uncased/tokenizer.json", "urls": [f"{HF}/tokenizer.json"],
+     "check": "tokenizer"},
+    {"part": "ag_news", "path": "ag_news/train.csv", "urls": [f"{AG}/train.csv"],
+     "size": 29_470_338, "sha256": "76a0a2d2f92b286371fe4d4044640910a04a803fdd2538e0f3f29a5c6f6b672e"},
+    {"part": "ag_news", "path": "ag_news/test.csv", "urls": [f"{AG}/test.csv"],
+     "size": 1_857_427, "sha256": "521465c2428ed7f02f8d6db6ffdd4b5447c1c701962353eb2c40d548c3c85699"},
+    {"part": "conll2003", "path": "conll2003/train.txt", "urls": [f"{CONLL}/train.txt"], "archive": CONLL_ZIP,
+     "size": 3_283_418, "sha256": "c99b26852dabf57ca9d30a0e892b84544cc8962003151e14a71077c55dc66db5",
+     "sentences": 14_041},
+    {"part": "conll2003", "path": "conll2003/valid.txt", "urls": [f"{CONLL}/valid.txt"], "archive": CONLL_ZIP,
+     "size": 827_441, "sha256": "f1f6469322876887de1d04acd43c59b02f59d5b02acf42c027132fa1bf349cb2",
+     "sentences": 3_250},
+    {"part": "conll2003", "path": "conll2003/test.txt", "urls": [f"{CONLL}/test.txt"], "archive": CONLL_ZIP,
+     "size": 748_093, "sha256": "82e0c72d262f86ad3e78b15c5d980bbf87cb205aa4bf6d2d97643f463f8d7ff7",
+     "sentences": 3_453},
+]
+PARTS = ("model", "ag_news", "conll2003")
+MIRROR_ENV = "MTB_DOWNLOAD_MIRROR"
+CHUNK = 1 << 20
+GIVE_UP = (400, 401, 403, 404, 410)  # HTTP errors that another try will not fix
+
+
+class DownloadError(Exception):
+    """A file that could not be fetched or verified; the message is one line."""
+
+
+class Unreachable(DownloadError):
+    """The host did not answer at all: its other files are not tried."""
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def count_sentences(path):
+    """Sentences in a CoNLL file, as data.read_conll counts them."""
+    sentences, in_sentence = 0, False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            words = line.split()
+            if not words or words[0] == "-DOCSTART-":
+                sentences += in_sentence
+                in_sentence = False
+            else:
+                in_sentence = True
+    return sentences + in_sentence
+
+
+def problem(path, entry):
+    """Why the file at path is not the pinned one, or None if it is."""
+    if "sha256" in entry:
+        size = path.stat().st_size
+        digest = sha256_of(path) if size == entry["size"] else None
+        if digest == entry["sha256"]:
+            return None
+        if "sentences" in entry and count_sentences(path) == entry["sentences"]:
+            return None  # the fallback archive's copy of the same data
+        if digest is None:
+            return f"size {size:,} bytes, expected {entry['size']:,}"
+        return f"sha256 {digest}, expected {entry['sha256']}"
+    try:
+        if entry["check"] == "config":
+            from model import BertConfig
+            config = BertConfig.from_json(path)
+            if (config.hidden_size, config.num_hidden_layers, config.vocab_size) != (768, 12, 30522):
+                return "not bert-base-uncased's config (hidden 768, 12 layers, vocab 30522)"
+        else:
+            from tokenizers import Tokenizer
+            if Tokenizer.from_file(str(path)).get_vocab_size() != 30522:
+                return "not bert-base-uncased's tokenizer (30522 entries)"
+    except Exception as e:  # any parse failure means a bad file  # noqa: BLE001
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+class Progress:
+    """Bytes, rate and ETA on one line of stderr, at most 5 times a second."""
+
+    def __init__(self, name, total, start_at):
+        self.name, self.total, self.done = name, total, start_at
+        self.started, self.start_at, self.shown = time.monotonic(), start_at, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def add(self, n):
+        self.done += n
+        now = time.monotonic()
+        if now - self.shown >= (0.2 if self.tty else 10.0):
+            self.show(now)
+
+    def show(self, now=None, end=False):
+        now = now or time.monotonic()
+        self.shown = now
+        rate = (self.done - self.start_at) / max(now - self.started, 1e-9)
+        total = f"/{self.total / 2**20:,.1f}" if self.total else ""
+        eta = f", ETA {(self.total - self.done) / rate:,.0f} s" if self.total and rate > 0 and not end else ""
+        line = f"  {self.name}: {self.done / 2**20:,.1f}{total} MB, {rate / 2**20:,.1f} MB/s{eta}"
+        print(("\r" if self.tty else "") + line.ljust(70), end="\n" if end or not self.tty else "",
+              file=sys.stderr, flush=True)
+
+
+def read_keeping_partial(response, f):
+    """The next block of the body; if the connection drops mid-block, keep what did arrive."""
+    try:
+        return response.read(CHUNK)
+    except IncompleteRead as e:
+        f.write(e.partial)
+        raise
+
+
+def fetch(url, part, size, name, timeout=30, retries=4, backoff=1.0):
+    """Stream url into part, resuming what part already holds; retries with exponential backoff."""
+    last = None
+    for attempt in range(retries):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        have = part.stat().st_size if part.exists() else 0
+        if size and have >= size:
+            return
+        request = urllib.request.Request(url, headers={"User-Agent": "multitask-bert-download"})
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if have and response.status != 206:  # the server ignored the range: start again
+                    have = 0
+                total = size or (have + int(response.headers.get("Content-Length") or 0))
+                progress = Progress(name, total, have)
+                with open(part, "ab" if have else "wb") as f:
+                    while block := read_keeping_partial(response, f):
+                        f.write(block)
+                        progress.add(len(block))
+                progress.show(end=True)
+            if size is None or part.stat().st_size >= size:
+                return
+            last = f"the connection ended at {part.stat().st_size:,} of {size:,} bytes"
+        except urllib.error.HTTPError as e:
+            if e.code in GIVE_UP:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            if e.code == 416:  # the range is past the end: what we hold is wrong
+                part.unlink(missing_ok=True)
+            last = f"HTTP {e.code} {e.reason}"
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (OSError, str)) and not isinstance(e.reason, TimeoutError):
+                host = urlparse(url).hostname
+                raise Unreachable(f"cannot reach {host} ({getattr(e.reason, 'strerror', None) or e.reason})") from None
+            last = str(e.reason)
+        except (TimeoutError, ConnectionError, HTTPException) as e:
+            last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        except OSError as e:  # writing: a full disk, say
+            raise DownloadError(f"{part}: cannot write ({e.strerror}); the partial file stays for a later run") \
+                from None
+    raise DownloadError(f"{url}: gave up after {retries} tries ({last})")
+
+
+def from_archive(url, member, part, cache_dir, name):
+    """Take member out of the zip at url (downloaded once into cache_dir) into part."""
+    archive = cache_dir / Path(urlparse(url).path).name
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not archive.exists():
+        fetch(url, archive.with_name(archive.name + ".part"), None, archive.name)
+        os.replace(archive.with_name(archive.name + ".part"), archive)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            match = [n for n in z.namelist() if Path(n).name == member]
+            if not match:
+                raise DownloadError(f"{url}: the archive has no {member}")
+            with z.open(match[0]) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile:
+        archive.unlink()
+        raise DownloadError(f"{url}: not a valid zip archive (removed)") from None
+
+
+def get(entry, dest, mirror, force, unreachable):
+    """Put one file in place. Returns "present" or "fetched"; raises DownloadError."""
+    final = dest / entry["path"]
+    if final.exists() and not force and problem(final, entry) is None:
+        return "present"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + ".part")
+    if force:
+        part.unlink(missing_ok=True)
+    sources = [("url", f"{mirror.rstrip('/')}/{entry['path']}")] if mirror else \
+        [("url", u) for u in entry["urls"]] + ([("archive", entry["archive"])] if "archive" in entry else [])
+    errors = []
+    for kind, url in sources:
+        host = urlparse(url).hostname
+        if host in unreachable:
+            errors.append(f"{host} unreachable")
+            continue
+        try:
+            if kind == "url":
+                fetch(url, part, entry.get("size"), entry["path"])
+            else:
+                from_archive(url, final.name, part, dest / ".downloads", entry["path"])
+        except Unreachable as e:
+            unreachable[host] = str(e)
+            errors.append(str(e))
+            continue
+        except DownloadError as e:
+            errors.append(str(e))
+            continue
+        why = problem(part, entry)
+        if why is None:
+            os.replace(part, final)
+            return "fetched"
+        part.unlink()  # a wrong file is never kept, not even as .part
+        errors.append(f"{url}: {why}; the file was removed")
+    raise DownloadError(f"{final}: {'; '.join(errors)}")
+
+
+def layout(dest):
+    by_folder = {}
+    for entry in FILES:
+        folder, name = entry["path"].split("/")
+        by_folder.setdefault(folder, []).append(name)
+    return "; ".join(f"{dest / folder}/{{{','.join(names)}}}" for folder, names in by_folder.items())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download bert-base-uncased, AG News and CoNLL-2003, verified.")
+    p.add_argument("--dest", default="data", help="where to put them (default: data)")
+    p.add_argument("--only", choices=PARTS, help="fetch only this part")
+    p.add_argument("--force", action="store_true", help="fetch again even files that are present and verified")
+    p.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
+                   help=f"fetch every file from MIRROR/<path under dest> instead (or set {MIRROR_ENV})")
+    args = p.parse_args(argv)
+    dest = Path(args.dest)
+    entries = [e for e in FILES if args.only in (None, e["part"])]
+    unreachable, failed, counts = {}, [], {"present": 0, "fetched": 0}
+    for entry in entries:
+        try:
+            counts[get(entry, dest, args.mirror, args.force, unreachable)] += 1
+        except DownloadError as e:
+            failed.append(str(e))
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:
+            failed.append(str(e))
+            print(f"error: {dest / entry['path']}: {e.strerror}", file=sys.stderr)
+    if failed:
+        if unreachable:
+            print(f"error: {'; '.join(sorted(set(unreachable.values())))}. Without a network, place the files by hand: "
+                  f"{layout(dest)}", file=sys.stderr)
+        print(f"{len(failed)} of {len(entries)} files failed; {counts['present'] + counts['fetched']} are in place",
+              file=sys.stderr)
+        return 2
+    print(f"ready in {dest}: {counts['fetched']} fetched, {counts['present']} already present and verified. "
+          f"Next: python train.py --pool max --freeze backbone")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""download.py against an HTTP server on 127.0.0.1 that serves files this test writes."""
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import ROOT
+
+import download
+
+
+class Server:
+    """Serves bytes by path, with Range requests; logs (path, Range header); can drop or throttle a file."""
+
+    def __init__(self):
+        self.files, self.log, self.drop_after, self.slow = {}, [], {}, set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.log.append((self.path, self.headers.get("Range")))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if self.headers.get("Range"):
+                    start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                cut = server.drop_after.pop(self.path, None)  # drop this file's connection once
+                payload = body[start:cut] if cut is not None else body[start:]
+                for i in range(0, len(payload), 4096):
+                    self.wfile.write(payload[i:i + 4096])
+                    if self.path in server.slow:
+                        self.wfile.flush()
+                        time.sleep(0.01)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def entry(server, path, body, *urls, **extra):
+    """A FILES row for body, served at path (and listed under the given URL paths)."""
+    server.files[f"/{path}"] = body
+    return {"part": "model", "path": path, "urls": [server.url + u for u in (urls or [f"/{path}"])],
+            "size": len(body), "sha256": hashlib.sha256(body).hexdigest(), **extra}
+
+
+def blob(n, seed):
+    return bytes((i * seed + i // 7) % 251 for i in range(n))
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """No real backoff waits in tests."""
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+
+
+def test_clean_download_then_nothing_then_force(tmp_path, server, monkeypatch, capsys, fast):
+    files = [entry(server, "bert-base-uncased/vocab.txt", blob(300_000, 3)),
+             entry(server, "ag_news/train.csv", blob(5_000, 5))]
+    monkeypatch.setattr(download, "FILES", files)
+    assert download.main(["--dest", str(tmp_path)]) == 0
+    assert (tmp_path / "bert-base-uncased" / "vocab.txt").read_bytes() == blob(300_000, 3)
+    assert not list(tmp_path.rglob("*.part"))
+    assert capsys.readouterr().out.strip().endswith("2 fetched, 0 already present and verified. "
+                                                    "Next: python train.py --pool max --freeze backbone")
+    server.log.clear()
+    assert download.main(["--dest", str(tmp_path)]) == 0  # a second run does nothing
+    assert server.log == [] and "0 fetched, 2 already present" in capsys.readouterr().out
+    assert download.main(["--dest", str(tmp_path), "--force"]) == 0
+    assert [path for path, _ in server.log] == ["/bert-base-uncased/vocab.txt", "/ag_news/train.csv"]
+
+
+def test_resume_after_a_dropped_connection(tmp_path, server, monkeypatch, fast):
+    body = blob(1_000_000, 7)
+    files = [entry(server, "bert-base-uncased/model.safetensors", body)]
+    server.drop_after["/bert-base-uncased/model.safetensors"] = 400_000
+    monkeypatch.setattr(download, "FILES", files)
+    assert download.main(["--dest", str(tmp_path)]) == 0
+    assert (tmp_path / "bert-base-uncased" / "model.safetensors").read_bytes() == body
+    # The second request asks only for what the first did not deliver.
+    assert server.log == [("/bert-base-uncased/model.safetensors", None),
+                          ("/bert-base-uncased/model.safetensors", "bytes=400000-")]
+
+
+def test_checksum_mismatch_removes_the_file_and_exits_2(tmp_path, server, monkeypatch, capsys, fast):
+    good = entry(server, "ag_news/test.csv", blob(10_000, 9))
+    served = blob(10_000, 11)
+    server.files["/ag_news/test.csv"] = served  # same size, other bytes
+    monkeypatch.setattr(download, "FILES", [good])
+    assert download.main(["--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"sha256 {hashlib.sha256(served).hexdigest()}, expected {good['sha256']}; the file was removed" in err
+    assert not (tmp_path / "ag_news" / "test.csv").exists() and not list(tmp_path.rglob("*.part"))
+
+
+def test_falls_back_to_the_next_source_after_a_404(tmp_path, server, monkeypatch, fast):
+    body = blob(20_000, 13)
+    files = [entry(server, "conll2003/valid.txt", body, "/gone/valid.txt", "/conll2003/valid.txt")]
+    monkeypatch.setattr(download, "FILES", files)
+    assert download.main(["--dest", str(tmp_path)]) == 0
+    assert [path for path, _ in server.log] == ["/gone/valid.txt", "/conll2003/valid.txt"]
+    assert (tmp_path / "conll2003" / "valid.txt").read_bytes() == body
+
+
+def test_falls_back_to_the_archive_checked_by_sentence_count(tmp_path, server, monkeypatch, fast):
+    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("conll2003/train.txt", text + "\n")  # one newline more than the pinned file
+    server.files["/conll2003.zip"] = archive.getvalue()
+    pinned = {"part": "conll2003", "path": "conll2003/train.txt", "urls": [server.url + "/missing/train.txt"],
+              "archive": server.url + "/conll2003.zip", "size": len(text),
+              "sha256": hashlib.sha256(text.encode()).hexdigest(), "sentences": 2}
+    monkeypatch.setattr(download, "FILES", [pinned])
+    assert download.main(["--dest", str(tmp_path)]) == 0
+    assert (tmp_path / "conll2003" / "train.txt").read_text() == text + "\n"
+    pinned["sentences"] = 3
+    assert download.main(["--dest", str(tmp_path), "--force"]) == 2  # a wrong count is a wrong file
+
+
+def test_mirror_serves_paths_under_dest(tmp_path, server, monkeypatch, fast):
+    files = [entry(server, "ag_news/train.csv", blob(1_000, 17), "/not/used.csv")]
+    monkeypatch.setattr(download, "FILES", files)
+    assert download.main(["--dest", str(tmp_path), "--mirror", server.url + "/"]) == 0
+    assert [path for path, _ in server.log] == ["/ag_news/train.csv"]
+
+
+def test_unreachable_host_is_one_clear_message(tmp_path, monkeypatch, capsys):
+    files = [{"part": "model", "path": "bert-base-uncased/vocab.txt", "urls": ["http://127.0.0.1:9/vocab.txt"],
+              "size": 10, "sha256": "0" * 64}]  # port 9 (discard): nothing listens
+    monkeypatch.setattr(download, "FILES", files)
+    start = time.monotonic()
+    assert download.main(["--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 60
+    assert "cannot reach 127.0.0.1 (Connection refused)" in err
+    assert f"Without a network, place the files by hand: {tmp_path}/bert-base-uncased/{{vocab.txt}}" in err
+
+
+def test_the_pins_table():
+    assert {e["part"] for e in download.FILES} == set(download.PARTS)
+    paths = [e["path"] for e in download.FILES]
+    assert len(paths) == len(set(paths)) == 9
+    for e in download.FILES:
+        assert e["urls"] and all(u.startswith("https://") for u in e["urls"])
+        has_hash = isinstance(e.get("size"), int) and len(e.get("sha256", "")) == 64
+        assert has_hash or e.get("check") in ("config", "tokenizer"), e["path"]
+    sizes = {e["path"]: e.get("size") for e in download.FILES}
+    assert sizes["bert-base-uncased/model.safetensors"] == 440_449_768
+    assert {e["path"]: e.get("sentences") for e in download.FILES if "sentences" in e} == {
+        "conll2003/train.txt": 14_041, "conll2003/valid.txt": 3_250, "conll2003/test.txt": 3_453}
+
+
+CHILD = """
+import sys, download
+download.FILES = [{{"part": "model", "path": "bert-base-uncased/model.safetensors", "urls": ["{url}"],
+                   "size": {size}, "sha256": "{sha}"}}]
+sys.exit(download.main(["--dest", "{dest}"]))
+"""
+
+
+def test_sigkill_mid_file_leaves_only_part_and_the_next_run_completes(tmp_path, server):
+    body = blob(2_000_000, 19)
+    e = entry(server, "bert-base-uncased/model.safetensors", body)
+    server.slow.add("/bert-base-uncased/model.safetensors")
+    code = CHILD.format(url=e["urls"][0], size=e["size"], sha=e["sha256"], dest=tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)
+    part = tmp_path / "bert-base-uncased" / "model.safetensors.part"
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 100_000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (tmp_path / "bert-base-uncased" / "model.safetensors").exists()
+    held = part.stat().st_size
+    assert 0 < held < len(body)
+    server.slow.clear()
+    server.log.clear()
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+    assert (tmp_path / "bert-base-uncased" / "model.safetensors").read_bytes() == body
+    assert server.log[0][1] == f"bytes={held}-"  # it resumed, and fetched nothing twice
