@@ -490,7 +490,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--splits", default="train,valid,test", help="comma-separated, from train,valid,test")
-    p.add_argument("--no-cache", action="store_true", help="tokenize again instead of using DATA/.cache")
+    p.add_argument("--no-data-cache", action="store_true", help="tokenize again instead of using DATA/.cache")
     args = p.parse_args(argv)
     splits = tuple(args.splits.split(","))
     if not splits or not set(splits) <= {"train", "valid", "test"}:
@@ -502,7 +502,7 @@ def main(argv=None):
     try:
         start = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
-        cache_dir = None if args.no_cache else Path(args.data) / ".cache"
+        cache_dir = None if args.no_data_cache else Path(args.data) / ".cache"
         data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits)
         seconds = time.perf_counter() - start
     except DataError as e:

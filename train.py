@@ -86,7 +86,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--no-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
+    g.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs, leaving a checkpoint to --resume (e.g. for job time limits)")
@@ -189,7 +189,7 @@ def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id):
 
 
 # Flags that may change between a run and its --resume; every other flag must stay the same.
-RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_cache", "device"}
+RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "device"}
 
 
 def save_checkpoint(path, model, optimizer, scaler, state):
@@ -342,7 +342,7 @@ def main(argv=None):
         except OSError as e:
             raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
         # Data: both tasks, all splits, tokenized once (and cached).
-        cache = None if args.no_cache else Path(args.data) / ".cache"
+        cache = None if args.no_data_cache else Path(args.data) / ".cache"
         splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=cache)
     except (UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

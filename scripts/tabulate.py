@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train import parse_args
 
 DEFAULTS = vars(parse_args([]))
-IGNORED = {"data", "model", "out", "log_every", "no_cache", "resume", "stop_after"}
+IGNORED = {"data", "model", "out", "log_every", "no_data_cache", "resume", "stop_after"}
 
 
 def row(run):

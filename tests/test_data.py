@@ -164,7 +164,7 @@ def test_bad_file_raises_with_file_and_line(tmp_path, name, content, message):
 def test_bad_file_on_the_command_line(tmp_path, name, content, message):
     root, _ = write_data_dir(tmp_path, name, content)
     result = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data", str(root), "--model",
-                             str(FIXTURES / "bert_vocab"), "--no-cache"], capture_output=True, text=True, check=False)
+                             str(FIXTURES / "bert_vocab"), "--no-data-cache"], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {root / message}")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -332,7 +332,7 @@ def test_load_splits_and_command_line_summary(tokenizer):
     sizes = {task: {s: len(part) for s, part in by.items()} for task, by in splits.items()}
     assert sizes == {"ag": {"train": 38, "valid": 2, "test": 12}, "ner": {"train": 24, "valid": 8, "test": 8}}
     result = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data", str(DATA), "--model",
-                             str(FIXTURES / "bert_vocab"), "--no-cache"], capture_output=True, text=True, check=False)
+                             str(FIXTURES / "bert_vocab"), "--no-data-cache"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].split()[:3] == ["ag", "train", "38"]

@@ -93,7 +93,7 @@ def test_gradual_unfreezing_across_epochs(tmp_path):
     from model import parameter_part
     out = tmp_path / "run"
     flags = ["--model", str(TINY_PLAIN), "--data", str(DATA), "--out", str(out), "--max-len", "64", "--epochs", "4",
-             "--batch-size", "4", "--pool", "cls", "--lr", "1e-3", "--unfreeze", "gradual", "--no-cache",
+             "--batch-size", "4", "--pool", "cls", "--lr", "1e-3", "--unfreeze", "gradual", "--no-data-cache",
              "--log-every", "100"]
     start = {f"encoder.bert.{k}": v for k, v in load_pretrained(TINY_PLAIN).state_dict().items()}
     previous = start

@@ -21,7 +21,7 @@ TASK_LOSS = train.task_loss
 
 def flags(out, *extra):
     return ["--model", str(TINY_PLAIN), "--data", str(DATA), "--out", str(out), "--max-len", "64",
-            "--batch-size", "4", "--no-cache", "--log-every", "5", *map(str, extra)]
+            "--batch-size", "4", "--no-data-cache", "--log-every", "5", *map(str, extra)]
 
 
 def checkpoint_weights(out):
