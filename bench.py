@@ -1,0 +1,234 @@
+"""Time the training step (forward + backward + AdamW) of the multi-task model.
+
+    python bench.py --config minilm --batch-size 32 --seq-len 64
+    python bench.py --config bert-base --precision fp32 bf16 --freeze none backbone --vs-transformers
+    python bench.py --model DIR --json results.json
+
+Each setting runs a few warm-up steps, then times several steps and reports
+the median: ms per step, samples/s, tokens/s and peak memory (on the CPU,
+the process's largest resident size so far, so it only grows from row to
+row). With --vs-transformers the two models take turns step by step, so a
+drift of the machine's speed affects both alike. With
+--vs-transformers it also times transformers.BertModel with the same heads,
+shapes and precision in the same process, and prints the ratio (ours /
+theirs, below 1 is faster). Output: a markdown table, and JSON with --json.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import Bert, BertConfig, Head, MultiTaskModel, load_pretrained
+from train import UsageError, pick_device
+
+SHAPES = {
+    "bert-base": BertConfig(),
+    "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+}
+DTYPES = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TransformersModel(torch.nn.Module):
+    """transformers.BertModel with our two heads, mean pooling: the same job, the framework's encoder."""
+
+    def __init__(self, config):
+        super().__init__()
+        import transformers
+        hf_config = transformers.BertConfig(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+        self.bert = transformers.BertModel(hf_config, add_pooling_layer=True)
+        self.cls_head = Head(config.hidden_size, 4)
+        self.ner_head = Head(config.hidden_size, 9)
+
+    def forward(self, input_ids, attention_mask, task):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if task == "ag":
+            keep = attention_mask[:, :, None].to(hidden.dtype)
+            return self.cls_head((hidden * keep).sum(1) / keep.sum(1).clamp(min=1))
+        return self.ner_head(hidden)
+
+
+def make_batch(config, batch_size, seq_len, device):
+    """Random ids; a quarter of the rows padded to half length, as real batches are."""
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(min(1000, config.vocab_size // 2), config.vocab_size, (batch_size, seq_len), generator=g)
+    mask = torch.ones_like(input_ids)
+    mask[: batch_size // 4, seq_len // 2:] = 0
+    tags = torch.randint(0, 9, (batch_size, seq_len), generator=g).masked_fill(mask == 0, -100)
+    classes = torch.randint(0, 4, (batch_size,), generator=g)
+    return [t.to(device) for t in (input_ids.masked_fill(mask == 0, 0), mask, tags, classes)]
+
+
+def make_step(model, batch, device, dtype, freeze):
+    """A closure that runs one training step of `model`, alternating the two tasks."""
+    if freeze == "backbone":
+        for p in model.bert.parameters():
+            p.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    input_ids, mask, tags, classes = batch
+    count = [0]
+
+    def step():
+        task = "ag" if count[0] % 2 == 0 else "ner"
+        count[0] += 1
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(input_ids, mask, task)
+        if task == "ag":
+            loss = F.cross_entropy(logits.float(), classes)
+        else:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tags.flatten(), ignore_index=-100)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(steps_by_name, device, warmup, n):
+    """Median seconds per step of each model. The models take turns, step by step and in
+    alternating order, so that drifts of the machine (clock speed, other work) affect them alike."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps_by_name}
+    order = list(steps_by_name.items())
+    for round_ in range(n):
+        for name, step in order if round_ % 2 == 0 else order[::-1]:  # who goes first alternates too
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_tflops(device, n=8192, repeats=10):
+    """Measured bf16 matrix-product throughput, the ceiling for MFU."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def train_flops(config, batch_size, seq_len, frozen):
+    """Approximate FLOPs of one step: 6 per parameter-token (2 forward + 4 backward), 2 if the encoder is frozen."""
+    layer = 4 * config.hidden_size**2 + 2 * config.hidden_size * config.intermediate_size
+    per_token = config.num_hidden_layers * layer
+    return (2 if frozen else 6) * per_token * batch_size * seq_len
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Time the training step of the multi-task model.")
+    p.add_argument("--model", help="a BERT folder (weights are loaded; only the shape matters for speed)")
+    p.add_argument("--config", choices=tuple(SHAPES), default="minilm", help="a named shape, if no --model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--precision", nargs="+", choices=tuple(DTYPES), default=["fp32"])
+    p.add_argument("--freeze", nargs="+", choices=("none", "backbone"), default=["none"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--vs-transformers", action="store_true", help="also time transformers.BertModel")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.vs_transformers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("error: argument --vs-transformers: the transformers package is not installed", file=sys.stderr)
+            return 2
+    bad = [x for x in args.precision if x in ("fp16", "tf32") and device.type != "cuda"]
+    if bad:
+        print(f"error: argument --precision: {', '.join(bad)} needs a CUDA GPU", file=sys.stderr)
+        return 2
+    config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
+    peak_tflops = matmul_tflops(device) if device.type == "cuda" else None
+    rows = []
+    for precision in args.precision:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        for freeze in args.freeze:
+            builders = [("ours", lambda: MultiTaskModel(load_pretrained(args.model) if args.model else Bert(config)))]
+            if args.vs_transformers:
+                builders.append(("transformers", lambda: TransformersModel(config)))
+            result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
+            batch = make_batch(config, args.batch_size, args.seq_len, device)
+            steps, peaks = {}, {}
+            for name, build in builders:
+                torch.manual_seed(0)
+                model = build().to(device)
+                if args.compile:
+                    model = torch.compile(model)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                steps[name] = make_step(model, batch, device, DTYPES[precision], freeze)
+                for _ in range(args.warmup):
+                    steps[name]()
+                peaks[name] = peak_mb(device)  # after warm-up: weights, optimizer state, activations
+            seconds = time_steps(steps, device, 0, args.steps)
+            for name in steps:
+                result[name] = {"ms": seconds[name] * 1e3, "samples_per_s": args.batch_size / seconds[name],
+                                "tokens_per_s": args.batch_size * args.seq_len / seconds[name],
+                                "peak_mb": peaks[name]}
+                if peak_tflops:
+                    flops = train_flops(config, args.batch_size, args.seq_len, freeze == "backbone")
+                    result[name]["mfu"] = flops / seconds[name] / 1e12 / peak_tflops
+            del steps
+            if args.vs_transformers:
+                result["ratio"] = result["ours"]["ms"] / result["transformers"]["ms"]
+            rows.append(result)
+
+    shape = args.model or args.config
+    print(f"{shape}, {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.steps} steps"
+          + (f", bf16 matmul {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))
+    head = "| precision | freeze | B | S | ms/step | samples/s | tokens/s | peak MB |"
+    head += " MFU |" if peak_tflops else ""
+    head += " transformers ms/step | ours / transformers |" if args.vs_transformers else ""
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        o = r["ours"]
+        line = (f"| {r['precision']} | {r['freeze']} | {r['batch']} | {r['seq']} | {o['ms']:.1f} | "
+                f"{o['samples_per_s']:,.1f} | {o['tokens_per_s']:,.0f} | {o['peak_mb']:,.0f} |")
+        line += f" {o['mfu']:.1%} |" if peak_tflops else ""
+        if args.vs_transformers:
+            line += f" {r['transformers']['ms']:.1f} | {r['ratio']:.3f} |"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": shape, "device": str(device), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
