@@ -13,7 +13,6 @@ prints markdown tables:
 """
 
 import argparse
-import csv
 import random
 import sys
 import time
@@ -22,40 +21,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import load_tokenizer
+from data import TaskData, collate, encode_classification, encode_ner, load_tokenizer, read_ag_news, read_conll
 from model import POOLS, load_pretrained, normalize_rows, pool_tokens
 
 
-def pad(id_lists, max_len):
-    """Right-pad lists of ids (cut to max_len, keeping the final [SEP]) into (ids, mask)."""
-    id_lists = [ids if len(ids) <= max_len else ids[:max_len - 1] + ids[-1:] for ids in id_lists]
-    width = max(map(len, id_lists))
-    input_ids = torch.zeros(len(id_lists), width, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(id_lists):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        mask[row, :len(ids)] = 1
-    return input_ids, mask
-
-
 @torch.no_grad()
-def run_encoder(bert, id_lists, batch_size, max_len):
-    """Hidden states and pooled vectors for every pooling mode, one forward pass per batch."""
+def run_encoder(bert, part, batch_size):
+    """The pooled vectors of every example for every pooling mode, one forward pass per batch."""
     pooled = {pool: [] for pool in POOLS}
-    lengths = []
-    for start in range(0, len(id_lists), batch_size):
-        input_ids, mask = pad(id_lists[start:start + batch_size], max_len)
-        hidden, cls = bert(input_ids, mask)
+    for start in range(0, len(part), batch_size):
+        batch = collate(part, list(range(start, min(start + batch_size, len(part)))))
+        hidden, cls = bert(batch["input_ids"], batch["attention_mask"])
         for pool in POOLS:
-            pooled[pool].append(pool_tokens(hidden, cls, mask, pool))
-        lengths.append(mask.sum(1))
-    return {pool: torch.cat(v) for pool, v in pooled.items()}, torch.cat(lengths)
-
-
-def read_ag(path, limit):
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [(f"{title} {body}", int(label) - 1) for label, title, body in csv.reader(f)]
-    return rows[:limit]
+            pooled[pool].append(pool_tokens(hidden, cls, batch["attention_mask"], pool))
+    return {pool: torch.cat(v) for pool, v in pooled.items()}
 
 
 def knn_accuracy(vectors, labels, n_train, k):
@@ -67,14 +46,14 @@ def knn_accuracy(vectors, labels, n_train, k):
 
 
 def retrieval_study(bert, tokenizer, args):
-    rows = read_ag(args.ag_news, args.ag_limit)
+    rows = read_ag_news(args.ag_news)[:args.ag_limit]
     random.Random(0).shuffle(rows)
-    texts, labels = zip(*rows)
-    labels = torch.tensor(labels)
+    labels = torch.tensor([label for _, label in rows])
     n_train = int(0.7 * len(rows))
     start = time.perf_counter()
-    ids = [e.ids for e in tokenizer.encode_batch(list(texts))]
-    pooled, lengths = run_encoder(bert, ids, args.batch_size, args.max_len)
+    part = encode_classification(rows, tokenizer, args.max_len)
+    pooled = run_encoder(bert, part, args.batch_size)
+    lengths = torch.tensor(part.lengths())
     seconds = time.perf_counter() - start
     print(f"\n## 1. AG News topic retrieval: {args.k}-NN accuracy, {n_train} neighbours, "
           f"{len(rows) - n_train} queries (dot-product similarity)\n")
@@ -91,20 +70,6 @@ def retrieval_study(bert, tokenizer, args):
     return len(rows) / seconds, lengths.float().mean().item()
 
 
-def read_conll(path):
-    sentences, words, tags = [], [], []
-    for line in Path(path).read_text(encoding="utf-8").splitlines() + [""]:
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if words:
-                sentences.append((words, tags))
-            words, tags = [], []
-        else:
-            parts = line.split()
-            words.append(parts[0])
-            tags.append(parts[-1])
-    return sentences
-
-
 @torch.no_grad()
 def dilution_study(bert, tokenizer, args):
     """Swap one single-word location for a person's name; compare token and sentence change."""
@@ -113,19 +78,20 @@ def dilution_study(bert, tokenizer, args):
         for i, tag in enumerate(tags):
             single = tag == "B-LOC" and (i + 1 == len(tags) or tags[i + 1] != "I-LOC")
             if single and len(words) >= 4:
-                swaps.append((words, i))
+                swaps.append((words, tags, i))
                 break
     random.Random(0).shuffle(swaps)
     swaps = swaps[:args.conll_limit]
     bins = {"4-10 words": [], "11-25 words": [], "26+ words": []}
-    for words, i in swaps:
+    for words, tags, i in swaps:
         changed = words[:i] + ["Smith"] + words[i + 1:]
-        encodings = [tokenizer.encode(w, is_pretokenized=True) for w in (words, changed)]
-        input_ids, mask = pad([e.ids for e in encodings], args.max_len)
-        hidden, cls = bert(input_ids, mask)
-        positions = [e.word_ids.index(i) for e in encodings]  # first piece of the swapped word
-        if max(positions) >= hidden.shape[1]:
+        part = encode_ner([(words, tags), (changed, tags)], tokenizer, args.max_len)
+        positions = [part.first_piece[k][i] for k in (0, 1)]  # first piece of the swapped word
+        if min(positions) < 0:  # cut off at max_len
             continue
+        batch = collate(part, [0, 1])
+        mask = batch["attention_mask"]
+        hidden, cls = bert(batch["input_ids"], mask)
         cos = torch.nn.functional.cosine_similarity
         token = cos(hidden[0, positions[0]], hidden[1, positions[1]], dim=0).item()
         row = {"token": token}
@@ -146,10 +112,10 @@ def dilution_study(bert, tokenizer, args):
 
 
 def cost_study(bert, tokenizer, rate_single, mean_len, args):
-    rows = read_ag(args.ag_news, 512)
-    pairs = [tokenizer.encode(a[0], b[0]).ids for a, b in zip(rows[::2], rows[1::2])]
+    rows = read_ag_news(args.ag_news)[:512]
+    pairs = [tokenizer.encode(a[0], b[0]).ids for a, b in zip(rows[::2], rows[1::2])]  # [CLS] a [SEP] b [SEP]
     start = time.perf_counter()
-    run_encoder(bert, pairs, args.batch_size, args.max_len * 2)
+    run_encoder(bert, TaskData("ag", pairs, [0] * len(pairs), [False] * len(pairs)), args.batch_size)
     rate_pairs = len(pairs) / (time.perf_counter() - start)
     queries, docs = 1_000, 100_000
     bi = (queries + docs) / rate_single
