@@ -339,7 +339,10 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         hidden, pooled = self.bert(input_ids, attention_mask)
-        x = pool_tokens(hidden, pooled, attention_mask, self.pool)  # (B, H)
+        return self.finish(pool_tokens(hidden, pooled, attention_mask, self.pool))  # (B, H) -> (B, D)
+
+    def finish(self, x):
+        """Pooled vectors (B, H) -> embeddings (B, D): the optional projection, then normalization."""
         if self.project is not None:
             x = self.project(x)  # (B, H) -> (B, D)
         return normalize_rows(x, self.norm)
@@ -413,10 +416,21 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, task):
         """task "ag": logits (B, n_classes); task "ner": logits (B, T, n_tags)."""
+        return self.head(self.features(input_ids, attention_mask, task), task)
+
+    def features(self, input_ids, attention_mask, task):
+        """What a task's head reads from the encoder: pooled vectors (B, H) for ag, token states (B, T, H) for ner.
+
+        With the backbone frozen these never change, so train.py can compute them once and cache them.
+        """
+        hidden, pooled = self.bert(input_ids, attention_mask)
+        return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool) if task == "ag" else hidden
+
+    def head(self, features, task):
+        """The trainable rest: projection + normalization + classification head, or the NER head."""
         if task == "ag":
-            return self.cls_head(self.encoder(input_ids, attention_mask))
-        hidden, _ = self.bert(input_ids, attention_mask)
-        return self.ner_head(hidden)
+            return self.cls_head(self.encoder.finish(features))
+        return self.ner_head(features)
 
     def settings(self):
         """What, beyond the BERT config, rebuilds this model (stored in config.json)."""

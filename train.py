@@ -87,6 +87,10 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     g.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
+    g.add_argument("--no-cache", action="store_true",
+                   help="with the whole backbone frozen, run it on every step instead of caching its outputs")
+    g.add_argument("--cache-limit-mb", type=int, default=4096,
+                   help="largest frozen-backbone cache to keep on the training device; past it, no cache")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs, leaving a checkpoint to --resume (e.g. for job time limits)")
@@ -100,7 +104,7 @@ def check_args(args):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be a number >= 0, got {value}")
     for flag, low in (("epochs", 1), ("batch_size", 1), ("max_len", 3), ("log_every", 1), ("limit", 1),
-                      ("embed_dim", 1), ("stop_after", 1), ("group_window", 0)):
+                      ("embed_dim", 1), ("stop_after", 1), ("group_window", 0), ("cache_limit_mb", 0)):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
@@ -189,7 +193,8 @@ def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id):
 
 
 # Flags that may change between a run and its --resume; every other flag must stay the same.
-RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "device"}
+RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "no_cache", "cache_limit_mb",
+                     "device"}
 
 
 def save_checkpoint(path, model, optimizer, scaler, state):
@@ -248,6 +253,48 @@ def load_checkpoint(path, model, optimizer, scaler):
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return json.loads(metadata["state"])
+
+
+@torch.no_grad()
+def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, limit_mb):
+    """Run the frozen backbone once over every training example and keep what the heads read:
+    one pooled vector per AG example, the token states of each CoNLL sentence. None if over the limit."""
+    hidden = model.bert.config.hidden_size
+    dtype = amp_dtype or torch.float32  # kept in the AMP dtype: half the memory, and the heads cast to it anyway
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    item = torch.finfo(dtype).bits // 8
+    need = (len(train["ag"]) + int(train["ner"].lengths().sum())) * hidden * item / 2**20
+    if need > limit_mb:
+        print(f"frozen-backbone cache: would need {need:,.0f} MB, over --cache-limit-mb {limit_mb}; not caching")
+        return None
+    model.eval()
+    start = time.perf_counter()
+    store = {}
+    for task, part in train.items():
+        store[task] = [None] * len(part)
+        order = np.argsort(part.lengths(), kind="stable")
+        for first in range(0, len(part), batch_size):
+            indices = order[first:first + batch_size].tolist()
+            batch = to_device(collate(part, indices, pad_id), device)
+            with autocast:
+                features = model.features(batch["input_ids"], batch["attention_mask"], task)
+            for row, i in enumerate(indices):  # clone: a slice would keep the whole batch alive
+                keep = features[row] if task == "ag" else features[row, :len(part.input_ids[i])]
+                store[task][i] = keep.to(dtype).clone()
+    print(f"frozen-backbone cache: {len(train['ag']) + len(train['ner']):,} examples, {need:,.0f} MB on {device}, "
+          f"built in {time.perf_counter() - start:.1f} s; the steps now run only the heads")
+    return store
+
+
+def cached_features(store, task, indices, width):
+    """Stack (ag) or zero-pad to width (ner) the cached features of a batch; padding is never read by the loss."""
+    rows = [store[task][i] for i in indices]
+    if task == "ag":
+        return torch.stack(rows)  # (B, H)
+    out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # (B, T, H)
+    for r, x in enumerate(rows):
+        out[r, :len(x)] = x
+    return out
 
 
 def drain_losses(interval, state):
@@ -408,6 +455,10 @@ def main(argv=None):
 
     if not trains:
         print(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is")
+    cache = None
+    if trains and not gradual and freeze.backbone_parts(num_layers) <= base_frozen and not args.no_cache:
+        cache = build_feature_cache(model, train, device, amp_dtype, 2 * args.batch_size, pad_id,
+                                    args.cache_limit_mb)
     print(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
           f"per epoch, batch {args.batch_size}); warmup {warmup_steps} steps")
     with stop_on_signals() as stop:
@@ -427,7 +478,11 @@ def main(argv=None):
                     group["lr"] = group["base_lr"] * factor
                 batch = to_device(collate(train[task], indices, pad_id), device)
                 with autocast:
-                    logits = model(batch["input_ids"], batch["attention_mask"], task)
+                    if cache is None:
+                        logits = model(batch["input_ids"], batch["attention_mask"], task)
+                    else:
+                        features = cached_features(cache, task, indices, batch["input_ids"].shape[1])
+                        logits = model.head(features, task)
                 loss = task_loss(logits, batch["labels"], task)
                 if loss.requires_grad:  # False when all of this task's path is frozen: nothing to update
                     scaler.scale(loss).backward()

@@ -223,3 +223,22 @@ def test_bad_flag_from_the_command_line(tmp_path):
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: argument --freeze: 'lower:9'")
+
+
+def test_frozen_backbone_cache_trains_the_heads_like_the_uncached_path(tmp_path, monkeypatch, capsys):
+    common = ("--epochs", 2, "--freeze", "backbone", "--lr", "1e-3", "--head-lr", "1e-2", "--embed-dim", 16)
+    cached = run_recording_losses(monkeypatch, flags(tmp_path / "cached", *common))
+    assert "frozen-backbone cache: 62 examples" in capsys.readouterr().out  # 38 AG + 24 CoNLL
+    plain = run_recording_losses(monkeypatch, flags(tmp_path / "plain", *common, "--no-cache"))
+    assert "frozen-backbone cache" not in capsys.readouterr().out
+    assert len(cached) == len(plain) == 24
+    assert max(abs(a - b) for a, b in zip(cached, plain)) <= 1e-5
+    a, b = checkpoint_weights(tmp_path / "cached"), checkpoint_weights(tmp_path / "plain")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not torch.equal(a["model.cls_head.out.weight"],
+                           MultiTaskModel(load_pretrained(TINY_PLAIN)).cls_head.out.weight)  # the heads trained
+
+
+def test_cache_over_its_limit_falls_back_to_running_the_backbone(tmp_path, capsys):
+    assert train.main(flags(tmp_path / "run", "--epochs", 1, "--freeze", "backbone", "--cache-limit-mb", 0)) == 0
+    assert "over --cache-limit-mb 0; not caching" in capsys.readouterr().out
