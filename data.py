@@ -349,14 +349,16 @@ def encode_file(path, task, tokenizer, max_len, cache_dir=None):
 
 # --- Batches ---------------------------------------------------------------------
 
-def collate(data, indices, pad_id=0):
+def collate(data, indices, pad_id=0, multiple=1):
     """Pad the chosen examples of one task to the longest among them.
 
+    With multiple > 1 the width is rounded up to a multiple of it, so that
+    batches come in few shapes (torch.compile compiles once per shape).
     Returns the task name, input_ids and attention_mask (B, T), and labels:
     (B,) class ids for ag, (B, T) tag ids for ner with IGNORE_INDEX on padding.
     """
     rows = [data.input_ids[i] for i in indices]
-    width = max(map(len, rows))
+    width = -(-max(map(len, rows)) // multiple) * multiple
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64) if data.task == "ner" else None

@@ -95,12 +95,41 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, H)
         return self.dropout(self.norm(x))
+
+
+def dropout(x, p, training):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
+
+    The same distribution as F.dropout. On the CPU, F.dropout draws its mask
+    with bernoulli_, which costs about twice as much as drawing uniform numbers
+    and comparing them with p; forward and backward together, this version takes
+    ~0.7x the time (bench.py shows the effect on a whole step). On a GPU,
+    F.dropout's fused kernel is faster.
+    """
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    # fp32 uniforms whatever x's dtype, so p is exact to 2^-24; mask is 0 or 1 / (1 - p)
+    mask = torch.rand(x.shape).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
+    return x * mask
+
+
+class Dropout(nn.Module):
+    """nn.Dropout through dropout() above."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
 
 
 class SelfAttention(nn.Module):
@@ -109,26 +138,42 @@ class SelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        # Query, key and value projections stacked in one (3H, H) matrix: one
+        # matrix product instead of three. load_pretrained stacks the
+        # checkpoint's three matrices; save_multitask splits them again.
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x, keep):
         B, T, H = x.shape
         hs = H // self.n_head
-        # (B, T, H) -> (B, T, nh, hs) -> (B, nh, T, hs)
-        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)
-        k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)
-        # keep: (B, 1, 1, T) boolean, True = this key may be attended to.
-        # A query whose keys are all masked (an all-padding row) gets zeros
-        # from SDPA, not NaN: checked on CPU and CUDA (scripts/cuda_check.py).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
+        # (B, T, 3H) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs) -> q, k, v, each (B, nh, T, hs)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.training and self.dropout_p > 0 and x.device.type == "cpu":
+            y = self._attend_with_dropout(q, k, v, keep)
+        else:
+            # keep: (B, 1, 1, T) boolean, True = this key may be attended to; None = no padding,
+            # which lets SDPA pick its fastest kernel. A query whose keys are all masked (an
+            # all-padding row) gets zeros from SDPA, not NaN: checked on CPU and CUDA.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                               dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, nh, T, hs) -> (B, T, H)
         return self.out(y)
+
+    def _attend_with_dropout(self, q, k, v, keep):
+        """SDPA's own math, written out for CPU training.
+
+        SDPA has no CPU kernel that applies dropout, so it falls back to these
+        same steps but draws the dropout mask with bernoulli_; dropout() is
+        cheaper. Padding rows never reach here: every training example has
+        [CLS] and [SEP], so each row has a key to attend to.
+        """
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T); scaling q is the cheaper side
+        if keep is not None:
+            scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)  # in place: the product's backward needs q, k only
+        weights = dropout(scores.softmax(-1), self.dropout_p, training=True)
+        return weights @ v  # (B, nh, T, hs)
 
 
 class Layer(nn.Module):
@@ -141,7 +186,7 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, keep):
         x = self.attn_norm(x + self.dropout(self.attn(x, keep)))  # (B, T, H)
@@ -161,13 +206,18 @@ class Bert(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """input_ids (B, T) -> hidden (B, T, H), pooled (B, H)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # The one place the 1 = keep mask becomes SDPA's boolean mask:
         # (B, T) -> (B, 1, 1, T), broadcast over heads and query positions.
-        keep = attention_mask.bool()[:, None, None, :]
+        # A batch without padding needs no mask (None), and SDPA then has its
+        # fastest kernels to choose from. The check reads the mask on the host,
+        # so it is skipped inside torch.compile, where it would split the graph.
+        keep = None
+        if attention_mask is not None:
+            keep = attention_mask.bool()[:, None, None, :]
+            if not torch.compiler.is_compiling() and keep.all():
+                keep = None
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
         for layer in self.layers:
             x = layer(x, keep)
@@ -188,9 +238,7 @@ _TOP_NAMES = {
     "pooler": "pooler.dense",
 }
 _LAYER_NAMES = {  # inside layers.{i} (ours) / encoder.layer.{i} (theirs)
-    "attn.query": "attention.self.query",
-    "attn.key": "attention.self.key",
-    "attn.value": "attention.self.value",
+    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),  # stacked
     "attn.out": "attention.output.dense",
     "attn_norm": "attention.output.LayerNorm",
     "ffn_in": "intermediate.dense",
@@ -199,13 +247,25 @@ _LAYER_NAMES = {  # inside layers.{i} (ours) / encoder.layer.{i} (theirs)
 }
 
 
-def checkpoint_name(ours):
-    """'layers.3.attn.query.weight' -> 'encoder.layer.3.attention.self.query.weight'."""
+def checkpoint_names(ours):
+    """The checkpoint tensors behind one of our parameters, in stacking order.
+
+    'layers.0.ffn_norm.bias' -> ['encoder.layer.0.output.LayerNorm.bias'];
+    'layers.3.attn.qkv.weight' -> the query, key and value weights of
+    encoder.layer.3, which our fused projection stacks along dim 0.
+    """
     module, _, suffix = ours.rpartition(".")
     if module.startswith("layers."):
         _, i, inner = module.split(".", 2)
-        return f"encoder.layer.{i}.{_LAYER_NAMES[inner]}.{suffix}"
-    return f"{_TOP_NAMES[module]}.{suffix}"
+        theirs = _LAYER_NAMES[inner]
+        return [f"encoder.layer.{i}.{t}.{suffix}" for t in ((theirs,) if isinstance(theirs, str) else theirs)]
+    return [f"{_TOP_NAMES[module]}.{suffix}"]
+
+
+def to_checkpoint(ours, tensor):
+    """Our parameter -> {checkpoint name: tensor}, unstacking the fused projection."""
+    names = checkpoint_names(ours)
+    return dict(zip(names, tensor.chunk(len(names))))
 
 
 def _plain_name(key):
@@ -262,22 +322,29 @@ def load_pretrained(model_dir, device="cpu"):
         renamed[name] = tensor
     model = Bert(config)
     params = dict(model.named_parameters())
-    names = {ours: checkpoint_name(ours) for ours in params}  # ours -> theirs
-    missing = set(names.values()) - renamed.keys()
-    unexpected = renamed.keys() - set(names.values())
+    names = {ours: checkpoint_names(ours) for ours in params}  # ours -> theirs
+    wanted = {theirs: (ours, len(group)) for ours, group in names.items() for theirs in group}
+    missing = wanted.keys() - renamed.keys()
+    unexpected = renamed.keys() - wanted.keys()
     if missing:
         raise CheckpointError(f"{path}: missing keys: {_list_keys(missing)}")
     if unexpected:
         raise CheckpointError(f"{path}: unexpected keys: {_list_keys(unexpected)}")
 
-    wrong = [f"{theirs} is {tuple(renamed[theirs].shape)}, config.json implies {tuple(params[ours].shape)}"
-             for ours, theirs in names.items() if renamed[theirs].shape != params[ours].shape]
+    def expected_shape(ours, parts):  # one of `parts` stacked tensors has 1/parts of the rows
+        shape = params[ours].shape
+        return (shape[0] // parts, *shape[1:])
+
+    wrong = [f"{theirs} is {tuple(renamed[theirs].shape)}, config.json implies {expected_shape(ours, parts)}"
+             for theirs, (ours, parts) in sorted(wanted.items())
+             if tuple(renamed[theirs].shape) != expected_shape(ours, parts)]
     if wrong:
         raise CheckpointError(f"{path}: shape mismatch: {'; '.join(wrong[:3])}"
                               + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
     with torch.no_grad():
-        for ours, theirs in names.items():
-            params[ours].copy_(renamed[theirs])  # copy_ also casts, e.g. fp16 files to fp32
+        for ours, group in names.items():
+            # copy_ also casts, e.g. fp16 files to fp32
+            params[ours].copy_(torch.cat([renamed[theirs] for theirs in group]))
     return model.to(device)
 
 
@@ -383,7 +450,7 @@ class Head(nn.Module):
 
     def __init__(self, in_dim, n_labels, dropout=0.1, eps=1e-12):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.dense = nn.Linear(in_dim, in_dim)
         self.norm = nn.LayerNorm(in_dim, eps=eps)
         self.out = nn.Linear(in_dim, n_labels)
@@ -467,8 +534,9 @@ def save_multitask(model, out_dir, extra=None):
     tensors = {}
     for name, tensor in model.state_dict().items():
         inner = name.removeprefix("encoder.bert.")
-        key = checkpoint_name(inner) if inner != name else "multitask." + name
-        tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
+        tensor = tensor.detach().to("cpu", torch.float32)
+        parts = to_checkpoint(inner, tensor) if inner != name else {"multitask." + name: tensor}
+        tensors.update((key, t.contiguous()) for key, t in parts.items())
     config = {f.name: getattr(model.bert.config, f.name) for f in fields(BertConfig)}
     config.update(model_type="bert", hidden_act="gelu", multitask=model.settings(), **(extra or {}))
     _atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))

@@ -83,6 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16; off (fp32) on the CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder; batches are then padded to a multiple of 8 tokens, "
+                        "so that only a few shapes are compiled")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -166,14 +169,14 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id):
+def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id, multiple=1):
     """AG accuracy and CoNLL entity scores on one split."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     predicted = []
     order = np.argsort(ag.lengths(), kind="stable")  # similar lengths together: less padding
     for start in range(0, len(ag), batch_size):
-        batch = to_device(collate(ag, order[start:start + batch_size].tolist(), pad_id), device)
+        batch = to_device(collate(ag, order[start:start + batch_size].tolist(), pad_id, multiple), device)
         with autocast:
             predicted += model(batch["input_ids"], batch["attention_mask"], "ag").argmax(-1).tolist()
     gold = [ag.labels[i] for i in order]
@@ -181,7 +184,7 @@ def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id):
     order = np.argsort(ner.lengths(), kind="stable")
     for start in range(0, len(ner), batch_size):
         indices = order[start:start + batch_size].tolist()
-        batch = to_device(collate(ner, indices, pad_id), device)
+        batch = to_device(collate(ner, indices, pad_id, multiple), device)
         with autocast:
             pieces = model(batch["input_ids"], batch["attention_mask"], "ner").argmax(-1).tolist()
         for row, i in enumerate(indices):
@@ -194,7 +197,7 @@ def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id):
 
 # Flags that may change between a run and its --resume; every other flag must stay the same.
 RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "no_cache", "cache_limit_mb",
-                     "device"}
+                     "device", "compile"}
 
 
 def save_checkpoint(path, model, optimizer, scaler, state):
@@ -256,7 +259,7 @@ def load_checkpoint(path, model, optimizer, scaler):
 
 
 @torch.no_grad()
-def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, limit_mb):
+def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, limit_mb, multiple=1):
     """Run the frozen backbone once over every training example and keep what the heads read:
     one pooled vector per AG example, the token states of each CoNLL sentence. None if over the limit."""
     hidden = model.bert.config.hidden_size
@@ -275,7 +278,7 @@ def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, lim
         order = np.argsort(part.lengths(), kind="stable")
         for first in range(0, len(part), batch_size):
             indices = order[first:first + batch_size].tolist()
-            batch = to_device(collate(part, indices, pad_id), device)
+            batch = to_device(collate(part, indices, pad_id, multiple), device)
             with autocast:
                 features = model.features(batch["input_ids"], batch["attention_mask"], task)
             for row, i in enumerate(indices):  # clone: a slice would keep the whole batch alive
@@ -368,6 +371,11 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.model)
         bert = load_pretrained(args.model)
         check_fits(tokenizer, bert.config, args.max_len, args.model)
+        pad_multiple = 8 if args.compile else 1  # few batch shapes: few compilations
+        widest = -(-args.max_len // pad_multiple) * pad_multiple
+        if widest > bert.config.max_position_embeddings:
+            raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
+                             f"the model's {bert.config.max_position_embeddings} positions")
         num_layers = bert.config.num_hidden_layers
         try:
             base_frozen = freeze.parse_freeze(args.freeze, num_layers)
@@ -424,7 +432,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     precision = {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bf16 autocast"}
-    print(f"device {device}, {precision[amp_dtype]}")
+    print(f"device {device}, {precision[amp_dtype]}" + (", torch.compile on the encoder" if args.compile else ""))
+    if args.compile:
+        model.bert.compile()  # in place: parameter names, checkpoints and model.features stay as they are
 
     def release(epoch):
         """Gradual unfreezing at the start of `epoch`: free the next part, add its optimizer groups."""
@@ -458,7 +468,7 @@ def main(argv=None):
     cache = None
     if trains and not gradual and freeze.backbone_parts(num_layers) <= base_frozen and not args.no_cache:
         cache = build_feature_cache(model, train, device, amp_dtype, 2 * args.batch_size, pad_id,
-                                    args.cache_limit_mb)
+                                    args.cache_limit_mb, pad_multiple)
     print(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
           f"per epoch, batch {args.batch_size}); warmup {warmup_steps} steps")
     with stop_on_signals() as stop:
@@ -476,7 +486,7 @@ def main(argv=None):
                 factor = lr_schedule.lr_factor(state["step"], total_steps, warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-                batch = to_device(collate(train[task], indices, pad_id), device)
+                batch = to_device(collate(train[task], indices, pad_id, pad_multiple), device)
                 with autocast:
                     if cache is None:
                         logits = model(batch["input_ids"], batch["attention_mask"], task)
@@ -518,7 +528,7 @@ def main(argv=None):
             # Evaluate on validation; keep the best model.
             eval_start = time.perf_counter()
             metrics = evaluate(model, splits["ag"]["valid"], splits["ner"]["valid"], device, amp_dtype,
-                               2 * args.batch_size, pad_id)
+                               2 * args.batch_size, pad_id, pad_multiple)
             state["eval_seconds"] += time.perf_counter() - eval_start
             record = {"epoch": epoch + 1, "step": state["step"], "split": "valid",
                       **{k: metrics[k] for k in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall")},
@@ -548,9 +558,11 @@ def main(argv=None):
         save_multitask(model, out, extra={"run": vars(args)})
     else:
         model = load_multitask(out, device)
+        if args.compile:
+            model.bert.compile()
     eval_start = time.perf_counter()
     test = evaluate(model, splits["ag"]["test"], splits["ner"]["test"], device, amp_dtype, 2 * args.batch_size,
-                    pad_id)
+                    pad_id, pad_multiple)
     state["eval_seconds"] += time.perf_counter() - eval_start
     print(f"test: AG accuracy {test['ag_accuracy']:.4f} | NER F1 {test['ner_f1']:.4f} "
           f"(P {test['ner_precision']:.4f} R {test['ner_recall']:.4f})")

@@ -246,7 +246,8 @@ def test_cache_gives_the_same_data_and_follows_the_file(tmp_path, tokenizer, mon
 
 # --- Batches --------------------------------------------------------------------------
 
-def test_collate_pads_only_where_the_mask_is_zero(tokenizer):
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_collate_pads_only_where_the_mask_is_zero(tokenizer, multiple):
     rng = np.random.default_rng(0)
     sentences = read_conll(DATA / "conll2003" / "train.txt")
     ner = encode_ner(sentences, tokenizer, 128)
@@ -254,10 +255,11 @@ def test_collate_pads_only_where_the_mask_is_zero(tokenizer):
     for part in (ner, ag):
         for _ in range(20):
             indices = rng.choice(len(part), size=int(rng.integers(1, 9)), replace=False).tolist()
-            batch = collate(part, indices, pad_id=0)
+            batch = collate(part, indices, pad_id=0, multiple=multiple)
             assert batch["task"] == part.task
             ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            assert ids.shape[1] == max(len(part.input_ids[i]) for i in indices)
+            longest = max(len(part.input_ids[i]) for i in indices)
+            assert ids.shape[1] % multiple == 0 and longest <= ids.shape[1] < longest + multiple
             for row, i in enumerate(indices):
                 n = len(part.input_ids[i])
                 assert ids[row, :n].tolist() == part.input_ids[i] and mask[row, :n].eq(1).all()

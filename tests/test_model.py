@@ -9,7 +9,7 @@ from conftest import BROKEN, FIXTURES, TINY_LEGACY, TINY_PLAIN, broken_copy
 from safetensors.torch import load_file, save_file
 
 from data import load_tokenizer
-from model import BertConfig, CheckpointError, checkpoint_name, load_pretrained
+from model import BertConfig, CheckpointError, checkpoint_names, load_pretrained, to_checkpoint
 
 REFERENCE = load_file(FIXTURES / "tiny_bert_reference.safetensors")
 
@@ -64,10 +64,23 @@ def test_both_layouts_load_identical_weights():
 
 def test_rename_table_covers_every_parameter():
     model = load_pretrained(TINY_PLAIN)
-    file_keys = set(load_file(TINY_PLAIN / "model.safetensors"))
-    assert {checkpoint_name(n) for n, _ in model.named_parameters()} == file_keys
-    assert checkpoint_name("layers.1.attn.query.weight") == "encoder.layer.1.attention.self.query.weight"
-    assert checkpoint_name("layers.0.ffn_norm.bias") == "encoder.layer.0.output.LayerNorm.bias"
+    file = load_file(TINY_PLAIN / "model.safetensors")
+    assert {key for n, _ in model.named_parameters() for key in checkpoint_names(n)} == set(file)
+    assert checkpoint_names("layers.0.ffn_norm.bias") == ["encoder.layer.0.output.LayerNorm.bias"]
+    assert checkpoint_names("layers.1.attn.qkv.weight") == [f"encoder.layer.1.attention.self.{x}.weight"
+                                                           for x in ("query", "key", "value")]
+
+
+def test_fused_qkv_stacks_query_key_value_and_splits_back():
+    model = load_pretrained(TINY_PLAIN)
+    file = load_file(TINY_PLAIN / "model.safetensors")
+    qkv = model.layers[1].attn.qkv
+    for x, rows in zip(("query", "key", "value"), qkv.weight.detach().chunk(3)):
+        assert torch.equal(rows, file[f"encoder.layer.1.attention.self.{x}.weight"])
+    split = to_checkpoint("layers.1.attn.qkv.bias", qkv.bias.detach())
+    assert list(split) == [f"encoder.layer.1.attention.self.{x}.bias" for x in ("query", "key", "value")]
+    for key, tensor in split.items():
+        assert torch.equal(tensor, file[key])
 
 
 def test_live_tiny_against_transformers():
