@@ -383,16 +383,19 @@ class MultiTaskSampler:
     - group_window > 0 sorts examples by length inside windows of that many
       batches before cutting batches, so a batch holds similar lengths and
       needs less padding. 0 turns it off.
-    - With world_size > 1, rank r gets the r-th of every world_size
-      consecutive batches of a task: shares are disjoint, equally long, and
-      every rank runs the same task at the same step. Batches that would
-      leave ranks unequal are dropped (at most world_size - 1 per task).
+    - With world_size > 1 (data-parallel training), batches are global:
+      batch_size x world_size examples, and share() gives rank r its r-th
+      part. So every rank runs the same task at the same step, shares are
+      disjoint, every rank has as many steps as the others, and a run on W
+      ranks sees the same global batches as one process with W times the
+      batch size. A last global batch too small to give every rank an
+      example is dropped.
     - Everything depends only on (seed, epoch), so a run can resume at any epoch.
     """
 
     def __init__(self, lengths, batch_size, seed=0, group_window=50, rank=0, world_size=1):
         self.lengths = {task: np.asarray(v) for task, v in sorted(lengths.items())}  # task -> lengths
-        self.batch_size = batch_size
+        self.batch_size = batch_size * world_size  # global batch
         self.seed = seed
         self.group_window = group_window
         self.rank = rank
@@ -421,14 +424,18 @@ class MultiTaskSampler:
         return [chosen[i:i + self.batch_size].tolist() for i in range(0, len(chosen), self.batch_size)]
 
     def epoch(self, epoch):
-        """[(task, example indices)] for this rank, in training order."""
-        groups = []  # (task, world_size consecutive batches of it)
+        """[(task, example indices of the global batch)], in training order."""
+        batches = []
         for task_no, (task, lengths) in enumerate(self.lengths.items()):
-            batches = self._batches(self._draw(task_no, len(lengths), epoch), lengths)
-            usable = len(batches) - len(batches) % self.world_size
-            groups += [(task, batches[i:i + self.world_size]) for i in range(0, usable, self.world_size)]
-        order = np.random.default_rng([self.seed, epoch, 1_000_003]).permutation(len(groups))
-        return [(groups[g][0], groups[g][1][self.rank]) for g in order]
+            batches += [(task, b) for b in self._batches(self._draw(task_no, len(lengths), epoch), lengths)
+                        if len(b) >= self.world_size]
+        order = np.random.default_rng([self.seed, epoch, 1_000_003]).permutation(len(batches))
+        return [batches[i] for i in order]
+
+    def share(self, indices):
+        """This rank's part of a global batch: the r-th of world_size nearly equal slices."""
+        n, w, r = len(indices), self.world_size, self.rank
+        return indices[r * n // w:(r + 1) * n // w]
 
 
 def padding_fraction(batches, lengths):

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -41,8 +43,17 @@ from data import (
     load_tokenizer,
     word_tags,
 )
-from metrics import accuracy, entity_counts, scores_from_counts
-from model import NORMS, POOLS, CheckpointError, MultiTaskModel, load_multitask, load_pretrained, save_multitask
+from metrics import entity_counts, scores_from_counts
+from model import (
+    NORMS,
+    POOLS,
+    CheckpointError,
+    MultiTaskModel,
+    load_multitask,
+    load_pretrained,
+    parameter_part,
+    save_multitask,
+)
 
 
 class UsageError(Exception):
@@ -123,6 +134,20 @@ def check_args(args):
         raise UsageError(f"argument --data: {args.data} is not a folder; run `python download.py` first")
 
 
+def init_distributed(device_name):
+    """(rank, world_size, device). Under torchrun, which sets RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT, join the process group first:
+    NCCL with one GPU per process (GPU number LOCAL_RANK), or gloo on CPUs."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,11 +168,28 @@ def pick_amp(amp, device):
     return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
-def task_loss(logits, labels, task):
-    """Cross-entropy in fp32: mean over examples (ag) or over first word pieces (ner)."""
+def task_loss(logits, labels, task, normalizer=None):
+    """Cross-entropy in fp32 over examples (ag) or first word pieces (ner).
+
+    The mean, or with a normalizer the sum divided by it. Data-parallel runs
+    pass (labels in the global batch) / (number of ranks): DDP averages the
+    ranks' gradients, and that average is then the gradient of the mean over
+    the global batch, however the labels fall between ranks.
+    """
     if task == "ag":
-        return F.cross_entropy(logits.float(), labels)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        logits, labels = logits.float(), labels
+    else:
+        logits, labels = logits.float().flatten(0, 1), labels.flatten()
+    if normalizer is None:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / normalizer
+
+
+def label_counts(part):
+    """Per example, how many labels its loss counts: 1 (ag), or its labelled word pieces (ner)."""
+    if part.task == "ag":
+        return np.ones(len(part), dtype=np.int64)
+    return np.array([sum(label != IGNORE_INDEX for label in labels) for labels in part.labels], dtype=np.int64)
 
 
 def optimizer_step(optimizer, scaler, clip):
@@ -168,29 +210,51 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
+ENTITY_TYPES = sorted({tag[2:] for tag in NER_TAGS if tag != "O"})
+
+
 @torch.no_grad()
-def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id, multiple=1):
-    """AG accuracy and CoNLL entity scores on one split."""
+def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id, multiple=1, rank=0, world_size=1):
+    """AG accuracy and CoNLL entity scores on one split.
+
+    With world_size > 1 the batches are dealt out to the ranks (batch b to
+    rank b % world_size) and the counts (correct, and true positives,
+    predictions and gold entities per type) are summed over ranks with
+    all_reduce: every rank gets exactly the scores of a single process.
+    """
     model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    predicted = []
+    correct = 0
     order = np.argsort(ag.lengths(), kind="stable")  # similar lengths together: less padding
-    for start in range(0, len(ag), batch_size):
-        batch = to_device(collate(ag, order[start:start + batch_size].tolist(), pad_id, multiple), device)
+    for b, start in enumerate(range(0, len(ag), batch_size)):
+        if b % world_size != rank:
+            continue
+        indices = order[start:start + batch_size].tolist()
+        batch = to_device(collate(ag, indices, pad_id, multiple), device)
         with autocast:
-            predicted += model(batch["input_ids"], batch["attention_mask"], "ag").argmax(-1).tolist()
-    gold = [ag.labels[i] for i in order]
-    tags = [None] * len(ner)
+            predicted = model(batch["input_ids"], batch["attention_mask"], "ag").argmax(-1).tolist()
+        correct += sum(p == ag.labels[i] for p, i in zip(predicted, indices))
+    gold, tags = [], []
     order = np.argsort(ner.lengths(), kind="stable")
-    for start in range(0, len(ner), batch_size):
+    for b, start in enumerate(range(0, len(ner), batch_size)):
+        if b % world_size != rank:
+            continue
         indices = order[start:start + batch_size].tolist()
         batch = to_device(collate(ner, indices, pad_id, multiple), device)
         with autocast:
             pieces = model(batch["input_ids"], batch["attention_mask"], "ner").argmax(-1).tolist()
         for row, i in enumerate(indices):
-            tags[i] = word_tags(pieces[row], ner.first_piece[i])
-    scores = scores_from_counts(entity_counts(ner.word_tags, tags))
-    return {"ag_accuracy": accuracy(gold, predicted), "ner_f1": scores["f1"],
+            gold.append(ner.word_tags[i])
+            tags.append(word_tags(pieces[row], ner.first_piece[i]))
+    counts = entity_counts(gold, tags)
+    if world_size > 1:
+        flat = [correct] + [n for kind in ENTITY_TYPES for n in counts.get(kind, (0, 0, 0))]
+        summed = torch.tensor(flat, dtype=torch.int64, device=device)
+        dist.all_reduce(summed)  # SUM
+        correct, *flat = summed.tolist()
+        counts = {kind: flat[3 * k:3 * k + 3] for k, kind in enumerate(ENTITY_TYPES) if any(flat[3 * k:3 * k + 3])}
+    scores = scores_from_counts(counts)
+    return {"ag_accuracy": correct / len(ag) if len(ag) else 0.0, "ner_f1": scores["f1"],
             "ner_precision": scores["precision"], "ner_recall": scores["recall"],
             "ner_per_type": scores["per_type"]}
 
@@ -200,16 +264,28 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache"
                      "device", "compile"}
 
 
-def save_checkpoint(path, model, optimizer, scaler, state):
-    """Everything --resume needs, in one safetensors file written atomically."""
+def rng_states(world_size):
+    """Every rank's random-number state (rank 0 gets the list, the others None); all ranks must call."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world_size == 1:
+        return [mine]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered if dist.get_rank() == 0 else None
+
+
+def save_checkpoint(path, model, optimizer, scaler, state, rngs):
+    """Everything --resume needs, in one safetensors file written atomically (rank 0 only)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     for index, values in optim["state"].items():
         for key, value in values.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for rank, states in enumerate(rngs):  # rng.torch, rng.cuda for rank 0; rng.torch.1 ... for the others
+        for kind, value in states.items():
+            tensors[f"rng.{kind}" + (f".{rank}" if rank else "")] = value
     metadata = {"state": json.dumps(state), "param_groups": json.dumps(optim["param_groups"]),
                 "scaler": json.dumps(scaler.state_dict())}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +311,7 @@ def check_resume(path, saved_run, args):
         raise CheckpointError(f"{path}: --resume needs the flags of the saved run; changed: {'; '.join(changed)}")
 
 
-def load_checkpoint(path, model, optimizer, scaler):
+def load_checkpoint(path, model, optimizer, scaler, rank=0):
     """Restore what save_checkpoint wrote; returns the saved state dict."""
     metadata, tensors = read_checkpoint(path)
     try:
@@ -252,14 +328,15 @@ def load_checkpoint(path, model, optimizer, scaler):
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scaler.load_state_dict(json.loads(metadata["scaler"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    suffix = f".{rank}" if rank else ""
+    torch.set_rng_state(tensors["rng.torch" + suffix])
+    if "rng.cuda" + suffix in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda" + suffix])
     return json.loads(metadata["state"])
 
 
 @torch.no_grad()
-def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, limit_mb, multiple=1):
+def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, limit_mb, multiple=1, log=print):
     """Run the frozen backbone once over every training example and keep what the heads read:
     one pooled vector per AG example, the token states of each CoNLL sentence. None if over the limit."""
     hidden = model.bert.config.hidden_size
@@ -268,7 +345,7 @@ def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, lim
     item = torch.finfo(dtype).bits // 8
     need = (len(train["ag"]) + int(train["ner"].lengths().sum())) * hidden * item / 2**20
     if need > limit_mb:
-        print(f"frozen-backbone cache: would need {need:,.0f} MB, over --cache-limit-mb {limit_mb}; not caching")
+        log(f"frozen-backbone cache: would need {need:,.0f} MB, over --cache-limit-mb {limit_mb}; not caching")
         return None
     model.eval()
     start = time.perf_counter()
@@ -284,9 +361,20 @@ def build_feature_cache(model, train, device, amp_dtype, batch_size, pad_id, lim
             for row, i in enumerate(indices):  # clone: a slice would keep the whole batch alive
                 keep = features[row] if task == "ag" else features[row, :len(part.input_ids[i])]
                 store[task][i] = keep.to(dtype).clone()
-    print(f"frozen-backbone cache: {len(train['ag']) + len(train['ner']):,} examples, {need:,.0f} MB on {device}, "
-          f"built in {time.perf_counter() - start:.1f} s; the steps now run only the heads")
+    log(f"frozen-backbone cache: {len(train['ag']) + len(train['ner']):,} examples, {need:,.0f} MB on {device}, "
+        f"built in {time.perf_counter() - start:.1f} s; the steps now run only the heads")
     return store
+
+
+class CachedHeads(torch.nn.Module):
+    """The heads alone, fed from the frozen-backbone cache: a module of its own, so that DDP can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features, task):
+        return self.model.head(features, task)
 
 
 def cached_features(store, task, indices, width):
@@ -350,6 +438,13 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
+def agree(flag, device):
+    """True on every rank if it is True on any rank (a collective: all ranks must call it)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -363,10 +458,19 @@ def peak_memory_mb(device):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args):
     started = time.perf_counter()
+    rank, world_size = 0, 1
     try:
         check_args(args)
-        device = pick_device(args.device)
+        rank, world_size, device = init_distributed(args.device)
         amp_dtype = pick_amp(args.amp, device)
         tokenizer = load_tokenizer(args.model)
         bert = load_pretrained(args.model)
@@ -402,14 +506,15 @@ def main(argv=None):
     except (UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
+    log = print if rank == 0 else (lambda *_, **__: None)  # only rank 0 speaks, and only rank 0 writes
+    torch.manual_seed(args.seed)  # the same initial heads on every rank
     splits = {task: {s: limit_split(part, args.limit) for s, part in by.items()}
               for task, by in splits.items()}
     train = {task: by["train"] for task, by in splits.items()}
     pad_id = tokenizer.token_to_id("[PAD]")
     data_seconds = time.perf_counter() - started
     for task, by in splits.items():
-        print(f"{task}: " + ", ".join(f"{s} {len(p):,} ({sum(p.truncated)} truncated)" for s, p in by.items()))
+        log(f"{task}: " + ", ".join(f"{s} {len(p):,} ({sum(p.truncated)} truncated)" for s, p in by.items()))
 
     # Model, freezing, optimizer.
     model = MultiTaskModel(bert, args.pool, args.embed_dim, args.normalize, n_classes=len(AG_CLASSES),
@@ -420,21 +525,46 @@ def main(argv=None):
         return freeze.gradual_frozen(epoch, num_layers, base_frozen) if gradual else base_frozen
 
     freeze.apply_freeze(model, frozen_at(0))
-    print(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if gradual else ''}):")
-    print(freeze.describe(model))
+    log(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if gradual else ''}):")
+    log(freeze.describe(model))
     rates = lr_schedule.part_rates(num_layers, args.lr, args.lr_decay, args.head_lr, args.cls_lr, args.ner_lr)
     groups = lr_schedule.param_groups(model, rates, args.weight_decay)
     every_part = freeze.backbone_parts(num_layers) | {"cls_head", "ner_head"}
     trains = any(not every_part <= frozen_at(epoch) for epoch in range(args.epochs))
     optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
                                   fused=device.type == "cuda")
-    print("optimizer groups:\n" + lr_schedule.format_groups(groups))
+    log("optimizer groups:\n" + lr_schedule.format_groups(groups))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     precision = {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bf16 autocast"}
-    print(f"device {device}, {precision[amp_dtype]}" + (", torch.compile on the encoder" if args.compile else ""))
+    log(f"device {device}, {precision[amp_dtype]}" + (", torch.compile on the encoder" if args.compile else ""))
     if args.compile:
         model.bert.compile()  # in place: parameter names, checkpoints and model.features stay as they are
+    if world_size > 1:
+        torch.manual_seed(args.seed + 1_000_003 * rank)  # different dropout on each rank
+
+    def step_module(cache):
+        """What each step calls: the model, or its heads alone when they read cached features;
+        returned as (plain module, the same wrapped in DDP or not).
+
+        Data-parallel runs wrap it in DDP, which all-reduces (averages) the
+        gradients during backward. Every rank runs the same task at the same
+        step (MultiTaskSampler), so the other head has no gradient on every
+        rank alike; find_unused_parameters lets DDP finish the step without
+        those gradients, at the cost of one walk over the autograd graph per
+        step. DDP fixes its parameter list when built, so gradual unfreezing
+        builds a new one after each release.
+        """
+        module = model if cache is None else CachedHeads(model)
+        if world_size == 1 or not any(p.requires_grad for p in module.parameters()):
+            return module, module
+        return module, DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
+
+    def task_trains(task):
+        """Does a step of this task update anything? Not when all of its path is frozen."""
+        other = "ner_head" if task == "ag" else "cls_head"
+        return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) != other)
 
     def release(epoch):
         """Gradual unfreezing at the start of `epoch`: free the next part, add its optimizer groups."""
@@ -444,91 +574,112 @@ def main(argv=None):
         return released
 
     sampler = MultiTaskSampler({t: part.lengths() for t, part in train.items()}, args.batch_size, args.seed,
-                               args.group_window)
+                               args.group_window, rank, world_size)
+    n_labels = {task: label_counts(part) for task, part in train.items()}
     steps_per_epoch = len(sampler.epoch(0))
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup * total_steps)
     state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "history": [], "skipped_steps": 0,
-             "train_seconds": 0.0, "eval_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0, "run": vars(args)}
+             "train_seconds": 0.0, "eval_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0, "run": vars(args),
+             "world_size": world_size}
     if args.resume:
         # Replay the unfreezing the saved run had done, so the optimizer has the same groups.
         for epoch in range(1, saved["epoch"] + (saved["batch"] > 0)) if gradual else ():
             release(epoch)
         try:
-            state = load_checkpoint(checkpoint_path, model, optimizer, scaler)
+            state = load_checkpoint(checkpoint_path, model, optimizer, scaler, rank)
+            if state.get("world_size", 1) != world_size:
+                raise CheckpointError(f"{checkpoint_path}: the run had {state.get('world_size', 1)} processes, "
+                                      f"this one has {world_size}; --resume needs the same global batches")
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         state["run"] = vars(args)
-        print(f"resumed from {checkpoint_path}: epoch {state['epoch'] + 1}, batch {state['batch']}, "
-              f"step {state['step']}")
+        log(f"resumed from {checkpoint_path}: epoch {state['epoch'] + 1}, batch {state['batch']}, "
+            f"step {state['step']}")
 
     if not trains:
-        print(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is")
+        log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is")
     cache = None
     if trains and not gradual and freeze.backbone_parts(num_layers) <= base_frozen and not args.no_cache:
         cache = build_feature_cache(model, train, device, amp_dtype, 2 * args.batch_size, pad_id,
-                                    args.cache_limit_mb, pad_multiple)
-    print(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
-          f"per epoch, batch {args.batch_size}); warmup {warmup_steps} steps")
+                                    args.cache_limit_mb, pad_multiple, log)
+    plain, runner = step_module(cache)
+    batch_shown = (f"global batch {sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
+                   if world_size > 1 else f"batch {args.batch_size}")
+    log(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
+        f"per epoch, {batch_shown}); warmup {warmup_steps} steps")
+    best_weights = None  # the best epoch's weights, kept in memory on every rank
     with stop_on_signals() as stop:
         for epoch in range(state["epoch"], args.epochs if trains else 0):
             if gradual and epoch > 0 and state["batch"] == 0:
                 released = release(epoch)
-                print(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.describe(model)}")
+                plain, runner = step_module(cache)  # DDP must know the new trainable parameters
+                log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.describe(model)}")
             freeze.set_train_mode(model, frozen_at(epoch), num_layers)
+            trains_now = {task: task_trains(task) for task in train}
             batches = sampler.epoch(epoch)
             interval = {"ag": [], "ner": []}
             interval_start, interval_examples = time.perf_counter(), 0
             epoch_start, epoch_examples = time.perf_counter(), 0
             for b in range(state["batch"], len(batches)):
-                task, indices = batches[b]
+                task, global_batch = batches[b]
+                indices = sampler.share(global_batch)  # this rank's part of the global batch
                 factor = lr_schedule.lr_factor(state["step"], total_steps, warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
                 batch = to_device(collate(train[task], indices, pad_id, pad_multiple), device)
+                calls = runner if trains_now[task] else plain  # a step with nothing to train bypasses DDP
                 with autocast:
                     if cache is None:
-                        logits = model(batch["input_ids"], batch["attention_mask"], task)
+                        logits = calls(batch["input_ids"], batch["attention_mask"], task)
                     else:
                         features = cached_features(cache, task, indices, batch["input_ids"].shape[1])
-                        logits = model.head(features, task)
-                loss = task_loss(logits, batch["labels"], task)
+                        logits = calls(features, task)
+                normalizer = float(n_labels[task][global_batch].sum()) / world_size
+                loss = task_loss(logits, batch["labels"], task, normalizer)
                 if loss.requires_grad:  # False when all of this task's path is frozen: nothing to update
                     scaler.scale(loss).backward()
                     state["skipped_steps"] += optimizer_step(optimizer, scaler, args.clip)
                 state["step"] += 1
                 state["batch"] = b + 1
                 interval[task].append(loss.detach())
-                interval_examples += len(indices)
-                epoch_examples += len(indices)
+                interval_examples += len(global_batch)
+                epoch_examples += len(global_batch)
 
-                if state["step"] % args.log_every == 0 or b + 1 == len(batches):
+                at_log = state["step"] % args.log_every == 0 or b + 1 == len(batches)
+                stopping = stop["signal"] is not None
+                if world_size > 1:  # all ranks must stop at the same step: they agree at log steps
+                    stopping = at_log and agree(stopping, device)
+                if at_log:
                     losses = drain_losses(interval, state)
                     speed = interval_examples / (time.perf_counter() - interval_start)
-                    eta = (total_steps - state["step"]) * args.batch_size / speed
+                    eta = (total_steps - state["step"]) * sampler.batch_size / speed
                     shown = " ".join(f"{t} {sum(losses[t]) / len(losses[t]):.4f}" if t in losses else f"{t} -"
                                      for t in interval)
                     skipped = f" | {state['skipped_steps']} skipped steps" if scaler.is_enabled() else ""
-                    print(f"step {state['step']}/{total_steps} | epoch {epoch + 1} | loss {shown} | "
-                          f"{current_rates(optimizer)} | {speed:.1f} samples/s | ETA {duration(eta)}{skipped}",
-                          flush=True)
+                    log(f"step {state['step']}/{total_steps} | epoch {epoch + 1} | loss {shown} | "
+                        f"{current_rates(optimizer)} | {speed:.1f} samples/s | ETA {duration(eta)}{skipped}",
+                        flush=True)
                     interval_start, interval_examples = time.perf_counter(), 0
-                if stop["signal"] is not None:
+                if stopping:
                     drain_losses(interval, state)
                     state["epoch"] = epoch
                     state["train_seconds"] += time.perf_counter() - epoch_start
-                    save_checkpoint(checkpoint_path, model, optimizer, scaler, state)
-                    print(f"stopped by signal {stop['signal']} at step {state['step']}: checkpoint saved; "
-                          f"continue with --out {out} --resume", file=sys.stderr)
-                    return 128 + stop["signal"]
+                    rngs = rng_states(world_size)
+                    signum = stop["signal"] or signal.SIGTERM  # a rank may stop because another was signalled
+                    if rank == 0:
+                        save_checkpoint(checkpoint_path, model, optimizer, scaler, state, rngs)
+                        print(f"stopped by signal {signum} at step {state['step']}: checkpoint saved; "
+                              f"continue with --out {out} --resume", file=sys.stderr)
+                    return 128 + signum
             epoch_seconds = time.perf_counter() - epoch_start
             state["train_seconds"] += epoch_seconds
 
             # Evaluate on validation; keep the best model.
             eval_start = time.perf_counter()
             metrics = evaluate(model, splits["ag"]["valid"], splits["ner"]["valid"], device, amp_dtype,
-                               2 * args.batch_size, pad_id, pad_multiple)
+                               2 * args.batch_size, pad_id, pad_multiple, rank, world_size)
             state["eval_seconds"] += time.perf_counter() - eval_start
             record = {"epoch": epoch + 1, "step": state["step"], "split": "valid",
                       **{k: metrics[k] for k in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall")},
@@ -536,36 +687,42 @@ def main(argv=None):
                       "elapsed_s": round(time.perf_counter() - started, 1),
                       "samples_per_s": round(epoch_examples / epoch_seconds, 1)}
             state["loss_sum"], state["loss_count"] = 0.0, 0
-            print(f"epoch {epoch + 1} valid: AG accuracy {metrics['ag_accuracy']:.4f} | "
-                  f"NER F1 {metrics['ner_f1']:.4f} (P {metrics['ner_precision']:.4f} R {metrics['ner_recall']:.4f})")
+            log(f"epoch {epoch + 1} valid: AG accuracy {metrics['ag_accuracy']:.4f} | "
+                f"NER F1 {metrics['ner_f1']:.4f} (P {metrics['ner_precision']:.4f} R {metrics['ner_recall']:.4f})")
             state["history"].append(record)
-            write_json(out / "metrics.jsonl", state["history"], lines=True)
+            if rank == 0:
+                write_json(out / "metrics.jsonl", state["history"], lines=True)
             score = (metrics["ag_accuracy"] + metrics["ner_f1"]) / 2
             if state["best"] is None or score > state["best"]["score"]:
                 state["best"] = {"score": score, "epoch": epoch + 1}
-                save_multitask(model, out, extra={"run": vars(args)})
-                print(f"  best so far: saved {out / 'model.safetensors'}")
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                if rank == 0:
+                    save_multitask(model, out, extra={"run": vars(args)})
+                log(f"  best so far: saved {out / 'model.safetensors'}")
             state["epoch"], state["batch"] = epoch + 1, 0
-            save_checkpoint(checkpoint_path, model, optimizer, scaler, state)
+            rngs = rng_states(world_size)
+            if rank == 0:
+                save_checkpoint(checkpoint_path, model, optimizer, scaler, state, rngs)
             if args.stop_after is not None and epoch + 1 == args.stop_after and epoch + 1 < args.epochs:
-                print(f"stopping after epoch {epoch + 1} (--stop-after); continue with --out {out} --resume")
+                log(f"stopping after epoch {epoch + 1} (--stop-after); continue with --out {out} --resume")
                 return 0
 
     # Final evaluation of the best model on test.
     parameters = {"total": sum(p.numel() for p in model.parameters()),
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if state["best"] is None:  # nothing trained: keep the model as it is
-        save_multitask(model, out, extra={"run": vars(args)})
-    else:
-        model = load_multitask(out, device)
-        if args.compile:
-            model.bert.compile()
+        if rank == 0:
+            save_multitask(model, out, extra={"run": vars(args)})
+    elif best_weights is not None:
+        model.load_state_dict(best_weights)
+    else:  # resumed after the best epoch: its weights are on disk (every rank must see OUT)
+        model.load_state_dict(load_multitask(out).state_dict())
     eval_start = time.perf_counter()
     test = evaluate(model, splits["ag"]["test"], splits["ner"]["test"], device, amp_dtype, 2 * args.batch_size,
-                    pad_id, pad_multiple)
+                    pad_id, pad_multiple, rank, world_size)
     state["eval_seconds"] += time.perf_counter() - eval_start
-    print(f"test: AG accuracy {test['ag_accuracy']:.4f} | NER F1 {test['ner_f1']:.4f} "
-          f"(P {test['ner_precision']:.4f} R {test['ner_recall']:.4f})")
+    log(f"test: AG accuracy {test['ag_accuracy']:.4f} | NER F1 {test['ner_f1']:.4f} "
+        f"(P {test['ner_precision']:.4f} R {test['ner_recall']:.4f})")
     summary = {"split": "test", **test, "best_epoch": state["best"] and state["best"]["epoch"],
                "config": vars(args), "device": str(device), "precision": precision[amp_dtype],
                "timings_s": {"data": round(data_seconds, 2), "train": round(state["train_seconds"], 2),
@@ -573,8 +730,9 @@ def main(argv=None):
                              "total": round(time.perf_counter() - started, 2)},
                "parameters": parameters,
                "skipped_steps": state["skipped_steps"], "peak_memory_mb": round(peak_memory_mb(device), 1)}
-    write_json(out / "summary.json", summary)
-    print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'model.safetensors'}")
+    if rank == 0:
+        write_json(out / "summary.json", summary)
+    log(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'model.safetensors'}")
     return 0
 
 

@@ -303,14 +303,20 @@ def test_sampler_is_seeded_and_the_larger_task_moves_on():
 
 def test_sampler_ranks_get_disjoint_equal_shares_with_the_same_task_per_step():
     lengths = sampler_lengths()
-    shares = [MultiTaskSampler(lengths, 4, seed=5, rank=r, world_size=3).epoch(2) for r in range(3)]
-    assert len({len(s) for s in shares}) == 1
-    for step in zip(*shares):
-        assert len({task for task, _ in step}) == 1  # every rank runs the same task at the same step
+    samplers = [MultiTaskSampler(lengths, 4, seed=5, rank=r, world_size=3) for r in range(3)]
+    batches = samplers[0].epoch(2)
+    assert all(s.epoch(2) == batches for s in samplers)  # every rank sees the same global batches
+    # The same global batches as one process with 3 x the batch size.
+    assert batches == MultiTaskSampler(lengths, 12, seed=5).epoch(2)
+    for task, global_batch in batches:
+        shares = [s.share(global_batch) for s in samplers]
+        assert [i for share in shares for i in share] == global_batch  # disjoint, and nothing left out
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1 and min(map(len, shares)) >= 1
     for task in ("ag", "ner"):
-        used = [i for share in shares for t, idx in share for i in idx if t == task]
-        assert len(used) == len(set(used))  # disjoint
-        assert len(used) >= 40 - 2 * 4  # at most world_size - 1 batches dropped
+        used = [i for t, idx in batches for i in idx if t == task]
+        assert len(used) == len(set(used)) == 40  # 40 % 12 = 4 >= 3 ranks: the last batch is kept
+    # 40 = 13 x 3 + 1: a last global batch of 1 example cannot feed 3 ranks, so it is dropped.
+    assert sum(len(b) for t, b in MultiTaskSampler(lengths, 1, world_size=3).epoch(0) if t == "ag") == 39
 
 
 def test_length_grouping_cuts_padding():

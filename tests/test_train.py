@@ -57,8 +57,8 @@ def test_full_tiny_run_writes_every_output(tmp_path, capsys):
 def run_recording_losses(monkeypatch, argv):
     losses = []
 
-    def recording(logits, labels, task):
-        loss = TASK_LOSS(logits, labels, task)
+    def recording(logits, labels, task, normalizer=None):
+        loss = TASK_LOSS(logits, labels, task, normalizer)
         losses.append(loss.item())
         return loss
 
@@ -140,8 +140,8 @@ def test_mid_epoch_signal_then_resume_is_exact(tmp_path, monkeypatch):
     straight = run_recording_losses(monkeypatch, flags(tmp_path / "a", *common))
     losses = []
 
-    def interrupting(logits, labels, task):
-        loss = TASK_LOSS(logits, labels, task)
+    def interrupting(logits, labels, task, normalizer=None):
+        loss = TASK_LOSS(logits, labels, task, normalizer)
         losses.append(loss.item())
         if len(losses) == 17:  # step 17 of 36: inside epoch 2
             os.kill(os.getpid(), signal.SIGINT)

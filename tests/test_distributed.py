@@ -1,0 +1,209 @@
+"""Data-parallel training: train.py on 2 CPU processes with gloo, as torchrun would start it.
+
+Each rank runs train.main() in its own process. The workers record, per rank,
+the weights at every evaluation and the output files each rank wrote, so the
+tests can compare ranks with each other and with a single process.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import FIXTURES, ROOT, TINY_PLAIN
+from safetensors.torch import load_file, save_file
+
+import train
+from data import load_splits, load_tokenizer
+from model import MultiTaskModel, load_multitask, load_pretrained
+
+DATA = FIXTURES / "data"
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+def flags(out, model=TINY_PLAIN, *extra):
+    return ["--model", str(model), "--data", str(DATA), "--out", str(out), "--max-len", "64", "--no-data-cache",
+            "--lr", "1e-3", "--log-every", "5", *map(str, extra)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world_size, port, argv, record):
+    """One rank: torchrun's environment, then train.main, recording weights and writes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    evaluations, writes = [], []
+    evaluate = train.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        evaluations.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return evaluate(model, *args, **kwargs)
+
+    def recording(name, function):
+        def call(*args, **kwargs):
+            writes.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    train.evaluate = recording_evaluate
+    train.write_json = recording("write_json", train.write_json)
+    train.save_multitask = recording("save_multitask", train.save_multitask)
+    train.save_checkpoint = recording("save_checkpoint", train.save_checkpoint)
+    code = train.main(argv)
+    save_file({f"{n}.{k}": v for n, weights in enumerate(evaluations) for k, v in weights.items()},
+              record / f"weights.{rank}.safetensors")
+    (record / f"writes.{rank}.json").write_text(json.dumps(writes))
+    if code != 0:
+        raise SystemExit(f"rank {rank}: train.main returned {code}")
+
+
+def run_ranks(tmp_path, argv, world_size=2):
+    """Run train.main on world_size processes; returns per rank (weights at each evaluation, files written)."""
+    record = tmp_path / "record"
+    record.mkdir()
+    mp.spawn(worker, args=(world_size, free_port(), argv, record), nprocs=world_size)
+    results = []
+    for rank in range(world_size):
+        flat = load_file(record / f"weights.{rank}.safetensors")
+        evaluations = {}
+        for key, value in flat.items():
+            n, name = key.split(".", 1)
+            evaluations.setdefault(int(n), {})[name] = value
+        results.append(([evaluations[n] for n in sorted(evaluations)],
+                        json.loads((record / f"writes.{rank}.json").read_text())))
+    return results
+
+
+def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path):
+    out = tmp_path / "run"
+    (weights0, writes0), (weights1, writes1) = run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2,
+                                                                         "--batch-size", 2))
+    assert len(weights0) == len(weights1) == 3  # validation after epochs 1 and 2, then test
+    for a, b in zip(weights0, weights1):  # DDP keeps the ranks bit-identical
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(weights0[0]["cls_head.out.weight"], weights0[1]["cls_head.out.weight"])  # it trained
+    assert writes1 == []  # only rank 0 writes
+    assert {"write_json", "save_multitask", "save_checkpoint"} <= set(writes0)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # The sharded test evaluation against one process evaluating the saved best model.
+    summary = json.loads((out / "summary.json").read_text())
+    splits = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64)
+    single = train.evaluate(load_multitask(out), splits["ag"]["test"], splits["ner"]["test"], torch.device("cpu"),
+                            None, 4, 0)
+    for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall", "ner_per_type"):
+        assert summary[key] == single[key], key
+
+
+def without_dropout(tmp_path):
+    folder = tmp_path / "tiny_no_dropout"
+    folder.mkdir()
+    config = json.loads((TINY_PLAIN / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("model.safetensors", "vocab.txt"):
+        (folder / name).write_bytes((TINY_PLAIN / name).read_bytes())
+    return folder
+
+
+def checkpoint_weights(out):
+    return {k: v for k, v in load_file(out / "checkpoint" / "checkpoint.safetensors").items()
+            if k.startswith("model.")}
+
+
+def test_two_ranks_reach_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
+    """2 ranks x batch 4 against 1 process x batch 8: the same global batches, the same loss.
+
+    The loss divides by the label count of the global batch (train.task_loss),
+    so the averaged gradient is the one process's gradient; only the order of
+    floating-point additions differs (all-reduce, and a batch split in two),
+    which after 12 steps leaves differences near 1e-7 (1e-5 allowed). A wrong
+    normalization or a missed batch moves weights by about the learning rate,
+    1e-3 per step. One tensor is left out: the key bias. It adds the same
+    number to every score of a query, which softmax ignores, so its gradient
+    is zero in exact arithmetic and rounding noise in practice; AdamW divides
+    that noise by its own size and steps by about the learning rate in a
+    direction no process agrees on.
+    """
+    model = without_dropout(tmp_path)
+    common = ("--epochs", 2, "--head-dropout", 0, "--seed", 4)
+    assert train.main(flags(tmp_path / "one", model, *common, "--batch-size", 8)) == 0
+    run_ranks(tmp_path, flags(tmp_path / "two", model, *common, "--batch-size", 4))
+    one, two = checkpoint_weights(tmp_path / "one"), checkpoint_weights(tmp_path / "two")
+    start = load_pretrained(model).state_dict()
+    moved = max((one[f"model.encoder.bert.{k}"] - v).abs().max().item() for k, v in start.items())
+    assert moved > 1e-3  # the encoder trained
+    assert one.keys() == two.keys()
+    for key in one:
+        a, b = one[key], two[key]
+        if key.endswith("attn.qkv.bias"):
+            query_a, _, value_a = a.chunk(3)
+            query_b, _, value_b = b.chunk(3)
+            a, b = torch.cat([query_a, value_a]), torch.cat([query_b, value_b])
+        assert (a - b).abs().max() < 1e-5, key
+
+
+def test_gradual_unfreezing_rebuilds_ddp_and_trains_the_released_layer(tmp_path):
+    (weights0, _), (weights1, _) = run_ranks(tmp_path, flags(tmp_path / "run", TINY_PLAIN, "--epochs", 2,
+                                                             "--batch-size", 2, "--unfreeze", "gradual"))
+    top = "encoder.bert.layers.1.ffn_in.weight"  # the tiny model has 2 layers; epoch 2 releases layer 1
+    pretrained = load_pretrained(TINY_PLAIN).state_dict()["layers.1.ffn_in.weight"]
+    assert torch.equal(weights0[0][top], pretrained)  # frozen through epoch 1
+    assert (weights0[1][top] - pretrained).abs().max() > 1e-4  # trained in epoch 2, after the release
+    assert torch.equal(weights0[1][top], weights1[1][top])  # and the same on both ranks
+    bottom = "encoder.bert.layers.0.ffn_in.weight"
+    assert torch.equal(weights0[1][bottom], load_pretrained(TINY_PLAIN).state_dict()["layers.0.ffn_in.weight"])
+
+
+def children(pid):
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+
+
+def rank_of(pid):
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the worker processes through /proc")
+def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), *flags(out, TINY_PLAIN, "--epochs", 500, "--batch-size", 2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = out / "checkpoint" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), launcher.stderr.read().decode()[-2000:]
+    workers = [pid for child in children(launcher.pid) for pid in [child, *children(child)]]
+    victim = next(pid for pid in workers if rank_of(pid) == 1)
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        code = launcher.wait(timeout=90)
+    finally:
+        launcher.kill()
+    assert code != 0
+    assert time.monotonic() - killed < 90
+    # The checkpoint on disk is whole (written atomically) and loads into the model.
+    metadata, tensors = train.read_checkpoint(checkpoint)
+    model = MultiTaskModel(load_pretrained(TINY_PLAIN), n_classes=4, n_tags=9)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    assert json.loads(metadata["state"])["epoch"] >= 1
+    assert load_multitask(out).cls_head.out.weight.shape == (4, 32)
