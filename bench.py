@@ -7,11 +7,11 @@
 Each setting runs a few warm-up steps, then times several steps and reports
 the median: ms per step, samples/s, tokens/s and peak memory (on the CPU,
 the process's largest resident size so far, so it only grows from row to
-row). With --vs-transformers the two models take turns step by step, so a
-drift of the machine's speed affects both alike. With
---vs-transformers it also times transformers.BertModel with the same heads,
-shapes and precision in the same process, and prints the ratio (ours /
-theirs, below 1 is faster). Output: a markdown table, and JSON with --json.
+row). --vs-transformers also times transformers.BertModel with the same
+heads, shapes and precision in the same process, and prints the ratio (ours /
+theirs, below 1 is faster). The two models take turns step by step, so a
+drift of the machine's speed affects both alike. Output: a markdown table,
+and JSON with --json.
 """
 
 import argparse

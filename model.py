@@ -117,7 +117,7 @@ def dropout(x, p, training):
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     # fp32 uniforms whatever x's dtype, so p is exact to 2^-24; mask is 0 or 1 / (1 - p)
-    mask = torch.rand(x.shape).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
+    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
     return x * mask
 
 
@@ -126,6 +126,8 @@ class Dropout(nn.Module):
 
     def __init__(self, p):
         super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x):
@@ -133,7 +135,7 @@ class Dropout(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; the softmax(QK^T / sqrt(hs)) V itself runs in SDPA."""
+    """Multi-head self-attention; softmax(QK^T / sqrt(hs)) V runs in SDPA (in CPU training, written out)."""
 
     def __init__(self, config):
         super().__init__()
@@ -166,8 +168,8 @@ class SelfAttention(nn.Module):
 
         SDPA has no CPU kernel that applies dropout, so it falls back to these
         same steps but draws the dropout mask with bernoulli_; dropout() is
-        cheaper. Padding rows never reach here: every training example has
-        [CLS] and [SEP], so each row has a key to attend to.
+        cheaper. A row with every key masked would get uniform weights here
+        (SDPA gives zeros); training rows always hold [CLS] and [SEP], so none is.
         """
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T); scaling q is the cheaper side
         if keep is not None:
@@ -211,8 +213,9 @@ class Bert(nn.Module):
         # The one place the 1 = keep mask becomes SDPA's boolean mask:
         # (B, T) -> (B, 1, 1, T), broadcast over heads and query positions.
         # A batch without padding needs no mask (None), and SDPA then has its
-        # fastest kernels to choose from. The check reads the mask on the host,
-        # so it is skipped inside torch.compile, where it would split the graph.
+        # fastest kernels to choose from. The check reads one value back from
+        # the device (on a GPU, a wait for the work queued so far), and it is
+        # skipped inside torch.compile, where it would split the graph.
         keep = None
         if attention_mask is not None:
             keep = attention_mask.bool()[:, None, None, :]

@@ -148,6 +148,13 @@ def init_distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def control_group(world_size, device):
+    """A gloo group for small host-side decisions: agreeing on one number needs no GPU sync."""
+    if world_size == 1:
+        return None
+    return dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -388,12 +395,21 @@ def cached_features(store, task, indices, width):
     return out
 
 
-def drain_losses(interval, state):
+def drain_losses(interval, state, world_size=1):
     """Turn the interval's loss tensors into numbers and add them to the epoch's running sum.
 
     .tolist() waits for the GPU, so the loop calls this only when it logs or stops.
+    With several ranks, the ranks' losses of a step are summed and divided by
+    the number of ranks: that is the mean loss of the global batch (see task_loss).
     """
-    losses = {task: torch.stack(values).tolist() for task, values in interval.items() if values}
+    losses = {}
+    for task, values in interval.items():
+        if values:
+            stacked = torch.stack(values)
+            if world_size > 1:  # every rank has the same tasks at the same steps
+                dist.all_reduce(stacked)
+                stacked /= world_size
+            losses[task] = stacked.tolist()
     state["loss_sum"] += sum(map(sum, losses.values()))
     state["loss_count"] += sum(map(len, losses.values()))
     for values in interval.values():
@@ -438,10 +454,10 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
-def agree(flag, device):
+def agree(flag, group):
     """True on every rank if it is True on any rank (a collective: all ranks must call it)."""
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -485,6 +501,8 @@ def run(args):
             base_frozen = freeze.parse_freeze(args.freeze, num_layers)
         except ValueError as e:
             raise UsageError(f"argument --freeze: {e}") from None
+        if world_size > 1 and args.out is None:
+            raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
         out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         checkpoint_path = out / "checkpoint" / "checkpoint.safetensors"
         if args.resume:
@@ -493,6 +511,10 @@ def run(args):
             saved, _ = read_checkpoint(checkpoint_path)
             saved = json.loads(saved["state"])
             check_resume(checkpoint_path, saved["run"], args)
+            if saved.get("world_size", 1) != world_size:
+                raise UsageError(f"argument --resume: {checkpoint_path} was written by {saved.get('world_size', 1)} "
+                                 f"processes, this run has {world_size}; resume with the same number, so that "
+                                 "the global batches stay the same")
         elif checkpoint_path.exists():
             raise UsageError(f"argument --out: {out} already holds a run; add --resume to continue it, "
                              "or choose another --out")
@@ -562,9 +584,14 @@ def run(args):
                                                find_unused_parameters=True)
 
     def task_trains(task):
-        """Does a step of this task update anything? Not when all of its path is frozen."""
-        other = "ner_head" if task == "ag" else "cls_head"
-        return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) != other)
+        """Does a step of this task update anything? Not when all of its path is frozen.
+
+        The path: embeddings, layers, the task's head, and the pooler only
+        for classification with --pool cls (no other step reads it).
+        """
+        path = {"ag": "cls_head", "ner": "ner_head"}[task]
+        skip = {"cls_head", "ner_head", "pooler"} - {path} - ({"pooler"} if task == "ag" and args.pool == "cls" else set())
+        return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) not in skip)
 
     def release(epoch):
         """Gradual unfreezing at the start of `epoch`: free the next part, add its optimizer groups."""
@@ -588,9 +615,6 @@ def run(args):
             release(epoch)
         try:
             state = load_checkpoint(checkpoint_path, model, optimizer, scaler, rank)
-            if state.get("world_size", 1) != world_size:
-                raise CheckpointError(f"{checkpoint_path}: the run had {state.get('world_size', 1)} processes, "
-                                      f"this one has {world_size}; --resume needs the same global batches")
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -605,6 +629,7 @@ def run(args):
         cache = build_feature_cache(model, train, device, amp_dtype, 2 * args.batch_size, pad_id,
                                     args.cache_limit_mb, pad_multiple, log)
     plain, runner = step_module(cache)
+    control = control_group(world_size, device)
     batch_shown = (f"global batch {sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
                    if world_size > 1 else f"batch {args.batch_size}")
     log(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
@@ -614,6 +639,7 @@ def run(args):
         for epoch in range(state["epoch"], args.epochs if trains else 0):
             if gradual and epoch > 0 and state["batch"] == 0:
                 released = release(epoch)
+                plain = runner = None  # free the old DDP and its gradient hooks before building the next
                 plain, runner = step_module(cache)  # DDP must know the new trainable parameters
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.describe(model)}")
             freeze.set_train_mode(model, frozen_at(epoch), num_layers)
@@ -649,10 +675,10 @@ def run(args):
 
                 at_log = state["step"] % args.log_every == 0 or b + 1 == len(batches)
                 stopping = stop["signal"] is not None
-                if world_size > 1:  # all ranks must stop at the same step: they agree at log steps
-                    stopping = at_log and agree(stopping, device)
+                if world_size > 1:  # all ranks must stop at the same step: they agree after every step
+                    stopping = agree(stopping, control)
                 if at_log:
-                    losses = drain_losses(interval, state)
+                    losses = drain_losses(interval, state, world_size)
                     speed = interval_examples / (time.perf_counter() - interval_start)
                     eta = (total_steps - state["step"]) * sampler.batch_size / speed
                     shown = " ".join(f"{t} {sum(losses[t]) / len(losses[t]):.4f}" if t in losses else f"{t} -"
@@ -663,7 +689,7 @@ def run(args):
                         flush=True)
                     interval_start, interval_examples = time.perf_counter(), 0
                 if stopping:
-                    drain_losses(interval, state)
+                    drain_losses(interval, state, world_size)
                     state["epoch"] = epoch
                     state["train_seconds"] += time.perf_counter() - epoch_start
                     rngs = rng_states(world_size)

@@ -5,6 +5,7 @@ the weights at every evaluation and the output files each rank wrote, so the
 tests can compare ranks with each other and with a single process.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -38,7 +39,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker(rank, world_size, port, argv, record):
+def worker(rank, world_size, port, argv, record, expect):
     """One rank: torchrun's environment, then train.main, recording weights and writes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
@@ -64,15 +65,15 @@ def worker(rank, world_size, port, argv, record):
     save_file({f"{n}.{k}": v for n, weights in enumerate(evaluations) for k, v in weights.items()},
               record / f"weights.{rank}.safetensors")
     (record / f"writes.{rank}.json").write_text(json.dumps(writes))
-    if code != 0:
-        raise SystemExit(f"rank {rank}: train.main returned {code}")
+    if code != expect:
+        raise SystemExit(f"rank {rank}: train.main returned {code}, expected {expect}")
 
 
-def run_ranks(tmp_path, argv, world_size=2):
+def run_ranks(tmp_path, argv, world_size=2, expect=0):
     """Run train.main on world_size processes; returns per rank (weights at each evaluation, files written)."""
-    record = tmp_path / "record"
+    record = tmp_path / f"record-{len(list(tmp_path.glob('record-*')))}"
     record.mkdir()
-    mp.spawn(worker, args=(world_size, free_port(), argv, record), nprocs=world_size)
+    mp.spawn(worker, args=(world_size, free_port(), argv, record, expect), nprocs=world_size)
     results = []
     for rank in range(world_size):
         flat = load_file(record / f"weights.{rank}.safetensors")
@@ -166,6 +167,30 @@ def test_gradual_unfreezing_rebuilds_ddp_and_trains_the_released_layer(tmp_path)
     assert torch.equal(weights0[1][bottom], load_pretrained(TINY_PLAIN).state_dict()["layers.0.ffn_in.weight"])
 
 
+def test_frozen_backbone_cache_and_a_frozen_task_under_ddp(tmp_path):
+    # The whole backbone frozen: the heads train from the cache, DDP wraps them alone.
+    (cached0, _), (cached1, _) = run_ranks(tmp_path, flags(tmp_path / "cached", TINY_PLAIN, "--epochs", 2,
+                                                           "--batch-size", 2, "--freeze", "backbone"))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(cached0, cached1) for k in a)
+    assert not torch.equal(cached0[0]["ner_head.out.weight"], cached0[1]["ner_head.out.weight"])
+    pretrained = load_pretrained(TINY_PLAIN).state_dict()
+    assert all(torch.equal(cached0[1][f"encoder.bert.{k}"], v) for k, v in pretrained.items())
+    # Everything on the NER path frozen (the pooler, which NER steps never read, still trains):
+    # NER steps have nothing to update and must not leave DDP waiting for gradients.
+    (frozen0, _), (frozen1, _) = run_ranks(tmp_path, flags(tmp_path / "frozen", TINY_PLAIN, "--epochs", 2,
+                                                           "--batch-size", 2, "--freeze", "lower:2,ner-head"))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(frozen0, frozen1) for k in a)
+    assert torch.equal(frozen0[0]["ner_head.out.weight"], frozen0[1]["ner_head.out.weight"])
+    assert not torch.equal(frozen0[0]["cls_head.out.weight"], frozen0[1]["cls_head.out.weight"])
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, capfd):
+    out = tmp_path / "run"
+    assert train.main(flags(out, TINY_PLAIN, "--epochs", 2, "--batch-size", 4, "--stop-after", 1)) == 0
+    run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2, "--batch-size", 4, "--resume"), expect=2)
+    assert "was written by 1 processes, this run has 2" in capfd.readouterr().err
+
+
 def children(pid):
     path = f"/proc/{pid}/task/{pid}/children"
     return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
@@ -185,7 +210,8 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), *flags(out, TINY_PLAIN, "--epochs", 500, "--batch-size", 2)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
     checkpoint = out / "checkpoint" / "checkpoint.safetensors"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
@@ -198,7 +224,8 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     try:
         code = launcher.wait(timeout=90)
     finally:
-        launcher.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)  # whatever is left of the launcher and its workers
     assert code != 0
     assert time.monotonic() - killed < 90
     # The checkpoint on disk is whole (written atomically) and loads into the model.
