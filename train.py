@@ -454,11 +454,11 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
-def agree(flag, group):
-    """True on every rank if it is True on any rank (a collective: all ranks must call it)."""
-    t = torch.tensor([int(flag)])
+def agree(number, group):
+    """The largest of the ranks' numbers, on every rank (a collective: all ranks must call it)."""
+    t = torch.tensor([number])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return int(t.item())
 
 
 def duration(seconds):
@@ -674,9 +674,9 @@ def run(args):
                 epoch_examples += len(global_batch)
 
                 at_log = state["step"] % args.log_every == 0 or b + 1 == len(batches)
-                stopping = stop["signal"] is not None
                 if world_size > 1:  # all ranks must stop at the same step: they agree after every step
-                    stopping = agree(stopping, control)
+                    stop["signal"] = agree(stop["signal"] or 0, control) or None
+                stopping = stop["signal"] is not None
                 if at_log:
                     losses = drain_losses(interval, state, world_size)
                     speed = interval_examples / (time.perf_counter() - interval_start)
@@ -693,7 +693,7 @@ def run(args):
                     state["epoch"] = epoch
                     state["train_seconds"] += time.perf_counter() - epoch_start
                     rngs = rng_states(world_size)
-                    signum = stop["signal"] or signal.SIGTERM  # a rank may stop because another was signalled
+                    signum = stop["signal"]  # the same on every rank, whichever rank was signalled
                     if rank == 0:
                         save_checkpoint(checkpoint_path, model, optimizer, scaler, state, rngs)
                         print(f"stopped by signal {signum} at step {state['step']}: checkpoint saved; "

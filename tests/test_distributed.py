@@ -39,7 +39,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker(rank, world_size, port, argv, record, expect):
+def worker(rank, world_size, port, argv, record, expect, signal_at=None):
     """One rank: torchrun's environment, then train.main, recording weights and writes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
@@ -58,6 +58,16 @@ def worker(rank, world_size, port, argv, record, expect):
         return call
 
     train.evaluate = recording_evaluate
+    if signal_at is not None and rank == 1:  # SIGINT to rank 1 alone, in its step signal_at
+        task_loss, calls = train.task_loss, []
+
+        def interrupting(*args):
+            calls.append(1)
+            if len(calls) == signal_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return task_loss(*args)
+
+        train.task_loss = interrupting
     train.write_json = recording("write_json", train.write_json)
     train.save_multitask = recording("save_multitask", train.save_multitask)
     train.save_checkpoint = recording("save_checkpoint", train.save_checkpoint)
@@ -69,11 +79,11 @@ def worker(rank, world_size, port, argv, record, expect):
         raise SystemExit(f"rank {rank}: train.main returned {code}, expected {expect}")
 
 
-def run_ranks(tmp_path, argv, world_size=2, expect=0):
+def run_ranks(tmp_path, argv, world_size=2, expect=0, signal_at=None):
     """Run train.main on world_size processes; returns per rank (weights at each evaluation, files written)."""
     record = tmp_path / f"record-{len(list(tmp_path.glob('record-*')))}"
     record.mkdir()
-    mp.spawn(worker, args=(world_size, free_port(), argv, record, expect), nprocs=world_size)
+    mp.spawn(worker, args=(world_size, free_port(), argv, record, expect, signal_at), nprocs=world_size)
     results = []
     for rank in range(world_size):
         flat = load_file(record / f"weights.{rank}.safetensors")
@@ -189,6 +199,16 @@ def test_resume_refuses_another_number_of_processes(tmp_path, capfd):
     assert train.main(flags(out, TINY_PLAIN, "--epochs", 2, "--batch-size", 4, "--stop-after", 1)) == 0
     run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2, "--batch-size", 4, "--resume"), expect=2)
     assert "was written by 1 processes, this run has 2" in capfd.readouterr().err
+
+
+def test_a_signal_to_one_rank_stops_both_and_resume_is_exact(tmp_path):
+    """Dropout on: the resumed run matches only if every rank gets its own random state back."""
+    common = ("--epochs", 2, "--batch-size", 2)
+    straight = run_ranks(tmp_path, flags(tmp_path / "a", TINY_PLAIN, *common))
+    run_ranks(tmp_path, flags(tmp_path / "b", TINY_PLAIN, *common), expect=128 + signal.SIGINT, signal_at=9)
+    resumed = run_ranks(tmp_path, flags(tmp_path / "b", TINY_PLAIN, *common, "--resume"))
+    final = {"a": straight[0][0][-2], "b": resumed[0][0][-2]}  # weights at the last validation
+    assert all(torch.equal(final["a"][k], final["b"][k]) for k in final["a"])
 
 
 def children(pid):
