@@ -37,11 +37,14 @@ DTYPES = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloa
 class TransformersModel(torch.nn.Module):
     """transformers.BertModel with our two heads, mean pooling: the same job, the framework's encoder."""
 
-    def __init__(self, config):
+    def __init__(self, config, bert=None):
+        """A randomly initialized BertModel of config's shape, or the given (e.g. pretrained) one."""
         super().__init__()
         import transformers
-        hf_config = transformers.BertConfig(**{k: getattr(config, k) for k in config.__dataclass_fields__})
-        self.bert = transformers.BertModel(hf_config, add_pooling_layer=True)
+        if bert is None:
+            hf_config = transformers.BertConfig(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+            bert = transformers.BertModel(hf_config, add_pooling_layer=True)
+        self.bert = bert
         self.cls_head = Head(config.hidden_size, 4)
         self.ner_head = Head(config.hidden_size, 9)
 

@@ -231,25 +231,21 @@ def evaluate(model, ag, ner, device, amp_dtype, batch_size, pad_id, multiple=1, 
     """
     model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    correct = 0
-    order = np.argsort(ag.lengths(), kind="stable")  # similar lengths together: less padding
-    for b, start in enumerate(range(0, len(ag), batch_size)):
-        if b % world_size != rank:
-            continue
-        indices = order[start:start + batch_size].tolist()
-        batch = to_device(collate(ag, indices, pad_id, multiple), device)
-        with autocast:
-            predicted = model(batch["input_ids"], batch["attention_mask"], "ag").argmax(-1).tolist()
-        correct += sum(p == ag.labels[i] for p, i in zip(predicted, indices))
+
+    def predictions(part):
+        """(example indices, argmax per row) for this rank's batches, similar lengths batched together."""
+        order = np.argsort(part.lengths(), kind="stable")
+        for b, start in enumerate(range(0, len(part), batch_size)):
+            if b % world_size == rank:
+                indices = order[start:start + batch_size].tolist()
+                batch = to_device(collate(part, indices, pad_id, multiple), device)
+                with autocast:
+                    predicted = model(batch["input_ids"], batch["attention_mask"], part.task).argmax(-1).tolist()
+                yield indices, predicted
+
+    correct = sum(p == ag.labels[i] for indices, predicted in predictions(ag) for p, i in zip(predicted, indices))
     gold, tags = [], []
-    order = np.argsort(ner.lengths(), kind="stable")
-    for b, start in enumerate(range(0, len(ner), batch_size)):
-        if b % world_size != rank:
-            continue
-        indices = order[start:start + batch_size].tolist()
-        batch = to_device(collate(ner, indices, pad_id, multiple), device)
-        with autocast:
-            pieces = model(batch["input_ids"], batch["attention_mask"], "ner").argmax(-1).tolist()
+    for indices, pieces in predictions(ner):
         for row, i in enumerate(indices):
             gold.append(ner.word_tags[i])
             tags.append(word_tags(pieces[row], ner.first_piece[i]))

@@ -30,26 +30,11 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import AG_CLASSES, AG_VALID_FRACTION, NER_ID, NER_TAGS, read_ag_news, read_conll, split_off  # noqa: E402
+from data import AG_VALID_FRACTION, NER_ID, NER_TAGS, read_ag_news, read_conll, split_off  # noqa: E402
 from lr import lr_factor, part_rates  # noqa: E402
 from metrics import accuracy, entity_counts, scores_from_counts  # noqa: E402
-from model import Head  # noqa: E402
-
-
-class TransformersMultiTask(torch.nn.Module):
-    def __init__(self, model_dir):
-        super().__init__()
-        self.bert = transformers.BertModel.from_pretrained(model_dir)
-        hidden = self.bert.config.hidden_size
-        self.cls_head = Head(hidden, len(AG_CLASSES))
-        self.ner_head = Head(hidden, len(NER_TAGS))
-
-    def forward(self, input_ids, attention_mask, task):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if task == "ag":
-            keep = attention_mask[:, :, None].to(hidden.dtype)
-            return self.cls_head((hidden * keep).sum(1) / keep.sum(1).clamp(min=1))
-        return self.ner_head(hidden)
+from bench import TransformersModel  # noqa: E402
+from model import BertConfig  # noqa: E402
 
 
 def part_of(name):
@@ -154,7 +139,8 @@ def main():
     collators = {"ag": transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt"),
                  "ner": transformers.DataCollatorForTokenClassification(tokenizer, return_tensors="pt")}
 
-    model = TransformersMultiTask(args.model).to(device).train()
+    bert = transformers.BertModel.from_pretrained(args.model)
+    model = TransformersModel(BertConfig.from_json(Path(args.model) / "config.json"), bert).to(device).train()
     num_layers = model.bert.config.num_hidden_layers
     rates = part_rates(num_layers, args.lr, 0.9, 1e-3)
     optimizer = torch.optim.AdamW(param_groups(model, rates, 0.01), fused=device.type == "cuda")
