@@ -16,7 +16,6 @@ and JSON with --json.
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Bert, BertConfig, Head, MultiTaskModel, load_pretrained
-from train import UsageError, pick_device
+from runtime import Place, UsageError, pick_device
 
 SHAPES = {
     "bert-base": BertConfig(),
@@ -116,12 +115,6 @@ def time_steps(steps_by_name, device, warmup, n):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def matmul_tflops(device, n=8192, repeats=10):
     """Measured bf16 matrix-product throughput, the ceiling for MFU."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -143,7 +136,7 @@ def train_flops(config, batch_size, seq_len, frozen):
     return (2 if frozen else 6) * per_token * batch_size * seq_len
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Time the training step of the multi-task model.")
     p.add_argument("--model", help="a BERT folder (weights are loaded; only the shape matters for speed)")
     p.add_argument("--config", choices=tuple(SHAPES), default="minilm", help="a named shape, if no --model")
@@ -157,61 +150,57 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", help="also write the results to this file")
-    args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+def pick_device_for(args):
+    """The device, once the flags are known to work on it; UsageError names the flag otherwise."""
+    device = pick_device(args.device)
     if args.vs_transformers:
         try:
             import transformers  # noqa: F401
         except ImportError:
-            print("error: argument --vs-transformers: the transformers package is not installed", file=sys.stderr)
-            return 2
+            raise UsageError("argument --vs-transformers: the transformers package is not installed") from None
     bad = [x for x in args.precision if x in ("fp16", "tf32") and device.type != "cuda"]
     if bad:
-        print(f"error: argument --precision: {', '.join(bad)} needs a CUDA GPU", file=sys.stderr)
-        return 2
-    config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
-    peak_tflops = matmul_tflops(device) if device.type == "cuda" else None
-    rows = []
-    for precision in args.precision:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        for freeze in args.freeze:
-            builders = [("ours", lambda: MultiTaskModel(load_pretrained(args.model) if args.model else Bert(config)))]
-            if args.vs_transformers:
-                builders.append(("transformers", lambda: TransformersModel(config)))
-            result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
-            batch = make_batch(config, args.batch_size, args.seq_len, device)
-            steps, peaks = {}, {}
-            for name, build in builders:
-                torch.manual_seed(0)
-                model = build().to(device)
-                if args.compile:
-                    model = torch.compile(model)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                steps[name] = make_step(model, batch, device, DTYPES[precision], freeze)
-                for _ in range(args.warmup):
-                    steps[name]()
-                peaks[name] = peak_mb(device)  # after warm-up: weights, optimizer state, activations
-            seconds = time_steps(steps, device, 0, args.steps)
-            for name in steps:
-                result[name] = {"ms": seconds[name] * 1e3, "samples_per_s": args.batch_size / seconds[name],
-                                "tokens_per_s": args.batch_size * args.seq_len / seconds[name],
-                                "peak_mb": peaks[name]}
-                if peak_tflops:
-                    flops = train_flops(config, args.batch_size, args.seq_len, freeze == "backbone")
-                    result[name]["mfu"] = flops / seconds[name] / 1e12 / peak_tflops
-            del steps
-            if args.vs_transformers:
-                result["ratio"] = result["ours"]["ms"] / result["transformers"]["ms"]
-            rows.append(result)
+        raise UsageError(f"argument --precision: {', '.join(bad)} needs a CUDA GPU")
+    return device
 
-    shape = args.model or args.config
-    print(f"{shape}, {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
+
+def measure(args, config, device, precision, freeze, peak_tflops):
+    """One table row: our model's step, and transformers' with --vs-transformers, taking turns."""
+    builders = [("ours", lambda: MultiTaskModel(load_pretrained(args.model) if args.model else Bert(config)))]
+    if args.vs_transformers:
+        builders.append(("transformers", lambda: TransformersModel(config)))
+    result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
+    batch = make_batch(config, args.batch_size, args.seq_len, device)
+    steps, peaks = {}, {}
+    for name, build in builders:
+        torch.manual_seed(0)
+        model = build().to(device)
+        if args.compile:
+            model = torch.compile(model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        steps[name] = make_step(model, batch, device, DTYPES[precision], freeze)
+        for _ in range(args.warmup):
+            steps[name]()
+        peaks[name] = Place(device).peak_memory_mb()  # after warm-up: weights, optimizer state, activations
+    seconds = time_steps(steps, device, 0, args.steps)
+    for name in steps:
+        result[name] = {"ms": seconds[name] * 1e3, "samples_per_s": args.batch_size / seconds[name],
+                        "tokens_per_s": args.batch_size * args.seq_len / seconds[name], "peak_mb": peaks[name]}
+        if peak_tflops:
+            flops = train_flops(config, args.batch_size, args.seq_len, freeze == "backbone")
+            result[name]["mfu"] = flops / seconds[name] / 1e12 / peak_tflops
+    if args.vs_transformers:
+        result["ratio"] = result["ours"]["ms"] / result["transformers"]["ms"]
+    return result
+
+
+def print_table(args, rows, device, peak_tflops):
+    print(f"{args.model or args.config}, {device}"
+          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.steps} steps"
           + (f", bf16 matmul {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))
     head = "| precision | freeze | B | S | ms/step | samples/s | tokens/s | peak MB |"
@@ -227,9 +216,28 @@ def main(argv=None):
         if args.vs_transformers:
             line += f" {r['transformers']['ms']:.1f} | {r['ratio']:.3f} |"
         print(line)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = pick_device_for(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
+    peak_tflops = matmul_tflops(device) if device.type == "cuda" else None
+    rows = []
+    for precision in args.precision:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        for freeze in args.freeze:
+            rows.append(measure(args, config, device, precision, freeze, peak_tflops))
+    print_table(args, rows, device, peak_tflops)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "device": str(device), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"shape": args.model or args.config, "device": str(device), "torch": torch.__version__,
+                       "rows": rows}, f, indent=2)
     return 0
 
 

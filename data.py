@@ -6,7 +6,8 @@ Reading order:
            sit on the first word piece of each word, and word_tags maps
            per-piece predictions back to one tag per word
   batches  collate pads one batch of one task; MultiTaskSampler decides which
-           examples go together, with the same number per task each epoch
+           examples go together, with the same number per task each epoch;
+           batches_by_length walks a whole split (evaluation, features)
   splits   load_splits reads, tokenizes (with an on-disk cache) and splits all of it
   CLI      python data.py --data DIR --model DIR prints a summary of every split
 
@@ -373,6 +374,19 @@ def collate(data, indices, pad_id=0, multiple=1):
             "attention_mask": torch.from_numpy(attention_mask), "labels": torch.from_numpy(labels)}
 
 
+def batches_by_length(data, batch_size, pad_id=0, multiple=1, rank=0, world_size=1):
+    """(example indices, collated batch) over all of one split, similar lengths together: for
+    evaluation and for computing features, where order does not matter and padding is waste.
+
+    With world_size > 1, batch b goes to rank b % world_size only.
+    """
+    order = np.argsort(data.lengths(), kind="stable")
+    for b, start in enumerate(range(0, len(data), batch_size)):
+        if b % world_size == rank:
+            indices = order[start:start + batch_size].tolist()
+            yield indices, collate(data, indices, pad_id, multiple)
+
+
 class MultiTaskSampler:
     """Which examples form each batch, epoch by epoch, for several tasks at once.
 
@@ -474,9 +488,16 @@ def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "
     return out
 
 
+def limit_split(data, limit):
+    """A fixed random subset of at most `limit` examples (the same whatever a run's --seed is)."""
+    if limit is None or len(data) <= limit:
+        return data
+    return data.subset(np.sort(np.random.default_rng(0).permutation(len(data))[:limit]).tolist())
+
+
 # --- Command line: a summary of every split ---------------------------------------
 
-def describe(data):
+def split_summary(data):
     """One summary row: examples, label counts, word pieces per example, share truncated."""
     if data.task == "ag":
         counts = np.bincount(data.labels, minlength=len(AG_CLASSES))
@@ -520,7 +541,7 @@ def main(argv=None):
     print(f"{'split':<11}{'examples':>8}  {'labels':<62}  {'pieces: mean':>12} {'p95':>5} {'max':>5}  truncated")
     for task, by_split in data.items():
         for split, part in by_split.items():
-            print(f"{task + ' ' + split:<11} {describe(part)}")
+            print(f"{task + ' ' + split:<11} {split_summary(part)}")
     print(f"read and tokenized in {seconds:.1f} s (max_len {args.max_len}, "
           f"{'no cache' if cache_dir is None else f'cache in {cache_dir}'})")
     if "train" in data["ag"]:

@@ -1,4 +1,4 @@
-"""Which parameters train (Task 3): freezing strategies and gradual unfreezing.
+"""Which parameters train (Task 3): freezing strategies, gradual unfreezing, and a frozen backbone's feature store.
 
 A frozen parameter has requires_grad = False: it gets no gradient, the
 optimizer never holds it (lr.py builds groups from trainable parameters
@@ -17,11 +17,26 @@ model.parameter_part):
 Strategies combine with commas: "embeddings,ner-head". Gradual unfreezing
 (Howard & Ruder, 2018, ULMFiT) starts with the backbone frozen and releases
 one layer per epoch from the top down, the embeddings last.
+
+Reading order: the strategies (parse_freeze, gradual_frozen) -> Plan, the
+run's schedule -> apply_freeze / release (requires_grad, and the optimizer
+groups of released parameters) -> FeatureStore, a frozen backbone's outputs
+computed once -> Runner, what a training step calls (the model, or its heads
+on stored features; wrapped in DDP under torchrun, rebuilt after a release).
 """
 
+import time
+from dataclasses import dataclass
+
+import torch
+
+import distributed
+from data import batches_by_length
+from lr import param_groups
 from model import parameter_part
 
 STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N", "cls-head", "ner-head")
+TASK_HEADS = {"ag": "cls_head", "ner": "ner_head"}
 
 
 def backbone_parts(num_layers):
@@ -36,7 +51,7 @@ def parse_freeze(spec, num_layers):
         if item == "none":
             continue
         if item == "all":
-            frozen |= backbone_parts(num_layers) | {"cls_head", "ner_head"}
+            frozen |= backbone_parts(num_layers) | set(TASK_HEADS.values())
         elif item == "backbone":
             frozen |= backbone_parts(num_layers)
         elif item == "embeddings":
@@ -68,6 +83,30 @@ def gradual_frozen(epoch, num_layers, base):
     return frozen | base
 
 
+@dataclass
+class Plan:
+    """--freeze and --unfreeze as a schedule: the frozen parts of every epoch."""
+    base: set  # frozen throughout (--freeze)
+    num_layers: int
+    gradual: bool = False  # --unfreeze gradual
+
+    @classmethod
+    def from_flags(cls, freeze, unfreeze, num_layers):
+        return cls(parse_freeze(freeze, num_layers), num_layers, unfreeze == "gradual")
+
+    def frozen_at(self, epoch):
+        return gradual_frozen(epoch, self.num_layers, self.base) if self.gradual else self.base
+
+    def trains(self, epochs):
+        """Does anything train in the first `epochs` epochs?"""
+        every_part = backbone_parts(self.num_layers) | set(TASK_HEADS.values())
+        return any(not every_part <= self.frozen_at(epoch) for epoch in range(epochs))
+
+    def backbone_fixed(self):
+        """Is the whole backbone frozen for the whole run? Then its outputs can be computed once (FeatureStore)."""
+        return not self.gradual and backbone_parts(self.num_layers) <= self.base
+
+
 def apply_freeze(model, frozen):
     """Set requires_grad from the frozen parts; returns the names of parameters that changed to trainable."""
     released = []
@@ -79,6 +118,15 @@ def apply_freeze(model, frozen):
     return released
 
 
+def release(model, optimizer, frozen, rates, weight_decay):
+    """Gradual unfreezing's step: unfreeze down to `frozen`, and give the released parameters their
+    optimizer groups (lr.py's rates). Returns their names. A Runner must rebuild() after this."""
+    released = apply_freeze(model, frozen)
+    for group in param_groups(model, rates, weight_decay, names=set(released)):
+        optimizer.add_param_group(group)
+    return released
+
+
 def set_train_mode(model, frozen, num_layers):
     """Train mode, except that a fully frozen backbone runs in eval mode (no dropout): a fixed feature extractor."""
     model.train()
@@ -86,7 +134,19 @@ def set_train_mode(model, frozen, num_layers):
         model.bert.eval()
 
 
-def describe(model):
+def task_trains(model, task):
+    """Does a step of this task update anything? Not when all of its path is frozen.
+
+    The path: embeddings, layers, the task's head, and the pooler only for
+    classification with pool "cls" (no other step reads it).
+    """
+    skip = {"cls_head", "ner_head", "pooler"} - {TASK_HEADS[task]}
+    if task == "ag" and model.encoder.pool == "cls":
+        skip -= {"pooler"}
+    return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) not in skip)
+
+
+def trainable_summary(model):
     """One line per part: trainable or frozen, with parameter counts."""
     counts = {}
     for name, p in model.named_parameters():
@@ -101,3 +161,98 @@ def describe(model):
     n_total = sum(t for _, t in counts.values())
     lines.append(f"  {'trainable':<12} {n_train:>12,}  of {n_total:,} ({n_train / n_total:.1%})")
     return "\n".join(lines)
+
+
+# --- The frozen backbone's outputs, computed once ------------------------------------
+
+class FeatureStore:
+    """A frozen backbone's outputs for every training example: what the heads read.
+
+    With the whole backbone frozen for the whole run (Plan.backbone_fixed),
+    the encoder is a fixed function in eval mode, so the steps need not run
+    it. The store keeps, on the training device and in the autocast dtype
+    (the heads cast to it anyway), one pooled vector per AG example and the
+    token states of each CoNLL sentence. Every rank builds the whole store,
+    because its slices of later epochs can hold any example.
+    """
+
+    def __init__(self, rows):
+        self.rows = rows  # task -> [features of example i]: (H,) for ag, (T_i, H) for ner
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, train, place, batch_size, pad_id, multiple, limit_mb, log):
+        """Run the encoder over train ({task: TaskData}); None, with a log line, if the store would pass limit_mb."""
+        dtype = place.amp_dtype or torch.float32
+        item = torch.finfo(dtype).bits // 8
+        need = (len(train["ag"]) + int(train["ner"].lengths().sum())) * model.bert.config.hidden_size * item / 2**20
+        if need > limit_mb:
+            log(f"frozen-backbone feature store: would need {need:,.0f} MB, over --feature-store-limit-mb "
+                f"{limit_mb}; the steps run the backbone instead")
+            return None
+        model.eval()
+        start = time.perf_counter()
+        rows = {}
+        for task, part in train.items():
+            rows[task] = [None] * len(part)
+            for indices, batch in batches_by_length(part, batch_size, pad_id, multiple):
+                batch = place.to_device(batch)
+                with place.autocast():
+                    features = model.features(batch["input_ids"], batch["attention_mask"], task)
+                for row, i in enumerate(indices):  # clone: a slice would keep the whole batch alive
+                    keep = features[row] if task == "ag" else features[row, :len(part.input_ids[i])]
+                    rows[task][i] = keep.to(dtype).clone()
+        log(f"frozen-backbone feature store: {len(train['ag']) + len(train['ner']):,} examples, {need:,.0f} MB on "
+            f"{place.device}, built in {time.perf_counter() - start:.1f} s; the steps now run only the heads")
+        return cls(rows)
+
+    def batch(self, task, indices, width):
+        """Stack (ag) or zero-pad to width (ner) the stored features of a batch; the loss never reads padding."""
+        rows = [self.rows[task][i] for i in indices]
+        if task == "ag":
+            return torch.stack(rows)  # (B, H)
+        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # (B, T, H)
+        for r, x in enumerate(rows):
+            out[r, :len(x)] = x
+        return out
+
+
+# --- What a training step calls ------------------------------------------------------
+
+class _Heads(torch.nn.Module):
+    """The heads alone, fed from a FeatureStore: a module of its own, so that DDP can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features, task):
+        return self.model.head(features, task)
+
+
+class Runner:
+    """What a training step calls, given what is frozen: logits for a batch.
+
+    Without a feature store it is the model; with one, the heads alone on
+    stored features. Under torchrun the module is wrapped in DDP
+    (distributed.wrap); a step of a task whose whole path is frozen calls the
+    unwrapped module, because DDP would wait for gradients that never come.
+    DDP fixes its parameters when built, so call rebuild() after release().
+    """
+
+    def __init__(self, model, place, features=None):
+        self.model, self.place, self.features = model, place, features
+        self.wrapped = None
+        self.rebuild()
+
+    def rebuild(self):
+        self.plain = self.model if self.features is None else _Heads(self.model)
+        self.wrapped = None  # free the old DDP and its gradient hooks before building the next
+        self.wrapped = distributed.wrap(self.plain, self.place)
+        self.trains = {task: task_trains(self.model, task) for task in TASK_HEADS}
+
+    def __call__(self, task, batch, indices):
+        module = self.wrapped if self.trains[task] else self.plain
+        if self.features is None:
+            return module(batch["input_ids"], batch["attention_mask"], task)
+        return module(self.features.batch(task, indices, batch["input_ids"].shape[1]), task)

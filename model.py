@@ -4,9 +4,14 @@ Follows Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers
 for Language Understanding" (2019), and matches the numerics of Hugging Face
 `transformers.BertModel` (tests/test_model.py proves it to 1e-5 in fp32).
 
-Reading order: BertConfig -> Embeddings -> SelfAttention -> Layer -> Bert
-(encoder + pooler) -> load_pretrained (weights from a safetensors file) ->
-pool_tokens / SentenceEncoder (Task 1: one vector per sentence).
+Reading order:
+  the encoder   BertConfig -> Embeddings -> SelfAttention -> Layer -> Bert
+                (encoder + pooler), then the CPU dropout they use
+  loading       read_config (config.json, checked) -> the rename table ->
+                load_pretrained (weights from a safetensors file)
+  Task 1        pool_tokens / SentenceEncoder: one vector per sentence
+  Task 2        Head / MultiTaskModel: one encoder, two task heads, and
+                save_multitask / load_multitask for a trained model folder
 
 Masks follow the Hugging Face convention everywhere: attention_mask is (B, T)
 with 1 = a real token, 0 = padding.
@@ -24,12 +29,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded; the message is one line naming the file."""
-
+# --- The encoder --------------------------------------------------------------------
 
 @dataclass
 class BertConfig:
+    """The shape of a BERT model, as its config.json gives it (defaults: bert-base-uncased)."""
     vocab_size: int = 30522  # word pieces in vocab.txt
     hidden_size: int = 768  # H: width of every token state
     num_hidden_layers: int = 12  # L: transformer layers
@@ -46,44 +50,8 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path):
-        """Read the fields above from a Hugging Face config.json; ignore the rest."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: not found (a model folder needs config.json)") from None
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-        # BERT uses the exact, erf-based GELU. The tanh approximation
-        # ("gelu_new") differs by up to ~1e-3 and would break parity.
-        if raw.get("hidden_act", "gelu") != "gelu":
-            raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
-        if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
-                                  "is not supported (only 'absolute')")
-        values = {}
-        for f in fields(cls):  # check every value: a bad one would fail later, far from its cause
-            value = raw.get(f.name, f.default)
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if f.type is int:
-                lowest = 0 if f.name == "pad_token_id" else 1
-                if not (is_number and isinstance(value, int) and value >= lowest):
-                    raise CheckpointError(f"{path}: {f.name} must be a whole number >= {lowest}, found {value!r}")
-            elif not (is_number and 0 <= value < 1):
-                raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
-            values[f.name] = value
-        config = cls(**values)
-        if config.hidden_size % config.num_attention_heads:
-            raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
-                                  f"by num_attention_heads {config.num_attention_heads}")
-        if config.pad_token_id >= config.vocab_size:
-            raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is outside the vocabulary "
-                                  f"of {config.vocab_size}")
-        return config
+        """Read and check a Hugging Face config.json (read_config, with the loading code below)."""
+        return read_config(path)
 
 
 class Embeddings(nn.Module):
@@ -101,37 +69,6 @@ class Embeddings(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, H)
         return self.dropout(self.norm(x))
-
-
-def dropout(x, p, training):
-    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
-
-    The same distribution as F.dropout. On the CPU, F.dropout draws its mask
-    with bernoulli_, which costs about twice as much as drawing uniform numbers
-    and comparing them with p; forward and backward together, this version takes
-    ~0.7x the time (bench.py shows the effect on a whole step). On a GPU,
-    F.dropout's fused kernel is faster.
-    """
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    # fp32 uniforms whatever x's dtype, so p is exact to 2^-24; mask is 0 or 1 / (1 - p)
-    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
-    return x * mask
-
-
-class Dropout(nn.Module):
-    """nn.Dropout through dropout() above."""
-
-    def __init__(self, p):
-        super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
 
 
 class SelfAttention(nn.Module):
@@ -228,7 +165,85 @@ class Bert(nn.Module):
         return x, pooled
 
 
+# --- Dropout on the CPU ------------------------------------------------------------
+
+def dropout(x, p, training):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
+
+    The same distribution as F.dropout. On the CPU, F.dropout draws its mask
+    with bernoulli_, which costs about twice as much as drawing uniform numbers
+    and comparing them with p; forward and backward together, this version takes
+    ~0.7x the time (bench.py shows the effect on a whole step). On a GPU,
+    F.dropout's fused kernel is faster.
+    """
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    # fp32 uniforms whatever x's dtype, so p is exact to 2^-24; mask is 0 or 1 / (1 - p)
+    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
+    return x * mask
+
+
+class Dropout(nn.Module):
+    """nn.Dropout through dropout() above."""
+
+    def __init__(self, p):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+
 # --- Loading pretrained weights -------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message is one line naming the file."""
+
+
+def read_config(path):
+    """A BertConfig from a Hugging Face config.json: the fields BertConfig has, each checked; the rest ignored."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (a model folder needs config.json)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    # BERT uses the exact, erf-based GELU. The tanh approximation
+    # ("gelu_new") differs by up to ~1e-3 and would break parity.
+    if raw.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
+                              "is not supported (only 'absolute')")
+    values = {}
+    for f in fields(BertConfig):  # check every value: a bad one would fail later, far from its cause
+        value = raw.get(f.name, f.default)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if f.type is int:
+            lowest = 0 if f.name == "pad_token_id" else 1
+            if not (is_number and isinstance(value, int) and value >= lowest):
+                raise CheckpointError(f"{path}: {f.name} must be a whole number >= {lowest}, found {value!r}")
+        elif not (is_number and 0 <= value < 1):
+            raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
+        values[f.name] = value
+    config = BertConfig(**values)
+    if config.hidden_size % config.num_attention_heads:
+        raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
+                              f"by num_attention_heads {config.num_attention_heads}")
+    if config.pad_token_id >= config.vocab_size:
+        raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is outside the vocabulary "
+                              f"of {config.vocab_size}")
+    return config
+
 
 # One rename table: our module names -> the names in a plain Hugging Face
 # checkpoint. Parameter suffixes (.weight, .bias) are the same in both, and
@@ -491,7 +506,7 @@ class MultiTaskModel(nn.Module):
     def features(self, input_ids, attention_mask, task):
         """What a task's head reads from the encoder: pooled vectors (B, H) for ag, token states (B, T, H) for ner.
 
-        With the backbone frozen these never change, so train.py can compute them once and cache them.
+        With the backbone frozen these never change, so freeze.FeatureStore computes them once.
         """
         hidden, pooled = self.bert(input_ids, attention_mask)
         return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool) if task == "ag" else hidden

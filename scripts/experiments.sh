@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training runs behind the README's Task 2-4 tables. Usage:
 #   scripts/experiments.sh MODEL_DIR DATA_DIR OUT_DIR
-# Each run writes OUT_DIR/NAME/summary.json; scripts/tabulate.py turns them into tables.
+# Each run writes OUT_DIR/NAME/summary.json; scripts/results_table.py turns them into tables.
 set -euo pipefail
 model=$1 data=$2 out=$3
 run() {  # NAME FLAGS...

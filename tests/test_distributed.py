@@ -20,7 +20,9 @@ import torch.multiprocessing as mp
 from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import train
+from runtime import Place
 from data import load_splits, load_tokenizer
 from model import MultiTaskModel, load_multitask, load_pretrained
 
@@ -70,7 +72,7 @@ def worker(rank, world_size, port, argv, record, expect, signal_at=None):
         train.task_loss = interrupting
     train.write_json = recording("write_json", train.write_json)
     train.save_multitask = recording("save_multitask", train.save_multitask)
-    train.save_checkpoint = recording("save_checkpoint", train.save_checkpoint)
+    checkpoint.save = recording("save_checkpoint", checkpoint.save)
     code = train.main(argv)
     save_file({f"{n}.{k}": v for n, weights in enumerate(evaluations) for k, v in weights.items()},
               record / f"weights.{rank}.safetensors")
@@ -111,8 +113,8 @@ def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path):
     # The sharded test evaluation against one process evaluating the saved best model.
     summary = json.loads((out / "summary.json").read_text())
     splits = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64)
-    single = train.evaluate(load_multitask(out), splits["ag"]["test"], splits["ner"]["test"], torch.device("cpu"),
-                            None, 4, 0)
+    single = train.evaluate(load_multitask(out), splits["ag"]["test"], splits["ner"]["test"],
+                            Place(torch.device("cpu")), 4, 0)
     for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall", "ner_per_type"):
         assert summary[key] == single[key], key
 
@@ -177,14 +179,14 @@ def test_gradual_unfreezing_rebuilds_ddp_and_trains_the_released_layer(tmp_path)
     assert torch.equal(weights0[1][bottom], load_pretrained(TINY_PLAIN).state_dict()["layers.0.ffn_in.weight"])
 
 
-def test_frozen_backbone_cache_and_a_frozen_task_under_ddp(tmp_path):
-    # The whole backbone frozen: the heads train from the cache, DDP wraps them alone.
-    (cached0, _), (cached1, _) = run_ranks(tmp_path, flags(tmp_path / "cached", TINY_PLAIN, "--epochs", 2,
+def test_frozen_backbone_feature_store_and_a_frozen_task_under_ddp(tmp_path):
+    # The whole backbone frozen: the heads train from stored features, DDP wraps them alone.
+    (stored0, _), (stored1, _) = run_ranks(tmp_path, flags(tmp_path / "stored", TINY_PLAIN, "--epochs", 2,
                                                            "--batch-size", 2, "--freeze", "backbone"))
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(cached0, cached1) for k in a)
-    assert not torch.equal(cached0[0]["ner_head.out.weight"], cached0[1]["ner_head.out.weight"])
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(stored0, stored1) for k in a)
+    assert not torch.equal(stored0[0]["ner_head.out.weight"], stored0[1]["ner_head.out.weight"])
     pretrained = load_pretrained(TINY_PLAIN).state_dict()
-    assert all(torch.equal(cached0[1][f"encoder.bert.{k}"], v) for k, v in pretrained.items())
+    assert all(torch.equal(stored0[1][f"encoder.bert.{k}"], v) for k, v in pretrained.items())
     # Everything on the NER path frozen (the pooler, which NER steps never read, still trains):
     # NER steps have nothing to update and must not leave DDP waiting for gradients.
     (frozen0, _), (frozen1, _) = run_ranks(tmp_path, flags(tmp_path / "frozen", TINY_PLAIN, "--epochs", 2,
@@ -232,11 +234,11 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
-    checkpoint = out / "checkpoint" / "checkpoint.safetensors"
+    path = checkpoint.path_in(out)
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+    while not path.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert checkpoint.exists(), launcher.stderr.read().decode()[-2000:]
+    assert path.exists(), launcher.stderr.read().decode()[-2000:]
     workers = [pid for child in children(launcher.pid) for pid in [child, *children(child)]]
     victim = next(pid for pid in workers if rank_of(pid) == 1)
     killed = time.monotonic()
@@ -249,8 +251,8 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     assert code != 0
     assert time.monotonic() - killed < 90
     # The checkpoint on disk is whole (written atomically) and loads into the model.
-    metadata, tensors = train.read_checkpoint(checkpoint)
+    saved = checkpoint.read(path)
     model = MultiTaskModel(load_pretrained(TINY_PLAIN), n_classes=4, n_tags=9)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    assert json.loads(metadata["state"])["epoch"] >= 1
+    model.load_state_dict(saved.model)
+    assert saved.progress.epoch >= 1
     assert load_multitask(out).cls_head.out.weight.shape == (4, 32)

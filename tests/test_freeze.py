@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 import freeze
 import train
+from runtime import optimizer_step
 from data import collate, encode_classification, encode_ner, load_tokenizer, read_ag_news, read_conll
 from lr import param_groups, part_rates
 from model import MultiTaskModel, load_pretrained
@@ -37,7 +38,7 @@ def three_steps(spec, batches):
         loss = train.task_loss(model(batch["input_ids"], batch["attention_mask"], task), batch["labels"], task)
         if loss.requires_grad:
             scaler.scale(loss).backward()
-            train.optimizer_step(optimizer, scaler, clip=1.0)
+            optimizer_step(optimizer, scaler, clip=1.0)
     return before, dict(model.named_parameters()), model, optimizer
 
 
@@ -109,3 +110,24 @@ def test_gradual_unfreezing_across_epochs(tmp_path):
             changed = not torch.equal(value, previous[name])
             assert changed == (parameter_part(name) in moving), f"epoch {epoch}: {name} changed={changed}"
         previous = weights
+
+
+def test_plan_gives_each_epoch_its_frozen_parts():
+    plan = freeze.Plan.from_flags("ner-head", "gradual", 2)
+    assert plan.frozen_at(0) == {"embeddings", "layer.0", "layer.1", "pooler", "ner_head"}
+    assert plan.frozen_at(3) == {"ner_head"}
+    assert plan.trains(1) and not plan.backbone_fixed()
+    assert freeze.Plan.from_flags("backbone", "none", 2).backbone_fixed()  # its outputs can be stored
+    assert not freeze.Plan.from_flags("lower:2", "none", 2).backbone_fixed()  # the pooler still trains
+    assert not freeze.Plan.from_flags("all", "none", 2).trains(5)
+    assert freeze.Plan.from_flags("all", "gradual", 2).trains(2) is False  # --freeze all wins over unfreezing
+
+
+def test_a_task_trains_only_where_its_path_has_trainable_parameters():
+    model = MultiTaskModel(load_pretrained(TINY_PLAIN), pool="mean")
+    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,ner-head", 2))
+    # The pooler still trains, but NER steps never read it, and mean pooling does not either.
+    assert freeze.task_trains(model, "ag") and not freeze.task_trains(model, "ner")
+    model = MultiTaskModel(load_pretrained(TINY_PLAIN), pool="cls")
+    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,cls-head", 2))
+    assert freeze.task_trains(model, "ag")  # with cls pooling the classification path reads the pooler

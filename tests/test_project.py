@@ -1,15 +1,76 @@
-"""The project's own promises: CI runs the README's test command."""
+"""The project's own promises: CI runs the README's test command; the code and docs keep the shape they claim."""
+
+import ast
+import re
 
 from conftest import ROOT
+
+MODULES = sorted(ROOT.glob("*.py"))  # the project's own top-level modules
 
 
 def code_blocks(text):
     return text.split("```")[1::2]
 
 
+def readme_test_command(readme):
+    """The fresh-machine command that installs the test requirements and runs pytest."""
+    commands = [b.strip() for b in code_blocks(readme) if "requirements-dev.txt" in b and "pytest" in b]
+    assert len(commands) == 1, "the README should give exactly one set-up-and-test command"
+    return commands[0]
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    test_command = code_blocks(readme)[1].strip()
+    test_command = readme_test_command(readme)
     assert "pytest" in test_command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
+
+
+def test_the_readme_opens_with_the_two_fresh_machine_commands():
+    first, second = (b.strip() for b in code_blocks((ROOT / "README.md").read_text())[:2])
+    assert "requirements.txt" in first and "python download.py" in first and "python train.py" in first
+    assert second == readme_test_command((ROOT / "README.md").read_text())
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_no_module_imports_a_script():
+    """Imports run one way, down: train.py, bench.py, embed.py and download.py import no script."""
+    scripts = {"train", "bench", "embed", "download"}
+    for path in MODULES:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        assert not imported & (scripts - {path.stem}), f"{path.name} imports {imported & scripts}"
+
+
+def test_the_readme_is_a_map_and_its_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert len(docs) >= 3
+    for page in [ROOT / "README.md", *docs]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+    for doc in docs:
+        assert f"docs/{doc.name}" in readme, f"the README does not link to {doc.name}"
+
+
+def test_tests_holds_only_tests_conftest_and_fixtures():
+    others = [p.name for p in (ROOT / "tests").iterdir()
+              if p.name not in ("conftest.py", "fixtures", "__pycache__") and not re.fullmatch(r"test_\w+\.py", p.name)]
+    assert not others, f"not tests: {others} (scripts belong in scripts/)"

@@ -12,6 +12,7 @@ from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors import safe_open
 
 import train
+from runtime import Place, optimizer_step
 from data import load_splits, load_tokenizer
 from model import MultiTaskModel, load_multitask, load_pretrained
 
@@ -49,7 +50,7 @@ def test_full_tiny_run_writes_every_output(tmp_path, capsys):
     load_pretrained(out)  # the encoder part is a plain BERT checkpoint
     tokenizer = load_tokenizer(TINY_PLAIN)
     splits = load_splits(DATA, tokenizer, 64)
-    again = train.evaluate(model, splits["ag"]["test"], splits["ner"]["test"], torch.device("cpu"), None, 8, 0)
+    again = train.evaluate(model, splits["ag"]["test"], splits["ner"]["test"], Place(torch.device("cpu")), 8, 0)
     for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall"):
         assert again[key] == summary[key]
 
@@ -117,11 +118,11 @@ def test_fp16_scaler_skips_a_step_with_an_inf_gradient():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     backward()
     model.cls_head.out.weight.grad[0, 0] = float("inf")  # as an fp16 overflow would leave it
-    assert train.optimizer_step(optimizer, scaler, clip=1.0) is True
+    assert optimizer_step(optimizer, scaler, clip=1.0) is True
     assert scaler.get_scale() == 512.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     backward()
-    assert train.optimizer_step(optimizer, scaler, clip=1.0) is False
+    assert optimizer_step(optimizer, scaler, clip=1.0) is False
     assert not torch.equal(model.cls_head.out.weight, before["cls_head.out.weight"])
 
 
@@ -225,23 +226,23 @@ def test_bad_flag_from_the_command_line(tmp_path):
     assert result.stderr.startswith("error: argument --freeze: 'lower:9'")
 
 
-def test_frozen_backbone_cache_trains_the_heads_like_the_uncached_path(tmp_path, monkeypatch, capsys):
+def test_frozen_backbone_feature_store_trains_the_heads_like_the_backbone_path(tmp_path, monkeypatch, capsys):
     common = ("--epochs", 2, "--freeze", "backbone", "--lr", "1e-3", "--head-lr", "1e-2", "--embed-dim", 16)
-    cached = run_recording_losses(monkeypatch, flags(tmp_path / "cached", *common))
-    assert "frozen-backbone cache: 62 examples" in capsys.readouterr().out  # 38 AG + 24 CoNLL
-    plain = run_recording_losses(monkeypatch, flags(tmp_path / "plain", *common, "--no-cache"))
-    assert "frozen-backbone cache" not in capsys.readouterr().out
-    assert len(cached) == len(plain) == 24
-    assert max(abs(a - b) for a, b in zip(cached, plain)) <= 1e-5
-    a, b = checkpoint_weights(tmp_path / "cached"), checkpoint_weights(tmp_path / "plain")
+    stored = run_recording_losses(monkeypatch, flags(tmp_path / "stored", *common))
+    assert "frozen-backbone feature store: 62 examples" in capsys.readouterr().out  # 38 AG + 24 CoNLL
+    plain = run_recording_losses(monkeypatch, flags(tmp_path / "plain", *common, "--no-feature-store"))
+    assert "frozen-backbone feature store" not in capsys.readouterr().out
+    assert len(stored) == len(plain) == 24
+    assert max(abs(a - b) for a, b in zip(stored, plain)) <= 1e-5
+    a, b = checkpoint_weights(tmp_path / "stored"), checkpoint_weights(tmp_path / "plain")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not torch.equal(a["model.cls_head.out.weight"],
                            MultiTaskModel(load_pretrained(TINY_PLAIN)).cls_head.out.weight)  # the heads trained
 
 
-def test_cache_over_its_limit_falls_back_to_running_the_backbone(tmp_path, capsys):
-    assert train.main(flags(tmp_path / "run", "--epochs", 1, "--freeze", "backbone", "--cache-limit-mb", 0)) == 0
-    assert "over --cache-limit-mb 0; not caching" in capsys.readouterr().out
+def test_feature_store_over_its_limit_falls_back_to_running_the_backbone(tmp_path, capsys):
+    assert train.main(flags(tmp_path / "run", "--epochs", 1, "--freeze", "backbone", "--feature-store-limit-mb", 0)) == 0
+    assert "over --feature-store-limit-mb 0; the steps run the backbone instead" in capsys.readouterr().out
 
 
 def test_compiled_encoder_trains_and_evaluates_like_eager(tmp_path, monkeypatch):
@@ -262,3 +263,15 @@ def test_compiled_encoder_trains_and_evaluates_like_eager(tmp_path, monkeypatch)
     scores = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("compiled", "eager")]
     for key in ("ag_accuracy", "ner_f1"):
         assert scores[0][key] == scores[1][key]
+
+
+@pytest.mark.parametrize("old, hint", [
+    ("--no-cache", "error: argument --no-cache: renamed; use --no-feature-store (the frozen backbone's outputs) "
+                   "or --no-data-cache (tokenized data)\n"),
+    ("--cache-limit-mb=64", "error: argument --cache-limit-mb: renamed; use --feature-store-limit-mb\n"),
+])
+def test_renamed_flags_are_refused_with_their_new_names(tmp_path, capsys, old, hint):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(flags(tmp_path / "run", "--freeze", "backbone", old))
+    assert exit_.value.code == 2 and capsys.readouterr().err == hint
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,6 @@
 """Markdown tables from the summary.json and metrics.jsonl files of training runs.
 
-    python scripts/tabulate.py OUT_DIR [NAME ...]
+    python scripts/results_table.py OUT_DIR [NAME ...]
 
 One row per run: its flags that differ from the defaults, the best
 validation scores, training speed, time and peak memory.
@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train import parse_args
 
 DEFAULTS = vars(parse_args([]))
-IGNORED = {"data", "model", "out", "log_every", "no_data_cache", "resume", "stop_after"}
+IGNORED = {"data", "model", "out", "log_every", "no_data_cache", "resume", "stop_after", "no_feature_store",
+           "feature_store_limit_mb"}
 
 
 def row(run):

@@ -3,7 +3,7 @@
 Run by hand, where seqeval is installed and the real CoNLL-2003 valid file is at hand:
 
     pip install seqeval==1.2.2
-    python tests/make_seqeval_fixture.py ../shared/data/conll2003/valid.txt
+    python scripts/make_seqeval_fixture.py DATA/conll2003/valid.txt
 
 Each case is a small corpus: a few real gold tag sequences, and predictions
 made from them by random edits (a tag replaced by any of the 9, an entity's
@@ -52,7 +52,7 @@ def main(path, n_cases=240):
                       "precision": float(precision_score(gold, pred, zero_division=0)),
                       "recall": float(recall_score(gold, pred, zero_division=0)),
                       "f1": float(f1_score(gold, pred, zero_division=0)), "per_type": per_type})
-    out = Path(__file__).parent / "fixtures" / "seqeval_cases.json"
+    out = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "seqeval_cases.json"
     out.write_text(json.dumps(cases, indent=0) + "\n")
     print(f"wrote {len(cases)} cases to {out}")
 

@@ -2,7 +2,7 @@
 
 Run by hand (it is not a test), then time train.py on the same data and compare:
 
-    time python tests/speed_vs_transformers.py --model MODEL --data DATA --epochs 2 --out runs/hf
+    time python scripts/speed_vs_transformers.py --model MODEL --data DATA --epochs 2 --out runs/hf
     time python train.py --model MODEL --data DATA --epochs 2 --out runs/ours
 
 What is the same as train.py's defaults: the data and its splits (data.py's

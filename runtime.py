@@ -1,0 +1,97 @@
+"""What every script needs at run time: one-line errors, the device and precision, the optimizer step, output.
+
+train.py, bench.py (and any later script) import these from here, never
+from each other. Reading order: UsageError -> Place (device, autocast dtype,
+this process's rank) -> optimizer_step (the one AMP path: unscale, clip,
+step, update) -> small output helpers.
+"""
+
+import json
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+
+
+class UsageError(Exception):
+    """A bad flag or input; a script prints it as one line and exits with status 2."""
+
+
+def pick_device(name):
+    """"auto" | "cpu" | "cuda" -> torch.device; asking for a missing GPU is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_amp(amp, device):
+    """--amp auto|fp16|bf16|off -> the autocast dtype, or None for fp32."""
+    if device.type == "cpu":
+        if amp == "fp16":
+            raise UsageError("argument --amp: fp16 needs a CUDA GPU (fp16 autocast with a GradScaler is the CUDA "
+                             "path here); on the CPU use --amp bf16 or off")
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+PRECISION_NAMES = {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bf16 autocast"}
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where batches run: the device, the autocast dtype (None: fp32), and this process's
+    share of the work (rank of world_size; 0 of 1 without torchrun)."""
+    device: torch.device
+    amp_dtype: torch.dtype = None
+    rank: int = 0
+    world_size: int = 1
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def scaler(self):
+        """A GradScaler that works only for fp16, whose small range needs loss scaling; bf16 and fp32 do not."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+
+    def to_device(self, batch):
+        """A collated batch's tensors on the device; on a GPU through pinned memory, without waiting."""
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory().to(self.device, non_blocking=True) if pin else v) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def peak_memory_mb(self):
+        """Peak GPU memory allocated, or on the CPU the process's largest resident size so far."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def optimizer_step(optimizer, scaler, clip):
+    """Unscale, clip, step, update. Returns True if the step was skipped for inf/NaN gradients."""
+    scaler.unscale_(optimizer)  # clipping must see the true gradients, not the scaled ones
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skips the step if any gradient is inf or NaN
+    scaler.update()  # ... and then lowers the scale
+    optimizer.zero_grad(set_to_none=True)
+    return scaler.is_enabled() and scaler.get_scale() < scale
+
+
+def write_json(path, data, lines=False):
+    """Write JSON (or JSON lines, one object per item) atomically: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    text = "".join(json.dumps(r) + "\n" for r in data) if lines else json.dumps(data, indent=2) + "\n"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def duration(seconds):
+    """12m05s, or 1h02m past an hour."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
