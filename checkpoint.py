@@ -17,7 +17,6 @@ stopped (tests/test_train.py checks it loss by loss).
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError
+from runtime import atomic_write
 
 
 @dataclass
@@ -71,9 +71,7 @@ def save(path, ckpt):
     metadata = {"state": json.dumps(asdict(ckpt.progress)), "param_groups": json.dumps(ckpt.optimizer["param_groups"]),
                 "scaler": json.dumps(ckpt.scaler)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read(path):

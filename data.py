@@ -23,7 +23,6 @@ import argparse
 import csv
 import hashlib
 import io
-import os
 import re
 import sys
 import time
@@ -36,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
+
+from runtime import atomic_write
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 AG_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # label = AG class - 1
@@ -311,9 +312,7 @@ def save_cache(data, path):
         arrays["word_tags"], arrays["word_offsets"] = _pack([[NER_ID[t] for t in tags] for tags in data.word_tags])
         arrays["first_piece"], _ = _pack(data.first_piece)  # same offsets as word_tags
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may write at once
-    save_file(arrays, tmp, metadata={"task": data.task})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"task": data.task}))  # ranks may write at once
 
 
 def load_cache(path, task):

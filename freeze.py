@@ -242,7 +242,6 @@ class Runner:
 
     def __init__(self, model, place, features=None):
         self.model, self.place, self.features = model, place, features
-        self.wrapped = None
         self.rebuild()
 
     def rebuild(self):

@@ -18,7 +18,6 @@ with 1 = a real token, 0 = padding.
 """
 
 import json
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from runtime import atomic_write
 
 
 # --- The encoder --------------------------------------------------------------------
@@ -557,15 +558,8 @@ def save_multitask(model, out_dir, extra=None):
         tensors.update((key, t.contiguous()) for key, t in parts.items())
     config = {f.name: getattr(model.bert.config, f.name) for f in fields(BertConfig)}
     config.update(model_type="bert", hidden_act="gelu", multitask=model.settings(), **(extra or {}))
-    _atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    _atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
-
-
-def _atomic_write(path, write):
-    """Call write(temporary path), then rename it over path: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
 def load_multitask(model_dir, device="cpu"):

@@ -1,7 +1,8 @@
 """What every script needs at run time: one-line errors, the device and precision, the optimizer step, output.
 
 train.py, bench.py (and any later script) import these from here, never
-from each other. Reading order: UsageError -> Place (device, autocast dtype,
+from each other; model.py, data.py and checkpoint.py write files through
+atomic_write. Reading order: UsageError -> Place (device, autocast dtype,
 this process's rank) -> optimizer_step (the one AMP path: unscale, clip,
 step, update) -> small output helpers.
 """
@@ -10,6 +11,7 @@ import json
 import os
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -83,12 +85,22 @@ def optimizer_step(optimizer, scaler, clip):
     return scaler.is_enabled() and scaler.get_scale() < scale
 
 
-def write_json(path, data, lines=False):
-    """Write JSON (or JSON lines, one object per item) atomically: a temporary file, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    text = "".join(json.dumps(r) + "\n" for r in data) if lines else json.dumps(data, indent=2) + "\n"
-    tmp.write_text(text)
+def atomic_write(path, write):
+    """Call write(temporary path), then rename it over path: readers never see half a file.
+
+    The temporary name holds the process id, so that processes writing the same
+    file at once (ranks filling the data cache) do not write into each other's.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path, data, lines=False):
+    """Write JSON (or JSON lines, one object per item) atomically."""
+    text = "".join(json.dumps(r) + "\n" for r in data) if lines else json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def duration(seconds):

@@ -227,19 +227,34 @@ class Run:
     pad_multiple: int  # batch widths are rounded up to a multiple of this (8 with --compile)
     model: MultiTaskModel
     plan: freeze.Plan  # the frozen parts of every epoch
-    rates: dict  # part -> base learning rate (lr.part_rates)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     runner: freeze.Runner  # what a step calls
     sampler: MultiTaskSampler
     n_labels: dict  # task -> labels per training example (task_loss's normalizer)
-    total_steps: int
-    warmup_steps: int
+    steps_per_epoch: int
     progress: Progress  # the counters every checkpoint saves
     control: object  # the process group for agreeing on a stop (None on one process)
     started: float  # time.perf_counter() at start
     data_seconds: float
     best_weights: dict = None  # the best epoch's weights, kept in memory on every rank
+
+    @property
+    def total_steps(self):
+        return self.args.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self):
+        return int(self.args.warmup * self.total_steps)
+
+    @property
+    def rates(self):
+        return base_rates(self.args, self.plan.num_layers)
+
+
+def base_rates(args, num_layers):
+    """part -> base learning rate, from the flags of Task 4 (lr.part_rates)."""
+    return part_rates(num_layers, args.lr, args.lr_decay, args.head_lr, args.cls_lr, args.ner_lr)
 
 
 def open_inputs(args):
@@ -289,8 +304,7 @@ def build_model(args, bert, plan, place, log):
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))
-    rates = part_rates(plan.num_layers, args.lr, args.lr_decay, args.head_lr, args.cls_lr, args.ner_lr)
-    groups = param_groups(model, rates, args.weight_decay)
+    groups = param_groups(model, base_rates(args, plan.num_layers), args.weight_decay)
     optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
                                   fused=place.device.type == "cuda")
     log("optimizer groups:\n" + format_groups(groups))
@@ -298,7 +312,7 @@ def build_model(args, bert, plan, place, log):
         + (", torch.compile on the encoder" if args.compile else ""))
     if args.compile:
         model.bert.compile()  # in place: parameter names, checkpoints and model.features stay as they are
-    return model, rates, optimizer, place.scaler()
+    return model, optimizer, place.scaler()
 
 
 def set_up(args):
@@ -313,7 +327,7 @@ def set_up(args):
     for task, by in splits.items():
         log(f"{task}: " + ", ".join(f"{s} {len(p):,} ({sum(p.truncated)} truncated)" for s, p in by.items()))
 
-    model, rates, optimizer, scaler = build_model(args, bert, plan, place, log)
+    model, optimizer, scaler = build_model(args, bert, plan, place, log)
     if place.world_size > 1:
         torch.manual_seed(args.seed + 1_000_003 * place.rank)  # different dropout on each rank
     sampler = MultiTaskSampler({t: part.lengths() for t, part in train.items()}, args.batch_size, args.seed,
@@ -323,7 +337,8 @@ def set_up(args):
     if saved is not None:
         # Replay the unfreezing the saved run had done, so the optimizer has the same groups.
         for epoch in range(1, saved.progress.epoch + (saved.progress.batch > 0)) if plan.gradual else ():
-            freeze.release(model, optimizer, plan.frozen_at(epoch), rates, args.weight_decay)
+            freeze.release(model, optimizer, plan.frozen_at(epoch), base_rates(args, plan.num_layers),
+                           args.weight_decay)
         progress = checkpoint.restore(saved, checkpoint.path_in(out), model, optimizer, scaler, place.rank)
         progress.run = vars(args)
         log(f"resumed from {checkpoint.path_in(out)}: epoch {progress.epoch + 1}, batch {progress.batch}, "
@@ -337,12 +352,11 @@ def set_up(args):
     if trains and plan.backbone_fixed() and not args.no_feature_store:
         features = freeze.FeatureStore.build(model, train, place, 2 * args.batch_size, pad_id, pad_multiple,
                                              args.feature_store_limit_mb, log)
-    total_steps = args.epochs * steps_per_epoch
     run = Run(args=args, out=out, place=place, log=log, splits=splits, pad_id=pad_id, pad_multiple=pad_multiple,
-              model=model, plan=plan, rates=rates, optimizer=optimizer, scaler=scaler,
+              model=model, plan=plan, optimizer=optimizer, scaler=scaler,
               runner=freeze.Runner(model, place, features), sampler=sampler,
-              n_labels={task: label_counts(part) for task, part in train.items()}, total_steps=total_steps,
-              warmup_steps=int(args.warmup * total_steps), progress=progress,
+              n_labels={task: label_counts(part) for task, part in train.items()},
+              steps_per_epoch=steps_per_epoch, progress=progress,
               control=distributed.control_group(place), started=started, data_seconds=data_seconds)
     shown = (f"global batch {sampler.batch_size} = {args.batch_size} per rank x {place.world_size} ranks"
              if place.world_size > 1 else f"batch {args.batch_size}")
