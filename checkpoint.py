@@ -41,6 +41,7 @@ class Progress:
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped for inf/NaN gradients
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    eval_examples: int = 0  # examples evaluated so far: with eval_seconds, the rate behind the ETA
     loss_sum: float = 0.0  # the current epoch's logged training losses so far, for its mean
     loss_count: int = 0
 
@@ -99,7 +100,7 @@ def read(path):
 
 # Flags that may change between a run and its --resume; every other flag must stay the same.
 RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "no_feature_store",
-                     "feature_store_limit_mb", "device", "compile"}
+                     "feature_store_limit_mb", "feature_cache_limit_mb", "device", "compile"}
 
 
 def check_resume(path, progress, flags, world_size):

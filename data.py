@@ -24,6 +24,7 @@ import csv
 import hashlib
 import io
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from runtime import atomic_write
+from runtime import Report, atomic_write
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 AG_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # label = AG class - 1
@@ -200,7 +201,15 @@ def load_tokenizer(model_dir):
     tokenizer.no_truncation()
     return tokenizer
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
+
+def copy_tokenizer(model_dir, out_dir):
+    """Copy the tokenizer files of a model folder to out_dir (a run folder), so that out_dir is a
+    complete model folder: load_tokenizer, predict.py and embed.py read it as they read model_dir."""
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).exists():
+            atomic_write(Path(out_dir) / name, lambda tmp: shutil.copyfile(Path(model_dir) / name, tmp))
 
 def check_fits(tokenizer, config, max_len, model_dir):
     """The tokenizer's ids and max_len must fit the model's embedding tables."""
@@ -223,6 +232,8 @@ class TaskData:
     truncated: list  # per example: True if it was cut at max_len
     word_tags: list = None  # ner: the gold IOB2 tag of every word, cut-off words included
     first_piece: list = None  # ner: per word, the position of its first piece; -1 if none is left
+    source: str = None  # a fingerprint of the file and tokenization it came from (encode_file)
+    rows: list = None  # per example, its row (ag) or sentence (ner) number in that file
 
     def __len__(self):
         return len(self.input_ids)
@@ -234,28 +245,36 @@ class TaskData:
         def pick(rows):
             return None if rows is None else [rows[i] for i in indices]
         return TaskData(self.task, pick(self.input_ids), pick(self.labels), pick(self.truncated),
-                        pick(self.word_tags), pick(self.first_piece))
+                        pick(self.word_tags), pick(self.first_piece), self.source, pick(self.rows))
 
 
-def _encode(tokenizer, inputs, max_len, pretokenized=False):
-    """The batch API with truncation to max_len ids, [CLS] and [SEP] included; [SEP] is kept."""
+def _encode(tokenizer, inputs, max_len, pretokenized=False, report=None, chunk=4096):
+    """The batch API with truncation to max_len ids, [CLS] and [SEP] included; [SEP] is kept.
+
+    Inputs go in chunks, so that a runtime.Report can show progress on a large file.
+    """
     tokenizer.enable_truncation(max_len)
+    encodings = []
     try:
-        return tokenizer.encode_batch(inputs, is_pretokenized=pretokenized)
+        for start in range(0, len(inputs), chunk):
+            encodings += tokenizer.encode_batch(inputs[start:start + chunk], is_pretokenized=pretokenized)
+            if report is not None:
+                report.update(len(inputs[start:start + chunk]))
     finally:
         tokenizer.no_truncation()  # leave the shared tokenizer as load_tokenizer made it
+    return encodings
 
 
-def encode_classification(rows, tokenizer, max_len):
+def encode_classification(rows, tokenizer, max_len, report=None):
     """[(text, label)] -> TaskData of [CLS] text [SEP]."""
-    encodings = _encode(tokenizer, [text for text, _ in rows], max_len)
+    encodings = _encode(tokenizer, [text for text, _ in rows], max_len, report=report)
     return TaskData("ag", [e.ids for e in encodings], [label for _, label in rows],
                     [bool(e.overflowing) for e in encodings])
 
 
-def encode_ner(sentences, tokenizer, max_len):
+def encode_ner(sentences, tokenizer, max_len, report=None):
     """[(words, tags)] -> TaskData with each word's tag on its first piece and IGNORE_INDEX elsewhere."""
-    encodings = _encode(tokenizer, [words for words, _ in sentences], max_len, pretokenized=True)
+    encodings = _encode(tokenizer, [words for words, _ in sentences], max_len, pretokenized=True, report=report)
     labels, first_pieces = [], []
     for (words, tags), encoding in zip(sentences, encodings):
         piece_labels = [IGNORE_INDEX] * len(encoding.ids)
@@ -326,24 +345,35 @@ def load_cache(path, task):
                     _unpack(arrays["first_piece"], arrays["word_offsets"]))
 
 
-def encode_file(path, task, tokenizer, max_len, cache_dir=None):
-    """Read and tokenize one file, through the cache when cache_dir is given."""
+def encode_file(path, task, tokenizer, max_len, cache_dir=None, log=None):
+    """Read and tokenize one file, through the cache when cache_dir is given; progress lines go to log.
+
+    The result's `source` fingerprints the file's bytes, the tokenizer and
+    max_len (the frozen-backbone features are keyed by it, see features.py).
+    """
     read, encode = (read_ag_news, encode_classification) if task == "ag" else (read_conll, encode_ner)
     path, cached = Path(path), None
-    if cache_dir is not None and path.exists():
-        key = _cache_key(path, tokenizer, max_len)
+    key = _cache_key(path, tokenizer, max_len) if path.exists() else None
+    if cache_dir is not None and key is not None:
         cached = Path(cache_dir) / f"{path.parent.name}-{path.stem}-{key}.safetensors"
         if cached.exists():
             try:
-                return load_cache(cached, task)
+                return _with_source(load_cache(cached, task), key)
             except (SafetensorError, KeyError) as e:
                 print(f"warning: {cached}: unreadable cache ({e}); tokenizing again", file=sys.stderr)
-    data = encode(read(path), tokenizer, max_len)  # a missing file raises its error here
+    examples = read(path)  # a missing file raises its error here
+    report = Report(f"tokenizing {path.parent.name}/{path.name}", len(examples), log) if log else None
+    data = _with_source(encode(examples, tokenizer, max_len, report), key)
     if cached is not None:
         try:
             save_cache(data, cached)
         except OSError as e:  # a read-only data folder, say: run on without a cache
             print(f"warning: cannot write the cache {cached} ({e.strerror}); continuing without it", file=sys.stderr)
+    return data
+
+
+def _with_source(data, key):
+    data.source, data.rows = key, list(range(len(data)))
     return data
 
 
@@ -357,33 +387,46 @@ def collate(data, indices, pad_id=0, multiple=1):
     Returns the task name, input_ids and attention_mask (B, T), and labels:
     (B,) class ids for ag, (B, T) tag ids for ner with IGNORE_INDEX on padding.
     """
-    rows = [data.input_ids[i] for i in indices]
+    input_ids, attention_mask = pad([data.input_ids[i] for i in indices], pad_id, multiple)
+    if data.task == "ner":
+        labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+        for row, i in enumerate(indices):
+            labels[row, :len(data.labels[i])] = data.labels[i]
+    else:
+        labels = np.array([data.labels[i] for i in indices], dtype=np.int64)
+    return {"task": data.task, "input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": torch.from_numpy(labels)}
+
+
+def pad(rows, pad_id=0, multiple=1):
+    """Token id lists -> input_ids and attention_mask (B, T), T the longest row rounded up to `multiple`."""
     width = -(-max(map(len, rows)) // multiple) * multiple
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64) if data.task == "ner" else None
-    for row, (i, ids) in enumerate(zip(indices, rows)):
+    for row, ids in enumerate(rows):
         input_ids[row, :len(ids)] = ids
         attention_mask[row, :len(ids)] = 1
-        if labels is not None:
-            labels[row, :len(ids)] = data.labels[i]
-    if labels is None:
-        labels = np.array([data.labels[i] for i in indices], dtype=np.int64)
-    return {"task": data.task, "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask), "labels": torch.from_numpy(labels)}
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+def length_batches(lengths, batch_size, rank=0, world_size=1):
+    """Example indices in batches of similar length, longest first, over a whole split; batch b
+    goes to rank b % world_size only. For evaluation and for computing features, where order does
+    not matter and padding is waste.
+
+    Longest first, because the first batch then allocates the largest buffers and every later
+    batch fits in them. Shortest first, each batch needs slightly larger buffers than any freed
+    so far, and the process's heap grew to 12 GB over one pass of MiniLM on 120,000 rows.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[start:start + batch_size].tolist() for b, start in enumerate(range(0, len(lengths), batch_size))
+            if b % world_size == rank]
 
 
 def batches_by_length(data, batch_size, pad_id=0, multiple=1, rank=0, world_size=1):
-    """(example indices, collated batch) over all of one split, similar lengths together: for
-    evaluation and for computing features, where order does not matter and padding is waste.
-
-    With world_size > 1, batch b goes to rank b % world_size only.
-    """
-    order = np.argsort(data.lengths(), kind="stable")
-    for b, start in enumerate(range(0, len(data), batch_size)):
-        if b % world_size == rank:
-            indices = order[start:start + batch_size].tolist()
-            yield indices, collate(data, indices, pad_id, multiple)
+    """(example indices, collated batch) for this rank's length_batches of one split."""
+    for indices in length_batches(data.lengths(), batch_size, rank, world_size):
+        yield indices, collate(data, indices, pad_id, multiple)
 
 
 class MultiTaskSampler:
@@ -445,6 +488,15 @@ class MultiTaskSampler:
         order = np.random.default_rng([self.seed, epoch, 1_000_003]).permutation(len(batches))
         return [batches[i] for i in order]
 
+    def reads(self, first_epoch, first_batch, last_epoch):
+        """{task: sorted example indices} that this rank's shares read from batch first_batch of
+        first_epoch up to the end of epoch last_epoch - 1."""
+        read = {task: set() for task in self.lengths}
+        for epoch in range(first_epoch, last_epoch):
+            for task, indices in self.epoch(epoch)[first_batch if epoch == first_epoch else 0:]:
+                read[task].update(self.share(indices))
+        return {task: sorted(indices) for task, indices in read.items()}
+
     def share(self, indices):
         """This rank's part of a global batch: the r-th of world_size nearly equal slices."""
         n, w, r = len(indices), self.world_size, self.rank
@@ -466,7 +518,8 @@ def padding_fraction(batches, lengths):
 AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train
 
 
-def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "valid", "test"), split_seed=0):
+def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "valid", "test"), split_seed=0,
+                log=None):
     """{"ag": {split: TaskData}, "ner": {split: TaskData}} from the data directory (see download.py).
 
     The AG validation split is fixed by split_seed, not by a run's --seed,
@@ -475,13 +528,14 @@ def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "
     data_dir = Path(data_dir)
     out = {"ag": {}, "ner": {}}
     if "train" in splits or "valid" in splits:
-        ag_train = encode_file(data_dir / "ag_news" / "train.csv", "ag", tokenizer, max_len, cache_dir)
+        ag_train = encode_file(data_dir / "ag_news" / "train.csv", "ag", tokenizer, max_len, cache_dir, log)
         kept, held = split_off(len(ag_train), AG_VALID_FRACTION, split_seed)
         out["ag"].update(train=ag_train.subset(kept), valid=ag_train.subset(held))
     if "test" in splits:
-        out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir)
+        out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir, log)
     for split in splits:
-        out["ner"][split] = encode_file(data_dir / "conll2003" / f"{split}.txt", "ner", tokenizer, max_len, cache_dir)
+        out["ner"][split] = encode_file(data_dir / "conll2003" / f"{split}.txt", "ner", tokenizer, max_len,
+                                        cache_dir, log)
     for task in out:
         out[task] = {s: out[task][s] for s in splits}
     return out

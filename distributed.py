@@ -12,7 +12,7 @@ collectives here, and where the loop calls them:
 
   wrap          building DistributedDataParallel (it broadcasts rank 0's weights);
                 at set-up and after each gradual release
-  agree         after every training step: did any rank get a stop signal?
+  agree         after every training step: did any rank get a stop signal? is a log line due?
   mean          at each log line: the global batch's losses
   sum_counts    at the end of each evaluation: correct predictions, entity counts
   rng_states    before each checkpoint: every rank's random-number state
@@ -81,13 +81,13 @@ def wrap(module, place):
                                    find_unused_parameters=True)
 
 
-def agree(number, group, place):
-    """The largest of the ranks' numbers (e.g. a signal number, 0 for none), on every rank."""
+def agree(numbers, group, place):
+    """Per position, the largest of the ranks' numbers (a signal number, 0 for none; 1 if a log line is due), on every rank."""
     if place.world_size == 1:
-        return number
-    t = torch.tensor([number])
+        return numbers
+    t = torch.tensor(numbers)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
+    return t.tolist()
 
 
 def mean(values, place):

@@ -1,4 +1,4 @@
-"""Which parameters train (Task 3): freezing strategies, gradual unfreezing, and a frozen backbone's feature store.
+"""Which parameters train (Task 3): freezing strategies, gradual unfreezing, and what a training step calls.
 
 A frozen parameter has requires_grad = False: it gets no gradient, the
 optimizer never holds it (lr.py builds groups from trainable parameters
@@ -20,18 +20,16 @@ one layer per epoch from the top down, the embeddings last.
 
 Reading order: the strategies (parse_freeze, gradual_frozen) -> Plan, the
 run's schedule -> apply_freeze / release (requires_grad, and the optimizer
-groups of released parameters) -> FeatureStore, a frozen backbone's outputs
-computed once -> Runner, what a training step calls (the model, or its heads
-on stored features; wrapped in DDP under torchrun, rebuilt after a release).
+groups of released parameters) -> Runner, what a training step calls (the
+model, or its heads on a frozen backbone's stored features, features.py;
+wrapped in DDP under torchrun, rebuilt after a release).
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 import distributed
-from data import batches_by_length
 from lr import param_groups
 from model import parameter_part
 
@@ -103,7 +101,7 @@ class Plan:
         return any(not every_part <= self.frozen_at(epoch) for epoch in range(epochs))
 
     def backbone_fixed(self):
-        """Is the whole backbone frozen for the whole run? Then its outputs can be computed once (FeatureStore)."""
+        """Is the whole backbone frozen for the whole run? Then its outputs can be computed once (features.py)."""
         return not self.gradual and backbone_parts(self.num_layers) <= self.base
 
 
@@ -163,64 +161,10 @@ def trainable_summary(model):
     return "\n".join(lines)
 
 
-# --- The frozen backbone's outputs, computed once ------------------------------------
-
-class FeatureStore:
-    """A frozen backbone's outputs for every training example: what the heads read.
-
-    With the whole backbone frozen for the whole run (Plan.backbone_fixed),
-    the encoder is a fixed function in eval mode, so the steps need not run
-    it. The store keeps, on the training device and in the autocast dtype
-    (the heads cast to it anyway), one pooled vector per AG example and the
-    token states of each CoNLL sentence. Every rank builds the whole store,
-    because its slices of later epochs can hold any example.
-    """
-
-    def __init__(self, rows):
-        self.rows = rows  # task -> [features of example i]: (H,) for ag, (T_i, H) for ner
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model, train, place, batch_size, pad_id, multiple, limit_mb, log):
-        """Run the encoder over train ({task: TaskData}); None, with a log line, if the store would pass limit_mb."""
-        dtype = place.amp_dtype or torch.float32
-        item = torch.finfo(dtype).bits // 8
-        need = (len(train["ag"]) + int(train["ner"].lengths().sum())) * model.bert.config.hidden_size * item / 2**20
-        if need > limit_mb:
-            log(f"frozen-backbone feature store: would need {need:,.0f} MB, over --feature-store-limit-mb "
-                f"{limit_mb}; the steps run the backbone instead")
-            return None
-        model.eval()
-        start = time.perf_counter()
-        rows = {}
-        for task, part in train.items():
-            rows[task] = [None] * len(part)
-            for indices, batch in batches_by_length(part, batch_size, pad_id, multiple):
-                batch = place.to_device(batch)
-                with place.autocast():
-                    features = model.features(batch["input_ids"], batch["attention_mask"], task)
-                for row, i in enumerate(indices):  # clone: a slice would keep the whole batch alive
-                    keep = features[row] if task == "ag" else features[row, :len(part.input_ids[i])]
-                    rows[task][i] = keep.to(dtype).clone()
-        log(f"frozen-backbone feature store: {len(train['ag']) + len(train['ner']):,} examples, {need:,.0f} MB on "
-            f"{place.device}, built in {time.perf_counter() - start:.1f} s; the steps now run only the heads")
-        return cls(rows)
-
-    def batch(self, task, indices, width):
-        """Stack (ag) or zero-pad to width (ner) the stored features of a batch; the loss never reads padding."""
-        rows = [self.rows[task][i] for i in indices]
-        if task == "ag":
-            return torch.stack(rows)  # (B, H)
-        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # (B, T, H)
-        for r, x in enumerate(rows):
-            out[r, :len(x)] = x
-        return out
-
-
 # --- What a training step calls ------------------------------------------------------
 
 class _Heads(torch.nn.Module):
-    """The heads alone, fed from a FeatureStore: a module of its own, so that DDP can wrap it."""
+    """The heads alone, fed from stored features: a module of its own, so that DDP can wrap it."""
 
     def __init__(self, model):
         super().__init__()
@@ -233,8 +177,8 @@ class _Heads(torch.nn.Module):
 class Runner:
     """What a training step calls, given what is frozen: logits for a batch.
 
-    Without a feature store it is the model; with one, the heads alone on
-    stored features. Under torchrun the module is wrapped in DDP
+    Without stored features it is the model; with them ({task: features.Features}
+    of the training split), the heads alone. Under torchrun the module is wrapped in DDP
     (distributed.wrap); a step of a task whose whole path is frozen calls the
     unwrapped module, because DDP would wait for gradients that never come.
     DDP fixes its parameters when built, so call rebuild() after release().
@@ -254,4 +198,4 @@ class Runner:
         module = self.wrapped if self.trains[task] else self.plain
         if self.features is None:
             return module(batch["input_ids"], batch["attention_mask"], task)
-        return module(self.features.batch(task, indices, batch["input_ids"].shape[1]), task)
+        return module(self.features[task].batch(indices, batch["input_ids"].shape[1]), task)

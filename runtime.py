@@ -4,12 +4,14 @@ train.py, bench.py (and any later script) import these from here, never
 from each other; model.py, data.py and checkpoint.py write files through
 atomic_write. Reading order: UsageError -> Place (device, autocast dtype,
 this process's rank) -> optimizer_step (the one AMP path: unscale, clip,
-step, update) -> small output helpers.
+step, update) -> small output helpers, and Report, the progress line of
+every long stage.
 """
 
 import json
 import os
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +95,12 @@ def atomic_write(path, write):
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, data, lines=False):
@@ -107,3 +113,37 @@ def duration(seconds):
     """12m05s, or 1h02m past an hour."""
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Report:
+    """Progress of one long stage (tokenizing, encoding features, an evaluation pass), as whole lines.
+
+    update() prints a line when `every` seconds have passed since the last
+    one: the count done, the rate and the ETA. Nothing is printed for a stage
+    that ends sooner. When the cost of an item varies (long and short
+    sentences), pass each item's cost, and the ETA follows the cost, not the
+    count. Whole lines, not a line redrawn with "\\r": they read the same on a
+    terminal, in a pipe and in a log file.
+    """
+
+    every = 10.0  # seconds between lines
+
+    def __init__(self, what, total, log=print, unit="examples", total_cost=None):
+        self.what, self.total, self.log, self.unit = what, total, log, unit
+        self.total_cost = total_cost if total_cost is not None else total
+        self.done = self.cost = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n, cost=None):
+        self.done += n
+        self.cost += n if cost is None else cost
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            seconds = now - self.start
+            eta = seconds * (self.total_cost - self.cost) / max(self.cost, 1)
+            self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}) | "
+                     f"{self.done / seconds:,.0f} {self.unit}/s | ETA {duration(eta)}", flush=True)
+
+    def seconds(self):
+        return time.perf_counter() - self.start

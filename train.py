@@ -32,11 +32,12 @@ import distributed
 import freeze
 from checkpoint import Checkpoint, Progress
 from data import (AG_CLASSES, IGNORE_INDEX, NER_TAGS, DataError, MultiTaskSampler, batches_by_length, check_fits,
-                  collate, limit_split, load_splits, load_tokenizer, word_tags)
+                  collate, copy_tokenizer, length_batches, limit_split, load_splits, load_tokenizer, word_tags)
+from features import DiskCache, FeatureStore
 from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import entity_counts, scores_from_counts
 from model import NORMS, POOLS, CheckpointError, MultiTaskModel, load_multitask, load_pretrained, save_multitask
-from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step, pick_amp, write_json
+from runtime import PRECISION_NAMES, Place, Report, UsageError, duration, optimizer_step, pick_amp, write_json
 
 
 class Renamed(argparse.Action):
@@ -71,6 +72,9 @@ def parse_args(argv=None):
                    help="with the whole backbone frozen, run it on every step instead of computing its outputs once")
     g.add_argument("--feature-store-limit-mb", type=int, default=4096,
                    help="largest frozen-backbone feature store to keep on the training device; past it, none")
+    g.add_argument("--feature-cache-limit-mb", type=int, default=10240,
+                   help="disk space for frozen-backbone features kept in DATA/.cache/features for later runs "
+                        "(least recently used go first; 0: store none)")
     g.add_argument("--no-cache", action=Renamed,
                    hint="use --no-feature-store (the frozen backbone's outputs) or --no-data-cache (tokenized data)")
     g.add_argument("--cache-limit-mb", action=Renamed, hint="use --feature-store-limit-mb")
@@ -112,7 +116,8 @@ def check_args(args):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be a number >= 0, got {value}")
     for flag, low in (("epochs", 1), ("batch_size", 1), ("max_len", 3), ("log_every", 1), ("limit", 1),
-                      ("embed_dim", 1), ("stop_after", 1), ("group_window", 0), ("feature_store_limit_mb", 0)):
+                      ("embed_dim", 1), ("stop_after", 1), ("group_window", 0), ("feature_store_limit_mb", 0),
+                      ("feature_cache_limit_mb", 0)):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
@@ -181,21 +186,32 @@ ENTITY_TYPES = sorted({tag[2:] for tag in NER_TAGS if tag != "O"})
 
 
 @torch.no_grad()
-def evaluate(model, ag, ner, place, batch_size, pad_id, multiple=1):
+def evaluate(model, ag, ner, place, batch_size, pad_id, multiple=1, features=None, log=None, what="evaluation"):
     """AG accuracy and CoNLL entity scores on one split (ag and ner: TaskData).
 
-    With several ranks, batch b goes to rank b % world_size, and the counts
-    (correct, and true positives, predictions and gold entities per type) are
-    summed over ranks: every rank gets exactly the scores of a single process.
+    features: {task: features.Features} of this split, from a frozen backbone;
+    then only the heads run. With several ranks, batch b goes to rank b %
+    world_size, and the counts (correct, and true positives, predictions and
+    gold entities per type) are summed over ranks: every rank gets exactly the
+    scores of a single process. log: progress lines every 10 s.
     """
     model.eval()
+    cost = sum(len(ids) for part in (ag, ner) for ids in part.input_ids)  # word pieces: the ETA follows them
+    report = Report(f"{what} pass", len(ag) + len(ner), log, total_cost=cost) if log else None
 
     def predictions(part):
         """(example indices, argmax per row) for this rank's batches."""
         for indices, batch in batches_by_length(part, batch_size, pad_id, multiple, place.rank, place.world_size):
             batch = place.to_device(batch)
             with place.autocast():
-                yield indices, model(batch["input_ids"], batch["attention_mask"], part.task).argmax(-1).tolist()
+                if features is None:
+                    logits = model(batch["input_ids"], batch["attention_mask"], part.task)
+                else:
+                    logits = model.head(features[part.task].batch(indices, batch["input_ids"].shape[1]), part.task)
+            if report:  # this rank's count, times the ranks: about the global count
+                pieces = sum(len(part.input_ids[i]) for i in indices)
+                report.update(len(indices) * place.world_size, pieces * place.world_size)
+            yield indices, logits.argmax(-1).tolist()
 
     correct = sum(p == ag.labels[i] for indices, predicted in predictions(ag) for p, i in zip(predicted, indices))
     gold, tags = [], []
@@ -229,7 +245,6 @@ class Run:
     plan: freeze.Plan  # the frozen parts of every epoch
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    runner: freeze.Runner  # what a step calls
     sampler: MultiTaskSampler
     n_labels: dict  # task -> labels per training example (task_loss's normalizer)
     steps_per_epoch: int
@@ -238,6 +253,8 @@ class Run:
     started: float  # time.perf_counter() at start
     data_seconds: float
     best_weights: dict = None  # the best epoch's weights, kept in memory on every rank
+    features: FeatureStore = None  # a frozen backbone's features of every example the run reads
+    runner: freeze.Runner = None  # what a step calls
 
     @property
     def total_steps(self):
@@ -276,6 +293,10 @@ def open_inputs(args):
         plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, bert.config.num_hidden_layers)
     except ValueError as e:
         raise UsageError(f"argument --freeze: {e}") from None
+    if plan.gradual and freeze.backbone_parts(plan.num_layers) <= plan.base:
+        raise UsageError(f"argument --unfreeze: gradual unfreezing releases the backbone layer by layer, but --freeze "
+                         f"{args.freeze} keeps all of it frozen; gradual already starts from a frozen backbone, so "
+                         "leave 'backbone' out of --freeze")
     if world_size > 1 and args.out is None:
         raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
     out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
@@ -293,7 +314,7 @@ def open_inputs(args):
     except OSError as e:
         raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
     data_cache = None if args.no_data_cache else Path(args.data) / ".cache"
-    splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=data_cache)
+    splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=data_cache, log=print if rank == 0 else None)
     return place, tokenizer, bert, plan, out, saved, splits
 
 
@@ -307,7 +328,8 @@ def build_model(args, bert, plan, place, log):
     groups = param_groups(model, base_rates(args, plan.num_layers), args.weight_decay)
     optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
                                   fused=place.device.type == "cuda")
-    log("optimizer groups:\n" + format_groups(groups))
+    if plan.trains(args.epochs):
+        log("optimizer groups:\n" + format_groups(groups))
     log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}"
         + (", torch.compile on the encoder" if args.compile else ""))
     if args.compile:
@@ -344,25 +366,47 @@ def set_up(args):
         log(f"resumed from {checkpoint.path_in(out)}: epoch {progress.epoch + 1}, batch {progress.batch}, "
             f"step {progress.step}")
 
-    trains = plan.trains(args.epochs)
-    if not trains:
-        log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is")
     pad_id, pad_multiple = tokenizer.token_to_id("[PAD]"), 8 if args.compile else 1
-    features = None
-    if trains and plan.backbone_fixed() and not args.no_feature_store:
-        features = freeze.FeatureStore.build(model, train, place, 2 * args.batch_size, pad_id, pad_multiple,
-                                             args.feature_store_limit_mb, log)
     run = Run(args=args, out=out, place=place, log=log, splits=splits, pad_id=pad_id, pad_multiple=pad_multiple,
-              model=model, plan=plan, optimizer=optimizer, scaler=scaler,
-              runner=freeze.Runner(model, place, features), sampler=sampler,
+              model=model, plan=plan, optimizer=optimizer, scaler=scaler, sampler=sampler,
               n_labels={task: label_counts(part) for task, part in train.items()},
               steps_per_epoch=steps_per_epoch, progress=progress,
               control=distributed.control_group(place), started=started, data_seconds=data_seconds)
+    on_rank0(run, copy_tokenizer, args.model, out)  # so that OUT is a complete model folder (predict.py)
+    run.features = frozen_features(run)
+    run.runner = freeze.Runner(model, place, run.features and run.features.of("train"))
+    if not plan.trains(args.epochs):
+        log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is, on the test split only")
+        return run
     shown = (f"global batch {sampler.batch_size} = {args.batch_size} per rank x {place.world_size} ranks"
              if place.world_size > 1 else f"batch {args.batch_size}")
     log(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({sampler.per_task:,} examples per task "
         f"per epoch, {shown}); warmup {run.warmup_steps} steps")
     return run
+
+
+def frozen_features(run):
+    """With the whole backbone frozen for the whole run, the features of every example the run
+    will read (features.py): the training rows of the epochs still to run, and this rank's
+    validation and test batches. None otherwise, or with --no-feature-store."""
+    args, place, progress = run.args, run.place, run.progress
+    if not run.plan.backbone_fixed() or args.no_feature_store:
+        return None
+    trains = run.plan.trains(args.epochs)
+    wanted = {}
+    if trains:
+        last = min(args.epochs, args.stop_after or args.epochs)
+        for task, rows in run.sampler.reads(progress.epoch, progress.batch, last).items():
+            wanted[(task, "train")] = (run.splits[task]["train"], rows)
+    for split in ("valid", "test") if trains else ("test",):
+        for task, by in run.splits.items():
+            batches = length_batches(by[split].lengths(), 2 * args.batch_size, place.rank, place.world_size)
+            wanted[(task, split)] = (by[split], [i for batch in batches for i in batch])
+    cache = None
+    if not args.no_data_cache and args.feature_cache_limit_mb > 0:
+        cache = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb, run.log)
+    return FeatureStore.build(run.model, wanted, place, 2 * args.batch_size, run.pad_id, run.pad_multiple,
+                              args.feature_store_limit_mb, cache, run.log)
 
 
 # --- One epoch ---------------------------------------------------------------------------
@@ -421,10 +465,11 @@ def train_epoch(run, epoch, stop):
         run.progress.batch = b + 1
         meter.add(task, loss, len(global_batch))
 
-        # termination conditions: every rank must stop at the same step, so they agree after every step
-        signum = distributed.agree(stop.signal, run.control, run.place)
-        # timing and logging
-        if run.progress.step % run.args.log_every == 0 or b + 1 == len(batches):
+        # termination and logging: every rank must stop (and log, a collective) at the same step, so
+        # they agree after every step; rank 0's clock asks for a line at least every LOG_SECONDS
+        due = run.place.rank == 0 and time.perf_counter() - meter.interval_start >= LOG_SECONDS
+        signum, due = distributed.agree([stop.signal, int(due)], run.control, run.place)
+        if run.progress.step % run.args.log_every == 0 or due or b + 1 == len(batches):
             log_interval(run, epoch, meter)
         if signum:
             break
@@ -432,16 +477,30 @@ def train_epoch(run, epoch, stop):
     return meter, signum
 
 
+LOG_SECONDS = 10.0  # the longest a run goes without a log line, whatever --log-every says
+
+
 def log_interval(run, epoch, meter):
     """One log line: step, epoch, mean loss per task, learning rates, speed, ETA."""
     losses = meter.drain(run.progress)
     speed = meter.interval_examples / (time.perf_counter() - meter.interval_start)
-    eta = (run.total_steps - run.progress.step) * run.sampler.batch_size / speed
+    eta = seconds_left(run, speed)
     shown = " ".join(f"{t} {sum(losses[t]) / len(losses[t]):.4f}" if t in losses else f"{t} -" for t in meter.losses)
     skipped = f" | {run.progress.skipped_steps} skipped steps" if run.scaler.is_enabled() else ""
     run.log(f"step {run.progress.step}/{run.total_steps} | epoch {epoch + 1} | loss {shown} | "
             f"{current_rates(run.optimizer)} | {speed:.1f} samples/s | ETA {duration(eta)}{skipped}", flush=True)
     meter.interval_start, meter.interval_examples = time.perf_counter(), 0
+
+
+def seconds_left(run, speed):
+    """The run's ETA: the training steps left at `speed` (examples/s), then the evaluation passes
+    still to come (one on validation per epoch, one on test) at the rate measured on the passes
+    so far, or before the first one at 3x the training rate (a forward pass without backward)."""
+    progress = run.progress
+    size = {split: sum(len(by[split]) for by in run.splits.values()) for split in ("valid", "test")}
+    to_evaluate = (run.args.epochs - len(progress.history)) * size["valid"] + size["test"]
+    eval_rate = progress.eval_examples / progress.eval_seconds if progress.eval_seconds else 3 * speed
+    return (run.total_steps - progress.step) * run.sampler.batch_size / speed + to_evaluate / eval_rate
 
 
 def current_rates(optimizer):
@@ -500,11 +559,14 @@ def stopped(run, epoch, meter, signum):
 
 
 def score_split(run, split):
-    """evaluate() on the valid or test split with the run's batching, timed into progress.eval_seconds."""
+    """evaluate() on the valid or test split with the run's batching (on stored features with a
+    frozen backbone), timed into progress.eval_seconds."""
     start = time.perf_counter()
-    metrics = evaluate(run.model, run.splits["ag"][split], run.splits["ner"][split], run.place,
-                       2 * run.args.batch_size, run.pad_id, run.pad_multiple)
+    ag, ner = run.splits["ag"][split], run.splits["ner"][split]
+    metrics = evaluate(run.model, ag, ner, run.place, 2 * run.args.batch_size, run.pad_id, run.pad_multiple,
+                       features=run.features and run.features.of(split), log=run.log, what=split)
     run.progress.eval_seconds += time.perf_counter() - start
+    run.progress.eval_examples += len(ag) + len(ner)
     return metrics
 
 
@@ -554,6 +616,7 @@ def final_test(run):
                              "eval": round(progress.eval_seconds, 2),
                              "total": round(time.perf_counter() - run.started, 2)},
                "parameters": parameters, "skipped_steps": progress.skipped_steps,
+               "feature_store": run.features and run.features.stats,
                "peak_memory_mb": round(run.place.peak_memory_mb(), 1)}
     on_rank0(run, write_json, run.out / "summary.json", summary)
     run.log(f"wrote {run.out / 'summary.json'}, {run.out / 'metrics.jsonl'}, {run.out / 'model.safetensors'}")

@@ -192,7 +192,9 @@ def test_a_task_with_nothing_to_train_is_skipped_not_fatal(tmp_path):
 def test_freeze_all_only_evaluates(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 2, "--freeze", "all")) == 0
-    assert "--freeze all: nothing trains; evaluating the model as it is" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "--freeze all: nothing trains; evaluating the model as it is, on the test split only" in log
+    assert "training:" not in log and "optimizer groups" not in log and "step " not in log  # no plan, no steps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parameters"]["trainable"] == 0 and summary["best_epoch"] is None
     assert not (out / "metrics.jsonl").exists()
@@ -209,6 +211,10 @@ def test_freeze_all_only_evaluates(tmp_path, capsys):
                                        "run `python download.py` first")),
     (["--max-len", "65"], "error: argument --max-len: 65 is more than the model's max_position_embeddings (64)"),
     (["--resume"], "error: argument --resume:"),
+    (["--freeze", "backbone", "--unfreeze", "gradual"],
+     "error: argument --unfreeze: gradual unfreezing releases the backbone layer by layer, but --freeze backbone "
+     "keeps all of it frozen; gradual already starts from a frozen backbone, so leave 'backbone' out of --freeze"),
+    (["--freeze", "all", "--unfreeze", "gradual"], "error: argument --unfreeze: gradual unfreezing releases"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
     argv = flags(tmp_path / "run", "--epochs", 1) + extra
@@ -229,9 +235,10 @@ def test_bad_flag_from_the_command_line(tmp_path):
 def test_frozen_backbone_feature_store_trains_the_heads_like_the_backbone_path(tmp_path, monkeypatch, capsys):
     common = ("--epochs", 2, "--freeze", "backbone", "--lr", "1e-3", "--head-lr", "1e-2", "--embed-dim", 16)
     stored = run_recording_losses(monkeypatch, flags(tmp_path / "stored", *common))
-    assert "frozen-backbone feature store: 62 examples" in capsys.readouterr().out  # 38 AG + 24 CoNLL
+    # train: 38 AG + 24 CoNLL (2 epochs of 24 per task read every AG row); valid 2 + 8; test 12 + 8
+    assert "frozen-backbone features: 92 examples" in capsys.readouterr().out
     plain = run_recording_losses(monkeypatch, flags(tmp_path / "plain", *common, "--no-feature-store"))
-    assert "frozen-backbone feature store" not in capsys.readouterr().out
+    assert "frozen-backbone features" not in capsys.readouterr().out
     assert len(stored) == len(plain) == 24
     assert max(abs(a - b) for a, b in zip(stored, plain)) <= 1e-5
     a, b = checkpoint_weights(tmp_path / "stored"), checkpoint_weights(tmp_path / "plain")
@@ -242,7 +249,7 @@ def test_frozen_backbone_feature_store_trains_the_heads_like_the_backbone_path(t
 
 def test_feature_store_over_its_limit_falls_back_to_running_the_backbone(tmp_path, capsys):
     assert train.main(flags(tmp_path / "run", "--epochs", 1, "--freeze", "backbone", "--feature-store-limit-mb", 0)) == 0
-    assert "over --feature-store-limit-mb 0; the steps run the backbone instead" in capsys.readouterr().out
+    assert "over --feature-store-limit-mb 0; the steps and evaluations run the backbone instead" in capsys.readouterr().out
 
 
 def test_compiled_encoder_trains_and_evaluates_like_eager(tmp_path, monkeypatch):
@@ -275,3 +282,33 @@ def test_renamed_flags_are_refused_with_their_new_names(tmp_path, capsys, old, h
         train.main(flags(tmp_path / "run", "--freeze", "backbone", old))
     assert exit_.value.code == 2 and capsys.readouterr().err == hint
     assert not (tmp_path / "run").exists()
+
+
+def test_a_log_line_at_least_every_log_seconds(tmp_path, monkeypatch, capsys):
+    """--log-every 1000 would print only at the epochs' ends; the clock asks for a line after every step here."""
+    monkeypatch.setattr(train, "LOG_SECONDS", 0.0)
+    argv = flags(tmp_path / "run", "--epochs", 2)
+    argv[argv.index("--log-every") + 1] = "1000"
+    assert train.main(argv) == 0
+    steps = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert steps == [f"step {n}/24" for n in range(1, 25)]
+
+
+def test_the_eta_counts_the_evaluation_passes_still_to_come():
+    from types import SimpleNamespace
+
+    from checkpoint import Progress
+    from data import TaskData
+
+    def part(n):
+        return TaskData("ag", [[0]] * n, [0] * n, [False] * n)
+
+    splits = {"ag": {"valid": part(100), "test": part(300)}, "ner": {"valid": part(50), "test": part(10)}}
+    progress = Progress(run={}, step=40, history=[{}])  # epoch 1 of 3 done, with its validation pass
+    run = SimpleNamespace(progress=progress, splits=splits, args=SimpleNamespace(epochs=3), total_steps=100,
+                          sampler=SimpleNamespace(batch_size=32))
+    # 60 steps x 32 examples at 64/s = 30 s; then 2 valid passes (150 each) and the test (310): 610 examples,
+    # before any pass was timed at 3 x 64 = 192/s
+    assert train.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 192)
+    progress.eval_examples, progress.eval_seconds = 150, 3.0  # measured: 50/s
+    assert train.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 50)

@@ -1,0 +1,273 @@
+"""A frozen backbone's features: computed once per example a run reads, kept on the device, saved for later runs.
+
+With the whole backbone frozen for the whole run (freeze.Plan.backbone_fixed),
+the encoder is a fixed function in eval mode: what a head reads from it
+(MultiTaskModel.features: the pooled vector for AG, the token states for
+CoNLL) cannot change. So the run computes it once per example, and the heads
+train and evaluate on it (freeze.Runner, train.evaluate).
+
+Which examples: the training rows that the planned epochs draw (the sampler
+depends only on the seed and the epoch: MultiTaskSampler.reads), and every
+validation and test row; nothing else. Under torchrun each rank encodes only
+the rows it reads itself (its shares of the training batches, its
+evaluation batches): no collectives, at the price of encoding twice a row
+that two ranks read in different epochs.
+
+On disk, in the data cache folder (DATA/.cache/features/), the features
+outlive the run:
+
+    features/<key>/<chunk>.safetensors
+        rows      (N,)         the examples' row numbers in their data file (TaskData.rows)
+        offsets   (N + 1,)     example j is features[offsets[j]:offsets[j + 1]]: 1 vector (AG), T (CoNLL)
+        features  (sum T, H)   in the run's precision
+        metadata  the key, and the sha256 of the three tensors
+
+<key> hashes everything that changes a feature: the backbone's config and
+weights, the tokenized file (its bytes, the tokenizer and max_len:
+TaskData.source), the task, the pooling (AG only), the precision and the
+device type. A later run loads what it finds under its keys and encodes only
+the rows still missing: another seed, more epochs, other head flags. A chunk
+whose checksum or key does not match is reported, deleted, and its rows are
+encoded again. Chunks are written atomically (never half a file), every
+CHUNK_MB or CHUNK_SECONDS, so an interrupted build keeps most of its work.
+--feature-cache-limit-mb caps the folder; the least recently used keys go first.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from data import pad
+from runtime import Report, atomic_write, duration
+
+FORMAT = 1  # bump when what a feature is, or the file layout, changes
+CHUNK_MB = 256
+CHUNK_SECONDS = 60
+
+
+def weights_hash(model):
+    """sha256 of the backbone's config and tensors, everything a feature depends on besides the data."""
+    h = hashlib.sha256(json.dumps(asdict(model.bert.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.bert.state_dict().items()):
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def feature_key(weights, part, pool, dtype, device):
+    fields = [f"format={FORMAT}", weights, f"data={part.source}", f"task={part.task}", f"dtype={dtype}",
+              f"device={device.type}"] + ([f"pool={pool}"] if part.task == "ag" else [])
+    return hashlib.sha256(";".join(fields).encode()).hexdigest()[:24]
+
+
+class Features:
+    """One split of one task: example index -> what its head reads, a tensor on the device."""
+
+    def __init__(self, task):
+        self.task, self.rows = task, {}
+
+    def batch(self, indices, width):
+        """Stack (ag) or zero-pad to width (ner) a batch's features; the loss never reads padding."""
+        rows = [self.rows[i] for i in indices]
+        if self.task == "ag":
+            return torch.stack(rows)  # (B, H)
+        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # (B, T, H)
+        for r, x in enumerate(rows):
+            out[r, :len(x)] = x
+        return out
+
+
+# --- On disk ------------------------------------------------------------------------
+
+def _checksum(tensors):
+    h = hashlib.sha256()
+    for name in ("rows", "offsets", "features"):
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class DiskCache:
+    """The features folder: chunks under each key, checked when read, capped in size."""
+
+    def __init__(self, folder, limit_mb, log):
+        self.folder, self.limit_mb, self.log = Path(folder), limit_mb, log
+        self.in_use = set()  # the keys of this run (FeatureStore.build sets them): never evicted by it
+        self.stored_bytes = 0
+        self.writable = True
+
+    def load(self, key, wanted):
+        """{row: features (T, H) on the CPU} for the wanted rows stored under key."""
+        found, folder = {}, self.folder / key
+        if not folder.is_dir():
+            return found
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(path, "pt") as f:
+                    metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+                problem = ("belongs to another key" if metadata.get("key") != key else
+                           "checksum mismatch" if metadata.get("sha256") != _checksum(tensors) else None)
+            except FileNotFoundError:  # removed meanwhile by another run's eviction
+                continue
+            except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+                problem = f"unreadable ({str(e).splitlines()[0]})"
+            if problem:
+                self.log(f"warning: {path}: {problem}; deleted, its features are encoded again", flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            offsets = tensors["offsets"].tolist()
+            for j, row in enumerate(tensors["rows"].tolist()):
+                if row in wanted and row not in found:
+                    found[row] = tensors["features"][offsets[j]:offsets[j + 1]].clone()
+        os.utime(folder)  # most recently used
+        return found
+
+    def save(self, key, rows, features):
+        """One chunk of new features (rows: row numbers; features: (T, H) CPU tensors), if there is room."""
+        tensors = {"rows": torch.tensor(rows, dtype=torch.int64),
+                   "offsets": torch.tensor(np.cumsum([0] + [len(x) for x in features]), dtype=torch.int64),
+                   "features": torch.cat(features)}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if not self.writable or not self._make_room(size):
+            return
+        path = self.folder / key / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self.stored_bytes}.safetensors"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, {"key": key, "sha256": _checksum(tensors)}))
+        except (OSError, SafetensorError) as e:  # a full disk or read-only folder: run on without it
+            self.log(f"warning: cannot write {path} ({e}); new features are not stored", flush=True)
+            self.writable = False
+            return
+        self.stored_bytes += size
+
+    def usage(self):
+        """{key folder: bytes}, for every key."""
+        sizes = {}
+        for folder in self.folder.iterdir() if self.folder.is_dir() else ():
+            try:
+                sizes[folder] = sum(f.stat().st_size for f in folder.iterdir())
+            except FileNotFoundError:  # evicted meanwhile
+                pass
+        return sizes
+
+    def _make_room(self, size):
+        """Delete the least recently used keys (never this run's) until size more bytes fit the limit."""
+        sizes = self.usage()
+        total = sum(sizes.values())
+        for folder in sorted(sizes, key=lambda f: f.stat().st_mtime if f.exists() else 0):
+            if total + size <= self.limit_mb * 2**20:
+                break
+            if folder.name not in self.in_use:
+                shutil.rmtree(folder, ignore_errors=True)
+                total -= sizes[folder]
+                self.log(f"feature cache: removed {folder} ({sizes[folder] / 2**20:,.0f} MB, least recently used)")
+        if total + size > self.limit_mb * 2**20:
+            self.log(f"feature cache: {self.folder} would pass --feature-cache-limit-mb {self.limit_mb}; "
+                     "new features are not stored", flush=True)
+            self.writable = False
+            return False
+        return True
+
+
+# --- Building the store -------------------------------------------------------------
+
+class FeatureStore:
+    """The features a run reads, by (task, split); build() makes it."""
+
+    def __init__(self, splits, stats):
+        self.splits = splits  # (task, split) -> Features
+        self.stats = stats  # what build() did, for the log and summary.json
+
+    def of(self, split):
+        """{task: Features} of one split, what evaluate and the Runner take."""
+        return {task: f for (task, s), f in self.splits.items() if s == split}
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, wanted, place, batch_size, pad_id, multiple, memory_limit_mb, cache, log):
+        """Features for wanted = {(task, split): (TaskData, example indices)}, from the disk cache
+        (a DiskCache, or None) and the encoder. None, with a log line, if they would pass memory_limit_mb."""
+        start = time.perf_counter()
+        dtype = place.amp_dtype or torch.float32
+        weights = weights_hash(model)
+        # Every example, once: (key, row) -> its token ids, wherever several splits share a file's rows.
+        unique, where = {}, {}
+        for (task, split), (part, indices) in wanted.items():
+            key = feature_key(weights, part, model.encoder.pool, dtype, place.device)
+            for i in indices:
+                unique.setdefault((key, part.rows[i]), (task, part.input_ids[i]))
+                where.setdefault((key, part.rows[i]), []).append(((task, split), i))
+        width = model.bert.config.hidden_size * torch.finfo(dtype).bits // 8
+        need = sum(1 if task == "ag" else len(ids) for task, ids in unique.values()) * width / 2**20
+        if need > memory_limit_mb:
+            log(f"frozen-backbone features: would need {need:,.0f} MB, over --feature-store-limit-mb "
+                f"{memory_limit_mb}; the steps and evaluations run the backbone instead")
+            return None
+        found = {}
+        if cache is not None:
+            cache.in_use = {key for key, _ in unique}
+            for key in cache.in_use:
+                rows = {row for k, row in unique if k == key}
+                found.update(((key, row), x) for row, x in cache.load(key, rows).items())
+        missing = [item for item in unique if item not in found]
+        counts = ", ".join(f"{t} {s} {len(i):,}" for (t, s), (_, i) in wanted.items())
+        log(f"frozen-backbone features: {len(unique):,} examples ({counts}); {len(found):,} found on disk, "
+            f"{len(missing):,} to encode", flush=True)
+        model.eval()
+        encoded = _encode(model, missing, unique, place, dtype, batch_size, pad_id, multiple, cache, log)
+        splits = {name: Features(name[0]) for name in wanted}
+        for item, x in {**found, **encoded}.items():
+            x = x.to(place.device, dtype)
+            for name, i in where[item]:
+                splits[name].rows[i] = x[0] if name[0] == "ag" else x
+        seconds = time.perf_counter() - start
+        stats = {"examples": len(unique), "reused": len(found), "encoded": len(missing), "memory_mb": round(need, 1),
+                 "seconds": round(seconds, 1), "cache": None if cache is None else str(cache.folder),
+                 "stored_mb": 0.0 if cache is None else round(cache.stored_bytes / 2**20, 1)}
+        log(f"frozen-backbone features: ready in {duration(seconds)}, {need:,.0f} MB on {place.device}; "
+            "the steps and evaluations run only the heads")
+        if cache is not None:
+            held = sum(cache.usage().values()) / 2**20
+            log(f"feature cache: stored {stats['stored_mb']:,.0f} MB of new features in {cache.folder}, which holds "
+                f"{held:,.0f} MB (--feature-cache-limit-mb {cache.limit_mb})")
+        return cls(splits, stats)
+
+
+def _encode(model, missing, unique, place, dtype, batch_size, pad_id, multiple, cache, log):
+    """Run the encoder over the missing (key, row) items, in batches of similar length, one task per
+    batch; saves them to the cache every CHUNK_MB. Returns {item: features (T, H)}."""
+    out, pending, pending_bytes, last_save = {}, {}, 0, time.perf_counter()
+    report = Report("encoding features", len(missing), log,
+                    total_cost=sum(len(unique[item][1]) for item in missing))
+    for task in ("ag", "ner"):
+        # longest first: later batches reuse the first one's buffers (see data.length_batches)
+        items = sorted((item for item in missing if unique[item][0] == task), key=lambda item: -len(unique[item][1]))
+        for b in range(0, len(items), batch_size):
+            batch = items[b:b + batch_size]
+            rows = [unique[item][1] for item in batch]
+            input_ids, attention_mask = (t.to(place.device) for t in pad(rows, pad_id, multiple))
+            with place.autocast():
+                features = model.features(input_ids, attention_mask, task)
+            for r, (item, ids) in enumerate(zip(batch, rows)):  # clone: a slice would keep the whole batch alive
+                out[item] = (features[r:r + 1] if task == "ag" else features[r, :len(ids)]).to(dtype).clone()
+                if cache is not None:
+                    pending.setdefault(item[0], []).append((item[1], out[item].cpu()))
+                    pending_bytes += out[item].numel() * out[item].element_size()
+            report.update(len(batch), cost=sum(map(len, rows)))
+            if pending and (pending_bytes >= CHUNK_MB * 2**20 or time.perf_counter() - last_save >= CHUNK_SECONDS
+                            or b + batch_size >= len(items)):
+                for key, done in pending.items():
+                    cache.save(key, [row for row, _ in done], [x for _, x in done])
+                pending, pending_bytes, last_save = {}, 0, time.perf_counter()
+    if missing:
+        log(f"encoded {len(missing):,} examples in {duration(report.seconds())} "
+            f"({len(missing) / report.seconds():,.0f} examples/s)")
+    return out

@@ -1,0 +1,160 @@
+"""A trained multi-task model on new text: the topic of each text (AG News) and the entities in it (CoNLL-2003).
+
+    python predict.py --model runs/NAME "Apple opened a store in London."
+    python predict.py --model runs/NAME --json < texts.txt      # one text per line
+
+--model is a run folder that train.py wrote (weights, config.json with the
+heads' settings, and the tokenizer files). The topic is read from the whole
+text, tokenized as in training. The entities come from the NER head, which
+was trained on CoNLL-2003's words, so the text is first cut into words the
+way that corpus is (split_words), tagged one IOB2 tag per word (the tag of
+its first word piece, as in evaluation), and read into entities with the
+chunk rules of metrics.py (conlleval's). Each entity carries its character
+offsets in the input: text[start:end] is the entity.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from data import (AG_CLASSES, DataError, batches_by_length, check_fits, encode_classification, encode_ner,
+                  load_tokenizer, word_tags)
+from metrics import chunks
+from model import CheckpointError, load_multitask
+from runtime import UsageError, pick_device
+
+
+def split_words(text):
+    """The text as CoNLL-style words, each with its character span: [(word, start, end)].
+
+    Whitespace separates chunks. Punctuation at either end of a chunk is split
+    off, one character per word: "(London.)" gives "(", "London", ".", ")".
+    A final period stays when the chunk holds another one, as in "U.S.", and
+    a final possessive "'s" is a word of its own, as in CoNLL-2003
+    ("Germany's" gives "Germany", "'s"). Punctuation inside a chunk stays:
+    "co-founder", "3.5", "AT&T".
+    """
+    words = []
+    for match in re.finditer(r"\S+", text):
+        start, end = match.span()
+        lead, trail = [], []
+        while start < end and not text[start].isalnum():
+            lead.append((start, start + 1))
+            start += 1
+        while start < end and not text[end - 1].isalnum() and not (text[end - 1] == "." and "." in text[start:end - 1]):
+            trail.append((end - 1, end))
+            end -= 1
+        if end - start > 2 and text[end - 2:end].lower() in ("'s", "\u2019s"):
+            trail.append((end - 2, end))
+            end -= 2
+        spans = lead + ([(start, end)] if start < end else []) + trail[::-1]
+        words += [(text[a:b], a, b) for a, b in spans]
+    return words
+
+
+@torch.no_grad()
+def head_outputs(model, part, device, batch_size, pad_id):
+    """Per example of a TaskData, its logits on the CPU: (n_classes,) for ag, (T, n_tags) for ner."""
+    out = [None] * len(part)
+    for indices, batch in batches_by_length(part, batch_size, pad_id):
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), part.task).float().cpu()
+        for row, i in enumerate(indices):
+            out[i] = logits[row]
+    return out
+
+
+def predict(model, tokenizer, texts, max_len, device, batch_size=32, warn=None):
+    """[{"text", "topic", "topic_scores", "entities": [{"text", "type", "start", "end"}]}] per text.
+
+    warn(message) is told about each text cut at max_len word pieces.
+    """
+    model.eval()
+    pad_id = tokenizer.token_to_id("[PAD]")
+    words = [split_words(text) for text in texts]
+    topics = encode_classification([(text, 0) for text in texts], tokenizer, max_len)
+    tags = encode_ner([([w for w, _, _ in ws], ["O"] * len(ws)) for ws in words], tokenizer, max_len)
+    topic_logits = head_outputs(model, topics, device, batch_size, pad_id)
+    tag_logits = head_outputs(model, tags, device, batch_size, pad_id)
+    results = []
+    for n, (text, ws) in enumerate(zip(texts, words)):
+        scores = topic_logits[n].softmax(-1).tolist()
+        word_tag = word_tags(tag_logits[n].argmax(-1).tolist(), tags.first_piece[n])
+        entities = [{"text": text[ws[first][1]:ws[last][2]], "type": kind, "start": ws[first][1], "end": ws[last][2]}
+                    for kind, first, last in sorted(chunks(word_tag), key=lambda c: c[1])]
+        if warn and (topics.truncated[n] or tags.truncated[n]):
+            cut = [w for (w, _, _), p in zip(ws, tags.first_piece[n]) if p < 0]
+            warn(f"text {n + 1} is longer than {max_len} word pieces: cut there" +
+                 (f"; its last {len(cut)} words get no entity tags" if cut else ""))
+        results.append({"text": text, "topic": AG_CLASSES[max(range(len(scores)), key=scores.__getitem__)],
+                        "topic_scores": dict(zip(AG_CLASSES, scores)), "entities": entities})
+    return results
+
+
+def show(result):
+    """A result as three readable lines."""
+    entities = ", ".join(f"{e['text']} {e['type']} [{e['start']}:{e['end']}]" for e in result["entities"])
+    return (f"{result['text']}\n  topic: {result['topic']} ({result['topic_scores'][result['topic']]:.3f})\n"
+            f"  entities: {entities or 'none'}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Topic and named entities of new text, from a model train.py trained.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("texts", nargs="*", help="texts to read; none: one text per line on stdin (blank lines skipped)")
+    p.add_argument("--model", required=True, help="a run folder written by train.py")
+    p.add_argument("--json", action="store_true", help="one JSON object per text instead of readable lines")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="word pieces per text, [CLS] and [SEP] included (default: the run's --max-len)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p.parse_args(argv)
+
+
+def read_inputs(args):
+    """The texts, from the arguments or stdin; an empty one is a UsageError."""
+    if args.texts:
+        texts = args.texts
+    elif sys.stdin.isatty():
+        raise UsageError("no texts: give them as arguments, or one per line on stdin")
+    else:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for n, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise UsageError(f"text {n} is empty")
+    if not texts:
+        raise UsageError("no texts: stdin held only blank lines")
+    return texts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise UsageError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
+        if not Path(args.model).is_dir():
+            raise UsageError(f"argument --model: {args.model} is not a folder; give a run folder written by train.py")
+        device = pick_device(args.device)
+        model = load_multitask(args.model, device)  # a plain BERT folder fails here, with a hint
+        tokenizer = load_tokenizer(args.model)
+        run = json.loads((Path(args.model) / "config.json").read_text()).get("run", {})
+        max_len = args.max_len or run.get("max_len", 128)
+        if max_len < 3:
+            raise UsageError(f"argument --max-len: must be at least 3, got {max_len}")
+        check_fits(tokenizer, model.bert.config, max_len, args.model)
+        texts = read_inputs(args)
+    except (UsageError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = predict(model, tokenizer, texts, max_len, device, args.batch_size,
+                      warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    for result in results:
+        print(json.dumps(result) if args.json else show(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
