@@ -109,6 +109,9 @@ class DiskCache:
         found, folder = {}, self.folder / key
         if not folder.is_dir():
             return found
+        for tmp in folder.glob("*.tmp"):  # left by a killed writer (atomic_write): never read, removed after an hour
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink(missing_ok=True)
         for path in sorted(folder.glob("*.safetensors")):
             try:
                 with safe_open(path, "pt") as f:

@@ -3,12 +3,13 @@
     python train.py --pool max --freeze backbone
     python train.py --model DIR --data DIR --epochs 3 --amp bf16 --out runs/NAME
     python train.py --out runs/NAME --resume          # continue an interrupted run
+    python predict.py --model runs/NAME "Apple opened a store in London."   # then use it
 
 Reading order: the flags; train_step, one step (rates, batch, forward, loss,
 backward, clip, step); then the run in phases: set_up (returns a Run),
 train_epoch, end_of_epoch (evaluate, keep the best, checkpoint) and
-final_test, which run_training() calls in turn. Freezing and the frozen-backbone
-feature store live in freeze.py, learning rates in lr.py, the checkpoint in
+final_test, which run_training() calls in turn. Freezing lives in freeze.py,
+a frozen backbone's features in features.py, learning rates in lr.py, the checkpoint in
 checkpoint.py, the collectives of a torchrun job in distributed.py, and the
 device and precision in runtime.py. What a run writes to --out is listed
 in README.md.

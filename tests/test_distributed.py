@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import train
 from runtime import Place
-from data import load_splits, load_tokenizer
+from data import MultiTaskSampler, length_batches, load_splits, load_tokenizer
 from model import MultiTaskModel, load_multitask, load_pretrained
 
 DATA = FIXTURES / "data"
@@ -187,6 +187,14 @@ def test_frozen_backbone_feature_store_and_a_frozen_task_under_ddp(tmp_path):
     assert not torch.equal(stored0[0]["ner_head.out.weight"], stored0[1]["ner_head.out.weight"])
     pretrained = load_pretrained(TINY_PLAIN).state_dict()
     assert all(torch.equal(stored0[1][f"encoder.bert.{k}"], v) for k, v in pretrained.items())
+    # Each rank encodes only the rows it reads: its shares of the training batches, its evaluation batches.
+    splits = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64)
+    lengths = {task: by["train"].lengths() for task, by in splits.items()}
+    reads = MultiTaskSampler(lengths, 2, 0, 50, rank=0, world_size=2).reads(0, 0, 2)
+    evaluated = sum(len(batch) for by in splits.values() for split in ("valid", "test")
+                    for batch in length_batches(by[split].lengths(), 4, rank=0, world_size=2))
+    summary = json.loads((tmp_path / "stored" / "summary.json").read_text())
+    assert summary["feature_store"]["examples"] == sum(map(len, reads.values())) + evaluated < 92
     # Everything on the NER path frozen (the pooler, which NER steps never read, still trains):
     # NER steps have nothing to update and must not leave DDP waiting for gradients.
     (frozen0, _), (frozen1, _) = run_ranks(tmp_path, flags(tmp_path / "frozen", TINY_PLAIN, "--epochs", 2,
