@@ -18,6 +18,7 @@ outlive the run:
 
     features/<key>/<chunk>.safetensors
         rows      (N,)         the examples' row numbers in their data file (TaskData.rows)
+        pieces    (N,)         their word-piece counts, checked against the data when read
         offsets   (N + 1,)     example j is features[offsets[j]:offsets[j + 1]]: 1 vector (AG), T (CoNLL)
         features  (sum T, H)   in the run's precision
         metadata  the key, and the sha256 of the three tensors
@@ -27,14 +28,15 @@ weights, the tokenized file (its bytes, the tokenizer and max_len:
 TaskData.source), the task, the pooling (AG only), the precision and the
 device type. A later run loads what it finds under its keys and encodes only
 the rows still missing: another seed, more epochs, other head flags. A chunk
-whose checksum or key does not match is reported, deleted, and its rows are
-encoded again. Chunks are written atomically (never half a file), every
+whose checksum, key or word-piece counts do not match is reported, deleted,
+and its rows are encoded again. Chunks are written atomically (never half a file), every
 CHUNK_MB or CHUNK_SECONDS, so an interrupted build keeps most of its work.
 --feature-cache-limit-mb caps the folder; the least recently used keys go first.
 """
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -46,10 +48,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import pad
+from data import length_batches, pad
 from runtime import Report, atomic_write, duration
 
-FORMAT = 1  # bump when what a feature is, or the file layout, changes
+FORMAT = 2  # bump when what a feature is, or the file layout, changes
 CHUNK_MB = 256
 CHUNK_SECONDS = 60
 
@@ -90,7 +92,7 @@ class Features:
 
 def _checksum(tensors):
     h = hashlib.sha256()
-    for name in ("rows", "offsets", "features"):
+    for name in ("rows", "pieces", "offsets", "features"):
         h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
@@ -105,13 +107,10 @@ class DiskCache:
         self.writable = True
 
     def load(self, key, wanted):
-        """{row: features (T, H) on the CPU} for the wanted rows stored under key."""
+        """{row: features (T, H) on the CPU} for the wanted rows ({row: word pieces}) stored under key."""
         found, folder = {}, self.folder / key
         if not folder.is_dir():
             return found
-        for tmp in folder.glob("*.tmp"):  # left by a killed writer (atomic_write): never read, removed after an hour
-            if time.time() - tmp.stat().st_mtime > 3600:
-                tmp.unlink(missing_ok=True)
         for path in sorted(folder.glob("*.safetensors")):
             try:
                 with safe_open(path, "pt") as f:
@@ -121,21 +120,41 @@ class DiskCache:
             except FileNotFoundError:  # removed meanwhile by another run's eviction
                 continue
             except (SafetensorError, OSError, KeyError, RuntimeError) as e:
-                problem = f"unreadable ({str(e).splitlines()[0]})"
+                problem = f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})"
+            rows, pieces = ([], []) if problem else (tensors["rows"].tolist(), tensors["pieces"].tolist())
+            if any(row in wanted and wanted[row] != n for row, n in zip(rows, pieces)):
+                problem = "its rows do not match the data's word pieces"
             if problem:
                 self.log(f"warning: {path}: {problem}; deleted, its features are encoded again", flush=True)
-                path.unlink(missing_ok=True)
+                self._remove(path)
                 continue
             offsets = tensors["offsets"].tolist()
-            for j, row in enumerate(tensors["rows"].tolist()):
+            for j, row in enumerate(rows):
                 if row in wanted and row not in found:
                     found[row] = tensors["features"][offsets[j]:offsets[j + 1]].clone()
-        os.utime(folder)  # most recently used
+        self._tidy(folder)
         return found
 
-    def save(self, key, rows, features):
-        """One chunk of new features (rows: row numbers; features: (T, H) CPU tensors), if there is room."""
-        tensors = {"rows": torch.tensor(rows, dtype=torch.int64),
+    def _remove(self, path):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:  # a read-only cache shared with others: use what is sound, leave the rest
+            self.log(f"warning: cannot delete {path} ({e.strerror})")
+
+    def _tidy(self, folder):
+        """Mark the key as just used (for eviction), and remove what killed writers left over an hour ago."""
+        try:
+            os.utime(folder)
+            for tmp in folder.glob("*.tmp"):  # atomic_write's temporary files: never read
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only cache: reading it is all this run needs
+            pass
+
+    def save(self, key, rows, pieces, features):
+        """One chunk of new features (rows: row numbers; pieces: their word-piece counts; features:
+        (T, H) CPU tensors), if there is room."""
+        tensors = {"rows": torch.tensor(rows, dtype=torch.int64), "pieces": torch.tensor(pieces, dtype=torch.int64),
                    "offsets": torch.tensor(np.cumsum([0] + [len(x) for x in features]), dtype=torch.int64),
                    "features": torch.cat(features)}
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -157,7 +176,7 @@ class DiskCache:
         for folder in self.folder.iterdir() if self.folder.is_dir() else ():
             try:
                 sizes[folder] = sum(f.stat().st_size for f in folder.iterdir())
-            except FileNotFoundError:  # evicted meanwhile
+            except (FileNotFoundError, NotADirectoryError):  # evicted meanwhile, or not a key
                 pass
         return sizes
 
@@ -170,8 +189,9 @@ class DiskCache:
                 break
             if folder.name not in self.in_use:
                 shutil.rmtree(folder, ignore_errors=True)
-                total -= sizes[folder]
-                self.log(f"feature cache: removed {folder} ({sizes[folder] / 2**20:,.0f} MB, least recently used)")
+                if not folder.exists():
+                    total -= sizes[folder]
+                    self.log(f"feature cache: removed {folder} ({sizes[folder] / 2**20:,.0f} MB, least recently used)")
         if total + size > self.limit_mb * 2**20:
             self.log(f"feature cache: {self.folder} would pass --feature-cache-limit-mb {self.limit_mb}; "
                      "new features are not stored", flush=True)
@@ -195,9 +215,11 @@ class FeatureStore:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, wanted, place, batch_size, pad_id, multiple, memory_limit_mb, cache, log):
+    def build(cls, model, wanted, place, batch_size, pad_id, multiple, memory_limit_mb, cache, log, agree=None):
         """Features for wanted = {(task, split): (TaskData, example indices)}, from the disk cache
-        (a DiskCache, or None) and the encoder. None, with a log line, if they would pass memory_limit_mb."""
+        (a DiskCache, or None) and the encoder. None, with a log line, if they would pass memory_limit_mb.
+
+        agree(n) -> the largest n over ranks (distributed.agree), so that all ranks decide alike."""
         start = time.perf_counter()
         dtype = place.amp_dtype or torch.float32
         weights = weights_hash(model)
@@ -210,6 +232,8 @@ class FeatureStore:
                 where.setdefault((key, part.rows[i]), []).append(((task, split), i))
         width = model.bert.config.hidden_size * torch.finfo(dtype).bits // 8
         need = sum(1 if task == "ag" else len(ids) for task, ids in unique.values()) * width / 2**20
+        if agree is not None:
+            need = agree(math.ceil(need))
         if need > memory_limit_mb:
             log(f"frozen-backbone features: would need {need:,.0f} MB, over --feature-store-limit-mb "
                 f"{memory_limit_mb}; the steps and evaluations run the backbone instead")
@@ -218,7 +242,7 @@ class FeatureStore:
         if cache is not None:
             cache.in_use = {key for key, _ in unique}
             for key in cache.in_use:
-                rows = {row for k, row in unique if k == key}
+                rows = {row: len(ids) for (k, row), (_, ids) in unique.items() if k == key}
                 found.update(((key, row), x) for row, x in cache.load(key, rows).items())
         missing = [item for item in unique if item not in found]
         counts = ", ".join(f"{t} {s} {len(i):,}" for (t, s), (_, i) in wanted.items())
@@ -251,24 +275,28 @@ def _encode(model, missing, unique, place, dtype, batch_size, pad_id, multiple, 
     report = Report("encoding features", len(missing), log,
                     total_cost=sum(len(unique[item][1]) for item in missing))
     for task in ("ag", "ner"):
-        # longest first: later batches reuse the first one's buffers (see data.length_batches)
-        items = sorted((item for item in missing if unique[item][0] == task), key=lambda item: -len(unique[item][1]))
-        for b in range(0, len(items), batch_size):
-            batch = items[b:b + batch_size]
+        items = [item for item in missing if unique[item][0] == task]
+        batches = length_batches([len(unique[item][1]) for item in items], batch_size)  # longest first
+        for b, indices in enumerate(batches):
+            batch = [items[i] for i in indices]
             rows = [unique[item][1] for item in batch]
             input_ids, attention_mask = (t.to(place.device) for t in pad(rows, pad_id, multiple))
             with place.autocast():
-                features = model.features(input_ids, attention_mask, task)
+                features = model.features(input_ids, attention_mask, task).to(dtype)
+            host = features.cpu() if cache is not None else None  # one copy per batch, not one per row
             for r, (item, ids) in enumerate(zip(batch, rows)):  # clone: a slice would keep the whole batch alive
-                out[item] = (features[r:r + 1] if task == "ag" else features[r, :len(ids)]).to(dtype).clone()
-                if cache is not None:
-                    pending.setdefault(item[0], []).append((item[1], out[item].cpu()))
+                keep = slice(r, r + 1) if task == "ag" else (r, slice(0, len(ids)))
+                out[item] = features[keep].clone()
+                if cache is not None:  # on the CPU, host is features: no second copy
+                    saved = out[item] if host is features else host[keep].clone()
+                    pending.setdefault(item[0], []).append((item[1], len(ids), saved))
                     pending_bytes += out[item].numel() * out[item].element_size()
             report.update(len(batch), cost=sum(map(len, rows)))
             if pending and (pending_bytes >= CHUNK_MB * 2**20 or time.perf_counter() - last_save >= CHUNK_SECONDS
-                            or b + batch_size >= len(items)):
+                            or b + 1 == len(batches)):
                 for key, done in pending.items():
-                    cache.save(key, [row for row, _ in done], [x for _, x in done])
+                    rows, pieces, tensors = zip(*done)
+                    cache.save(key, list(rows), list(pieces), list(tensors))
                 pending, pending_bytes, last_save = {}, 0, time.perf_counter()
     if missing:
         log(f"encoded {len(missing):,} examples in {duration(report.seconds())} "

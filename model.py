@@ -507,7 +507,7 @@ class MultiTaskModel(nn.Module):
     def features(self, input_ids, attention_mask, task):
         """What a task's head reads from the encoder: pooled vectors (B, H) for ag, token states (B, T, H) for ner.
 
-        With the backbone frozen these never change, so freeze.FeatureStore computes them once.
+        With the backbone frozen these never change, so features.py computes them once per example.
         """
         hidden, pooled = self.bert(input_ids, attention_mask)
         return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool) if task == "ag" else hidden

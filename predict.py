@@ -28,15 +28,19 @@ from model import CheckpointError, load_multitask
 from runtime import UsageError, pick_device
 
 
+ABBREVIATION = re.compile(r"(?:[^\W\d_]\.){2,}")  # U.S., e.g.
+
+
 def split_words(text):
     """The text as CoNLL-style words, each with its character span: [(word, start, end)].
 
     Whitespace separates chunks. Punctuation at either end of a chunk is split
     off, one character per word: "(London.)" gives "(", "London", ".", ")".
-    A final period stays when the chunk holds another one, as in "U.S.", and
-    a final possessive "'s" is a word of its own, as in CoNLL-2003
+    An abbreviation of single letters keeps its final period ("U.S.", "e.g."),
+    and a final possessive "'s" is a word of its own, as in CoNLL-2003
     ("Germany's" gives "Germany", "'s"). Punctuation inside a chunk stays:
-    "co-founder", "3.5", "AT&T".
+    "co-founder", "3.5", "AT&T". Offsets count characters (Unicode code
+    points, as Python indexes a str).
     """
     words = []
     for match in re.finditer(r"\S+", text):
@@ -45,7 +49,7 @@ def split_words(text):
         while start < end and not text[start].isalnum():
             lead.append((start, start + 1))
             start += 1
-        while start < end and not text[end - 1].isalnum() and not (text[end - 1] == "." and "." in text[start:end - 1]):
+        while start < end and not text[end - 1].isalnum() and not ABBREVIATION.fullmatch(text, start, end):
             trail.append((end - 1, end))
             end -= 1
         if end - start > 2 and text[end - 2:end].lower() in ("'s", "\u2019s"):
@@ -152,7 +156,7 @@ def main(argv=None):
     results = predict(model, tokenizer, texts, max_len, device, args.batch_size,
                       warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     for result in results:
-        print(json.dumps(result) if args.json else show(result))
+        print(json.dumps(result, ensure_ascii=False) if args.json else show(result))
     return 0
 
 

@@ -141,7 +141,7 @@ class Report:
         if now - self.last >= self.every and self.done < self.total:
             self.last = now
             seconds = now - self.start
-            eta = seconds * (self.total_cost - self.cost) / max(self.cost, 1)
+            eta = seconds * max(self.total_cost - self.cost, 0) / max(self.cost, 1)
             self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}) | "
                      f"{self.done / seconds:,.0f} {self.unit}/s | ETA {duration(eta)}", flush=True)
 

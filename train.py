@@ -269,6 +269,27 @@ class Run:
     def rates(self):
         return base_rates(self.args, self.plan.num_layers)
 
+    @property
+    def epochs_to_run(self):
+        """The epochs this invocation trains: up to --stop-after N if the run has not passed epoch N yet,
+        else to the last; none when nothing trains."""
+        args, done = self.args, self.progress.epoch
+        if not self.plan.trains(args.epochs):
+            return range(0)
+        stop_after = args.stop_after is not None and done < args.stop_after < args.epochs
+        return range(done, args.stop_after if stop_after else args.epochs)
+
+    @property
+    def ends_with_test(self):
+        """Does this invocation go on to the final test, rather than stop at --stop-after?"""
+        epochs = self.epochs_to_run
+        return not epochs or epochs.stop == self.args.epochs
+
+    @property
+    def eval_batch_size(self):
+        """Evaluation batches: twice the training batch, since no activations are kept for backward."""
+        return 2 * self.args.batch_size
+
 
 def base_rates(args, num_layers):
     """part -> base learning rate, from the flags of Task 4 (lr.part_rates)."""
@@ -393,21 +414,21 @@ def frozen_features(run):
     args, place, progress = run.args, run.place, run.progress
     if not run.plan.backbone_fixed() or args.no_feature_store:
         return None
-    trains = run.plan.trains(args.epochs)
-    wanted = {}
-    if trains:
-        last = min(args.epochs, args.stop_after or args.epochs)
-        for task, rows in run.sampler.reads(progress.epoch, progress.batch, last).items():
+    wanted, epochs = {}, run.epochs_to_run
+    if epochs:  # the rows these epochs draw, from where a resumed run stands
+        for task, rows in run.sampler.reads(epochs.start, progress.batch, epochs.stop).items():
             wanted[(task, "train")] = (run.splits[task]["train"], rows)
-    for split in ("valid", "test") if trains else ("test",):
+    passes = (["valid"] if epochs else []) + (["test"] if run.ends_with_test else [])  # evaluations to come
+    for split in passes:
         for task, by in run.splits.items():
-            batches = length_batches(by[split].lengths(), 2 * args.batch_size, place.rank, place.world_size)
+            batches = length_batches(by[split].lengths(), run.eval_batch_size, place.rank, place.world_size)
             wanted[(task, split)] = (by[split], [i for batch in batches for i in batch])
     cache = None
     if not args.no_data_cache and args.feature_cache_limit_mb > 0:
         cache = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb, run.log)
-    return FeatureStore.build(run.model, wanted, place, 2 * args.batch_size, run.pad_id, run.pad_multiple,
-                              args.feature_store_limit_mb, cache, run.log)
+    return FeatureStore.build(run.model, wanted, place, run.eval_batch_size, run.pad_id, run.pad_multiple,
+                              args.feature_store_limit_mb, cache, run.log,
+                              agree=lambda need: distributed.agree([need], run.control, place)[0])
 
 
 # --- One epoch ---------------------------------------------------------------------------
@@ -500,7 +521,7 @@ def seconds_left(run, speed):
     progress = run.progress
     size = {split: sum(len(by[split]) for by in run.splits.values()) for split in ("valid", "test")}
     to_evaluate = (run.args.epochs - len(progress.history)) * size["valid"] + size["test"]
-    eval_rate = progress.eval_examples / progress.eval_seconds if progress.eval_seconds else 3 * speed
+    eval_rate = progress.eval_examples / progress.eval_seconds if progress.eval_examples else 3 * speed
     return (run.total_steps - progress.step) * run.sampler.batch_size / speed + to_evaluate / eval_rate
 
 
@@ -564,7 +585,7 @@ def score_split(run, split):
     frozen backbone), timed into progress.eval_seconds."""
     start = time.perf_counter()
     ag, ner = run.splits["ag"][split], run.splits["ner"][split]
-    metrics = evaluate(run.model, ag, ner, run.place, 2 * run.args.batch_size, run.pad_id, run.pad_multiple,
+    metrics = evaluate(run.model, ag, ner, run.place, run.eval_batch_size, run.pad_id, run.pad_multiple,
                        features=run.features and run.features.of(split), log=run.log, what=split)
     run.progress.eval_seconds += time.perf_counter() - start
     run.progress.eval_examples += len(ag) + len(ner)
@@ -632,16 +653,16 @@ def run_training(args):
     except (UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args = run.args
+    epochs, ends_with_test = run.epochs_to_run, run.ends_with_test  # before progress moves on
     with stop_on_signals() as stop:
-        for epoch in range(run.progress.epoch, args.epochs if run.plan.trains(args.epochs) else 0):
+        for epoch in epochs:
             meter, signum = train_epoch(run, epoch, stop)
             if signum:
                 return stopped(run, epoch, meter, signum)
             end_of_epoch(run, epoch, meter)
-            if args.stop_after is not None and epoch + 1 == args.stop_after and epoch + 1 < args.epochs:
-                run.log(f"stopping after epoch {epoch + 1} (--stop-after); continue with --out {run.out} --resume")
-                return 0
+    if not ends_with_test:
+        run.log(f"stopping after epoch {epochs.stop} (--stop-after); continue with --out {run.out} --resume")
+        return 0
     final_test(run)
     return 0
 

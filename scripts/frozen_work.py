@@ -59,12 +59,15 @@ def main():
 
     all_rows = total([by["train"] for by in lengths.values()] + [by["valid"] for by in lengths.values()] * args.epochs
                      + [by["test"] for by in lengths.values()])
-    # unique rows: a test file identical to the valid file shares its features (same key and rows)
-    evaluated = {}
+    # each example once, as features.py keys them: by file (its bytes), task and row
+    unique = {}
     for task, by in splits.items():
-        for split in ("valid", "test"):
-            evaluated.setdefault((task, by[split].source), lengths[task][split])
-    read_rows = total([lengths[t]["train"][rows] for t, rows in reads.items()] + list(evaluated.values()))
+        for split, indices in (("train", reads[task]), ("valid", range(len(by["valid"]))),
+                               ("test", range(len(by["test"])))):
+            part = by[split]
+            for i in indices:
+                unique[(part.source, task, part.rows[i])] = len(part.input_ids[i])
+    read_rows = len(unique), sum(unique.values())
     for name, (examples, pieces) in (("all rows", all_rows), ("read rows", read_rows)):
         print(f"{name:<10} {examples:>9,} examples {pieces:>12,} word pieces")
     print(f"ratio      {read_rows[0] / all_rows[0]:9.3f}          {read_rows[1] / all_rows[1]:12.3f}")

@@ -134,7 +134,12 @@ def test_resume_encodes_only_the_epochs_still_to_run(tmp_path, data):
     assert first_losses + resumed_losses == pytest.approx(straight_losses, abs=1e-6)
     assert same_scores(resumed, straight)
     fresh = set(rows_read(data, 0, 3)["ag"]) - set(rows_read(data, 0, 1)["ag"])  # CoNLL: all 24 read in epoch 1
-    assert 0 < len(fresh) and resumed["feature_store"]["encoded"] == len(fresh)
+    # ... and the 12 + 8 test rows, which the first invocation, ending at --stop-after, had no use for
+    assert 0 < len(fresh) and resumed["feature_store"]["encoded"] == len(fresh) + 12 + 8
+    # A resume that repeats --stop-after 1 has passed epoch 1, so it trains to the end.
+    run(tmp_path / "again", data, "--epochs", 3, "--stop-after", 1)
+    again, _ = run(tmp_path / "again", data, "--epochs", 3, "--stop-after", 1, "--resume")
+    assert same_scores(again, straight)
 
 
 def test_the_disk_cap_evicts_the_least_recently_used_key_and_never_the_runs_own(tmp_path):
@@ -142,15 +147,18 @@ def test_the_disk_cap_evicts_the_least_recently_used_key_and_never_the_runs_own(
     cache = features.DiskCache(tmp_path / "features", 0.01, lambda *a, **k: lines.append(a[0]))  # about 10 kB
     vectors = [torch.ones(1, 32) * i for i in range(20)]  # 20 x 128 bytes
     cache.in_use = {"old", "new"}
-    cache.save("old", list(range(20)), vectors)
+    cache.save("old", list(range(20)), [5] * 20, vectors)
     cache.in_use = {"new"}
-    assert sorted(cache.load("old", {3, 7})) == [3, 7] and torch.equal(cache.load("old", {3})[3], vectors[3])
-    cache.save("new", list(range(60)), vectors * 3)  # 7.7 kB: only fits without "old"
+    assert sorted(cache.load("old", {3: 5, 7: 5})) == [3, 7] and torch.equal(cache.load("old", {3: 5})[3], vectors[3])
+    cache.save("new", list(range(60)), [5] * 60, vectors * 3)  # 8.6 kB: only fits without "old"
     assert not (tmp_path / "features" / "old").exists() and any("removed" in line for line in lines)
-    assert sorted(cache.load("new", set(range(60)))) == list(range(60))
-    cache.save("new", list(range(60, 120)), vectors * 3)  # would pass the cap, and "new" is in use
+    assert sorted(cache.load("new", dict.fromkeys(range(60), 5))) == list(range(60))
+    cache.save("new", list(range(60, 120)), [5] * 60, vectors * 3)  # would pass the cap, and "new" is in use
     assert cache.writable is False and "would pass --feature-cache-limit-mb 0.01" in lines[-1]
-    assert sorted(cache.load("new", set(range(200)))) == list(range(60))
+    assert sorted(cache.load("new", dict.fromkeys(range(200), 5))) == list(range(60))
+    # rows whose word-piece counts differ from the data's are not these rows' features: the chunk goes
+    assert cache.load("new", {3: 6}) == {} and "do not match the data's word pieces" in lines[-1]
+    assert cache.load("new", {3: 5}) == {}
 
 
 def test_report_prints_rate_and_eta_every_interval(monkeypatch):

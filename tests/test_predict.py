@@ -28,9 +28,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_split_words_keeps_spans_and_splits_punctuation_off():
-    text = "(Apple's) U.S. co-founder moved to London."
+    text = "(Apple's) U.S. co-founder moved to London... Zürich?!"
     words = predict.split_words(text)
-    assert [w for w, _, _ in words] == ["(", "Apple", "'s", ")", "U.S.", "co-founder", "moved", "to", "London", "."]
+    assert [w for w, _, _ in words] == ["(", "Apple", "'s", ")", "U.S.", "co-founder", "moved", "to", "London", ".",
+                                        ".", ".", "Zürich", "?", "!"]
     assert all(text[start:end] == word for word, start, end in words)
 
 
