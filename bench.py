@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import Bert, BertConfig, Head, MultiTaskModel, load_pretrained
+from model import JSON_FIELDS, Bert, BertConfig, Head, MultiTaskModel, load_pretrained
 from runtime import Place, UsageError, pick_device
 
 SHAPES = {
@@ -41,7 +41,7 @@ class TransformersModel(torch.nn.Module):
         super().__init__()
         import transformers
         if bert is None:
-            hf_config = transformers.BertConfig(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+            hf_config = transformers.BertConfig(**{f.name: getattr(config, f.name) for f in JSON_FIELDS})
             bert = transformers.BertModel(hf_config, add_pooling_layer=True)
         self.bert = bert
         self.cls_head = Head(config.hidden_size, 4)

@@ -23,6 +23,7 @@ import argparse
 import csv
 import hashlib
 import io
+import json
 import re
 import shutil
 import sys
@@ -35,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordPiece
+from tokenizers.models import BPE, WordPiece
 
 from runtime import Report, atomic_write
 
@@ -178,8 +179,42 @@ def _wordpiece_from_vocab(path):
     return tokenizer
 
 
+ROBERTA_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def _byte_level_bpe_from_files(vocab_path, merges_path):
+    """RoBERTa's tokenizer, built from vocab.json + merges.txt (Radford et al., 2019: byte-level BPE).
+
+    Every byte of the UTF-8 text maps to a printable character ("Ġ" is the
+    space), so there is no unknown token; a word that follows a space is a
+    different token from the same word at the start ("Ġcat" vs "cat"). The
+    template is <s> A </s>, and <s> A </s></s> B </s> for a pair.
+    """
+    try:
+        vocab = json.loads(_read_text(vocab_path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{vocab_path}: not valid JSON ({e})") from None
+    if not isinstance(vocab, dict):
+        raise DataError(f"{vocab_path}: expected a JSON object of token -> id")
+    missing = [t for t in ROBERTA_SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise DataError(f"{vocab_path}: lacks the special tokens {', '.join(missing)}")
+    merges = [tuple(line.split(" ")) for line in _read_text(merges_path).splitlines()
+              if line and not line.startswith("#version")]
+    bad = next((n for n, m in enumerate(merges, start=1) if len(m) != 2), None)
+    if bad is not None:
+        raise DataError(f"{merges_path}:{bad}: expected two tokens separated by one space")
+    tokenizer = Tokenizer(BPE(vocab, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(ROBERTA_SPECIAL_TOKENS))
+    return tokenizer
+
+
 def load_tokenizer(model_dir):
-    """The tokenizer of a BERT model folder: tokenizer.json if present, else vocab.txt.
+    """The tokenizer of a model folder: tokenizer.json if present, else vocab.txt (BERT's WordPiece),
+    else vocab.json + merges.txt (RoBERTa's byte-level BPE).
 
     Padding and truncation are switched off whatever the file says: the
     callers pad per batch and truncate to their own --max-len.
@@ -195,8 +230,10 @@ def load_tokenizer(model_dir):
             raise DataError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
     elif (model_dir / "vocab.txt").exists():
         tokenizer = _wordpiece_from_vocab(model_dir / "vocab.txt")
+    elif (model_dir / "vocab.json").exists() and (model_dir / "merges.txt").exists():
+        tokenizer = _byte_level_bpe_from_files(model_dir / "vocab.json", model_dir / "merges.txt")
     else:
-        raise DataError(f"{model_dir}: has neither tokenizer.json nor vocab.txt")
+        raise DataError(f"{model_dir}: has neither tokenizer.json nor vocab.txt (nor vocab.json + merges.txt)")
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
@@ -216,9 +253,11 @@ def check_fits(tokenizer, config, max_len, model_dir):
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise DataError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} entries, "
                         f"more than vocab_size {config.vocab_size} in config.json")
-    if max_len > config.max_position_embeddings:
+    if max_len > config.max_len:
         raise DataError(f"argument --max-len: {max_len} is more than the model's "
-                        f"max_position_embeddings ({config.max_position_embeddings})")
+                        f"max_position_embeddings ({config.max_position_embeddings})"
+                        + (f" less the {config.position_start} position ids {config.model_type} skips"
+                           if config.position_start else ""))
 
 
 # --- Token ids and labels --------------------------------------------------------
@@ -272,9 +311,21 @@ def encode_classification(rows, tokenizer, max_len, report=None):
                     [bool(e.overflowing) for e in encodings])
 
 
+def byte_level(tokenizer):
+    """Does the tokenizer pre-tokenize bytes (RoBERTa), where a leading space is part of a token?"""
+    return json.loads(tokenizer.to_str()).get("pre_tokenizer", {}).get("type") == "ByteLevel"
+
+
 def encode_ner(sentences, tokenizer, max_len, report=None):
-    """[(words, tags)] -> TaskData with each word's tag on its first piece and IGNORE_INDEX elsewhere."""
-    encodings = _encode(tokenizer, [words for words, _ in sentences], max_len, pretokenized=True, report=report)
+    """[(words, tags)] -> TaskData with each word's tag on its first piece and IGNORE_INDEX elsewhere.
+
+    A byte-level BPE tokenizer gives every word after the first its leading-space
+    form ("Ġcat"), as the words get in running text; given alone, each word
+    would be tokenized as if it began the text.
+    """
+    spaced = byte_level(tokenizer)
+    inputs = [[w if i == 0 or not spaced else " " + w for i, w in enumerate(words)] for words, _ in sentences]
+    encodings = _encode(tokenizer, inputs, max_len, pretokenized=True, report=report)
     labels, first_pieces = [], []
     for (words, tags), encoding in zip(sentences, encodings):
         piece_labels = [IGNORE_INDEX] * len(encoding.ids)
@@ -605,7 +656,7 @@ def main(argv=None):
             start = time.perf_counter()
             batches = sampler.epoch(0)
             for task, indices in batches:
-                collate(train[task], indices, tokenizer.token_to_id("[PAD]"))
+                collate(train[task], indices)  # pad id 0: the ids are not used, only the time
             seconds = time.perf_counter() - start
             grouping = "grouped by length in windows of 50 batches" if window else "no length grouping"
             print(f"one training epoch: {sampler.per_task:,} examples per task, {len(batches):,} batches of "

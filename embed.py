@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from data import DataError, check_fits, load_tokenizer
-from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pretrained
+from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pretrained, pooling_note
 
 
 def at_least(low):
@@ -74,14 +74,14 @@ def default_max_len(model_dir, config):
     all-MiniLM-L6-v2) in sentence_bert_config.json; use that cap where it exists."""
     path = Path(model_dir) / "sentence_bert_config.json"
     if not path.exists():
-        return config.max_position_embeddings
+        return config.max_len
     try:
-        cap = json.loads(path.read_text()).get("max_seq_length", config.max_position_embeddings)
+        cap = json.loads(path.read_text()).get("max_seq_length", config.max_len)
     except (ValueError, AttributeError, OSError) as e:
         raise CheckpointError(f"{path}: not a JSON object ({e})") from None
-    if not (isinstance(cap, int) and 2 <= cap <= config.max_position_embeddings):
+    if not (isinstance(cap, int) and 2 <= cap <= config.max_len):
         raise CheckpointError(f"{path}: max_seq_length must be a whole number from 2 to "
-                              f"{config.max_position_embeddings}, found {cap!r}")
+                              f"{config.max_len}, found {cap!r}")
     return cap
 
 
@@ -102,6 +102,8 @@ def main(argv=None):
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if pooling_note(bert.config, args.pool):
+        print(pooling_note(bert.config, args.pool), file=sys.stderr)
     encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize).to(device)
     vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=max_len)
     if args.json:

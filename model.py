@@ -3,11 +3,16 @@
 Follows Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers
 for Language Understanding" (2019), and matches the numerics of Hugging Face
 `transformers.BertModel` (tests/test_model.py proves it to 1e-5 in fp32).
+RoBERTa (Liu et al., 2019) and DistilBERT (Sanh et al., 2019) are the same
+post-LN encoder with other names, other position numbers, no token types or
+no pooler: FAMILIES holds those differences as data, and one class runs all
+three (tests/test_families.py matches RobertaModel and DistilBertModel).
 
 Reading order:
   the encoder   BertConfig -> Embeddings -> SelfAttention -> Layer -> Bert
                 (encoder + pooler), then the CPU dropout they use
-  loading       read_config (config.json, checked) -> the rename table ->
+  loading       FAMILIES (what each model_type names differently) ->
+                read_config (config.json, checked) -> the rename tables ->
                 load_pretrained (weights from a safetensors file)
   Task 1        pool_tokens / SentenceEncoder: one vector per sentence
   Task 2        Head / MultiTaskModel: one encoder, two task heads, and
@@ -18,7 +23,7 @@ with 1 = a real token, 0 = padding.
 """
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +52,16 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1  # dropout on embeddings and block outputs
     attention_probs_dropout_prob: float = 0.1  # dropout on attention weights
-    pad_token_id: int = 0  # id of [PAD]
+    pad_token_id: int = 0  # id of the padding token: [PAD] (BERT), <pad> (RoBERTa)
+    # Set by the model family and the checkpoint, not read from config.json's keys:
+    model_type: str = "bert"  # bert | roberta | distilbert: which names the checkpoint uses (FAMILIES)
+    position_start: int = 0  # position id of the first real token: 0, or pad_token_id + 1 (RoBERTa)
+    has_pooler: bool = True  # False when the checkpoint holds no pooler (the hub's RoBERTa and DistilBERT)
+
+    @property
+    def max_len(self):
+        """The longest input in word pieces: the position table, less the ids RoBERTa skips."""
+        return self.max_position_embeddings - self.position_start
 
     @classmethod
     def from_json(cls, path):
@@ -56,19 +70,31 @@ class BertConfig:
 
 
 class Embeddings(nn.Module):
-    """Token id + position + segment embeddings, then LayerNorm and dropout."""
+    """Token id + position + segment embeddings, then LayerNorm and dropout.
+
+    DistilBERT has no segment embeddings (type_vocab_size 0).
+    """
 
     def __init__(self, config):
         super().__init__()
         self.word = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
+        self.position_start, self.pad_id = config.position_start, config.pad_token_id
 
     def forward(self, input_ids, token_type_ids):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, H)
+        if self.position_start:
+            # RoBERTa numbers the real tokens pad_token_id + 1, + 2, ... and gives padding
+            # pad_token_id, as transformers' create_position_ids_from_input_ids does.
+            real = (input_ids != self.pad_id).long()  # (B, T)
+            positions = torch.cumsum(real, dim=1) * real + (self.position_start - 1)  # (B, T)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word(input_ids) + self.position(positions)  # (B, T, H)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
 
 
@@ -135,14 +161,19 @@ class Layer(nn.Module):
 
 
 class Bert(nn.Module):
-    """The encoder: embeddings, L layers, and the pooler (dense + tanh on [CLS])."""
+    """The encoder: embeddings, L layers, and the pooler (dense + tanh on [CLS]).
+
+    A checkpoint without pooler weights gives a Bert without a pooler
+    (config.has_pooler False), whose "pooled" output is then the first
+    token's final state as it is: no random pooler is ever used.
+    """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.has_pooler else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """input_ids (B, T) -> hidden (B, T, H), pooled (B, H)."""
@@ -162,7 +193,7 @@ class Bert(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
         for layer in self.layers:
             x = layer(x, keep)
-        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, H), from the [CLS] state
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else x[:, 0]  # (B, H), from [CLS]
         return x, pooled
 
 
@@ -205,8 +236,57 @@ class CheckpointError(ValueError):
     """A model folder that cannot be loaded; the message is one line naming the file."""
 
 
+@dataclass(frozen=True)
+class Family:
+    """What one model_type changes around the same encoder: names, and a few facts."""
+    prefix: str  # the masked-LM file the hub serves puts every encoder tensor under this
+    heads: tuple  # prefixes of that file's pre-training heads, which are dropped
+    config_keys: dict  # config.json key -> BertConfig field, where the names differ
+    layer_prefix: str  # where layer i sits: f"{layer_prefix}.{i}"
+    top_names: dict  # our modules outside the layers -> the checkpoint's
+    layer_names: dict  # our modules inside a layer -> the checkpoint's (a tuple: stacked into one)
+    positions_after_padding: bool = False  # position ids start at pad_token_id + 1 (RoBERTa)
+    defaults: dict = None  # BertConfig fields whose default differs for this family
+
+
+# Linear weights need no transpose anywhere: all store (out_features, in_features).
+_BERT_TOP = {"embeddings.word": "embeddings.word_embeddings", "embeddings.position": "embeddings.position_embeddings",
+             "embeddings.token_type": "embeddings.token_type_embeddings", "embeddings.norm": "embeddings.LayerNorm",
+             "pooler": "pooler.dense"}
+_BERT_LAYER = {
+    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),  # stacked
+    "attn.out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+FAMILIES = {
+    "bert": Family(prefix="bert.", heads=("cls.",), config_keys={}, layer_prefix="encoder.layer",
+                   top_names=_BERT_TOP, layer_names=_BERT_LAYER),
+    # RoBERTa: BERT's names and config keys; positions counted after the padding id; one token type.
+    "roberta": Family(prefix="roberta.", heads=("lm_head.",), config_keys={}, layer_prefix="encoder.layer",
+                      top_names=_BERT_TOP, layer_names=_BERT_LAYER, positions_after_padding=True),
+    # DistilBERT: its own names and config keys; no token types and no pooler.
+    "distilbert": Family(
+        prefix="distilbert.", heads=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
+        config_keys={"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                     "hidden_dim": "intermediate_size", "dropout": "hidden_dropout_prob",
+                     "attention_dropout": "attention_probs_dropout_prob", "activation": "hidden_act"},
+        layer_prefix="transformer.layer",
+        top_names={k: v for k, v in _BERT_TOP.items() if k in ("embeddings.word", "embeddings.position",
+                                                                 "embeddings.norm")},
+        layer_names={"attn.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                     "attn.out": "attention.out_lin", "attn_norm": "sa_layer_norm", "ffn_in": "ffn.lin1",
+                     "ffn_out": "ffn.lin2", "ffn_norm": "output_layer_norm"},
+        defaults={"type_vocab_size": 0, "layer_norm_eps": 1e-12}),  # its LayerNorms use 1e-12, not in config.json
+}
+JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in ("model_type", "position_start", "has_pooler")]
+
+
 def read_config(path):
-    """A BertConfig from a Hugging Face config.json: the fields BertConfig has, each checked; the rest ignored."""
+    """A BertConfig from a Hugging Face config.json of a supported model_type: the fields BertConfig
+    has (under the family's key names), each checked; the rest ignored."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -218,85 +298,78 @@ def read_config(path):
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    model_type = raw.get("model_type", "bert")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; "
+                              f"this encoder reads {', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
+    raw = {family.config_keys.get(k, k): v for k, v in raw.items()}
     # BERT uses the exact, erf-based GELU. The tanh approximation
     # ("gelu_new") differs by up to ~1e-3 and would break parity.
     if raw.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
-    if raw.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
-                              "is not supported (only 'absolute')")
+    if raw.get("position_embedding_type", "absolute") != "absolute" or raw.get("sinusoidal_pos_embds"):
+        raise CheckpointError(f"{path}: {model_type} with positions other than learned absolute ones is not "
+                              "supported (position_embedding_type, sinusoidal_pos_embds)")
     values = {}
-    for f in fields(BertConfig):  # check every value: a bad one would fail later, far from its cause
-        value = raw.get(f.name, f.default)
+    for f in JSON_FIELDS:  # check every value: a bad one would fail later, far from its cause
+        value = raw.get(f.name, (family.defaults or {}).get(f.name, f.default))
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if f.type is int:
-            lowest = 0 if f.name == "pad_token_id" else 1
+            lowest = 0 if f.name in ("pad_token_id", "type_vocab_size") else 1
             if not (is_number and isinstance(value, int) and value >= lowest):
                 raise CheckpointError(f"{path}: {f.name} must be a whole number >= {lowest}, found {value!r}")
         elif not (is_number and 0 <= value < 1):
             raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
         values[f.name] = value
-    config = BertConfig(**values)
+    start = values["pad_token_id"] + 1 if family.positions_after_padding else 0
+    config = BertConfig(**values, model_type=model_type, position_start=start)
     if config.hidden_size % config.num_attention_heads:
         raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
                               f"by num_attention_heads {config.num_attention_heads}")
     if config.pad_token_id >= config.vocab_size:
         raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is outside the vocabulary "
                               f"of {config.vocab_size}")
+    if config.max_len < 2:
+        raise CheckpointError(f"{path}: max_position_embeddings {config.max_position_embeddings} leaves no room "
+                              f"for positions that start at {start}")
     return config
 
 
-# One rename table: our module names -> the names in a plain Hugging Face
-# checkpoint. Parameter suffixes (.weight, .bias) are the same in both, and
-# Linear weights need no transpose: both store (out_features, in_features).
-_TOP_NAMES = {
-    "embeddings.word": "embeddings.word_embeddings",
-    "embeddings.position": "embeddings.position_embeddings",
-    "embeddings.token_type": "embeddings.token_type_embeddings",
-    "embeddings.norm": "embeddings.LayerNorm",
-    "pooler": "pooler.dense",
-}
-_LAYER_NAMES = {  # inside layers.{i} (ours) / encoder.layer.{i} (theirs)
-    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),  # stacked
-    "attn.out": "attention.output.dense",
-    "attn_norm": "attention.output.LayerNorm",
-    "ffn_in": "intermediate.dense",
-    "ffn_out": "output.dense",
-    "ffn_norm": "output.LayerNorm",
-}
-
-
-def checkpoint_names(ours):
-    """The checkpoint tensors behind one of our parameters, in stacking order.
+def checkpoint_names(ours, family="bert"):
+    """The checkpoint tensors behind one of our parameters, in stacking order (plain layout).
 
     'layers.0.ffn_norm.bias' -> ['encoder.layer.0.output.LayerNorm.bias'];
     'layers.3.attn.qkv.weight' -> the query, key and value weights of
     encoder.layer.3, which our fused projection stacks along dim 0.
     """
+    family = FAMILIES[family]
     module, _, suffix = ours.rpartition(".")
     if module.startswith("layers."):
         _, i, inner = module.split(".", 2)
-        theirs = _LAYER_NAMES[inner]
-        return [f"encoder.layer.{i}.{t}.{suffix}" for t in ((theirs,) if isinstance(theirs, str) else theirs)]
-    return [f"{_TOP_NAMES[module]}.{suffix}"]
+        theirs = family.layer_names[inner]
+        return [f"{family.layer_prefix}.{i}.{t}.{suffix}" for t in ((theirs,) if isinstance(theirs, str) else theirs)]
+    return [f"{family.top_names[module]}.{suffix}"]
 
 
-def to_checkpoint(ours, tensor):
+def to_checkpoint(ours, tensor, family="bert"):
     """Our parameter -> {checkpoint name: tensor}, unstacking the fused projection."""
-    names = checkpoint_names(ours)
+    names = checkpoint_names(ours, family)
     return dict(zip(names, tensor.chunk(len(names))))
 
 
-def _plain_name(key):
-    """Rewrite a key of the original bert-base-uncased file into the plain layout.
+def _plain_name(key, family):
+    """Rewrite a key of a model file into the plain layout of its family.
 
-    That file was converted from TensorFlow: every encoder tensor sits under
-    `bert.` and LayerNorm parameters are called gamma/beta. Returns None for
-    tensors the encoder does not use: the pre-training heads (`cls.*`) and the
-    constant `position_ids` buffer some exports include.
+    The masked-LM files the hub serves put every encoder tensor under a
+    prefix (`bert.`, `roberta.`, `distilbert.`) next to their pre-training
+    heads; the original bert-base-uncased file, converted from TensorFlow,
+    also calls LayerNorm parameters gamma/beta. Returns None for tensors the
+    encoder does not use: the pre-training heads and the constant
+    `position_ids` / `token_type_ids` buffers some exports include.
     """
-    key = key.removeprefix("bert.")
-    if key.startswith("cls.") or key == "embeddings.position_ids":
+    key = key.removeprefix(family.prefix)
+    if key.startswith(family.heads) or key in ("embeddings.position_ids", "embeddings.token_type_ids"):
         return None
     if ".LayerNorm." in key:
         key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
@@ -312,11 +385,15 @@ def _list_keys(keys, limit=5):
 def load_pretrained(model_dir, device="cpu"):
     """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors.
 
-    Every weight must be present with the shape config.json implies, and no
-    tensor may be left unexplained; otherwise CheckpointError names the keys.
+    The file may be in its family's plain (base-model) layout or in the
+    masked-LM layout the hub serves. Every weight must be present with the
+    shape config.json implies, and no tensor may be left unexplained;
+    otherwise CheckpointError names the keys. Only the pooler may be absent:
+    then the model has none (Bert explains what "pooled" is then).
     """
     model_dir = Path(model_dir)
     config = BertConfig.from_json(model_dir / "config.json")
+    family = FAMILIES[config.model_type]
     path = model_dir / "model.safetensors"
     try:
         tensors = load_file(path)
@@ -331,7 +408,7 @@ def load_pretrained(model_dir, device="cpu"):
     for key, tensor in tensors.items():
         if heads and key.startswith("multitask."):
             continue
-        name = _plain_name(key)
+        name = _plain_name(key, family)
         if name is None:
             continue
         if name in renamed:
@@ -339,9 +416,9 @@ def load_pretrained(model_dir, device="cpu"):
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {key} holds {tensor.dtype}, not floating-point weights")
         renamed[name] = tensor
-    model = Bert(config)
+    model = Bert(replace(config, has_pooler=any(name.startswith("pooler.") for name in renamed)))
     params = dict(model.named_parameters())
-    names = {ours: checkpoint_names(ours) for ours in params}  # ours -> theirs
+    names = {ours: checkpoint_names(ours, config.model_type) for ours in params}  # ours -> theirs
     wanted = {theirs: (ours, len(group)) for ours, group in names.items() for theirs in group}
     missing = wanted.keys() - renamed.keys()
     unexpected = renamed.keys() - wanted.keys()
@@ -371,6 +448,14 @@ def load_pretrained(model_dir, device="cpu"):
 
 POOLS = ("mean", "cls", "max")
 NORMS = ("none", "l1", "l2")
+
+
+def pooling_note(config, pool):
+    """The one line a tool prints when --pool cls meets a checkpoint without a pooler, else None."""
+    if pool == "cls" and not config.has_pooler:
+        return (f"--pool cls: this {config.model_type} checkpoint has no pooler weights, so cls pooling reads the "
+                "first token's final state as it is (no dense + tanh)")
+    return None
 
 
 def pool_tokens(hidden, pooled, attention_mask, pool):
@@ -440,10 +525,10 @@ class SentenceEncoder(nn.Module):
         Inputs longer than max_len word pieces (default: the model's limit)
         keep their first max_len - 1 pieces and the final [SEP].
         """
-        limit = self.bert.config.max_position_embeddings
+        limit = self.bert.config.max_len
         max_len = max_len or limit
         if not 2 <= max_len <= limit:
-            raise ValueError(f"max_len must be between 2 and {limit} (max_position_embeddings), got {max_len}")
+            raise ValueError(f"max_len must be between 2 and {limit} (the model's positions), got {max_len}")
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
@@ -545,19 +630,22 @@ def parameter_part(name):
 def save_multitask(model, out_dir, extra=None):
     """Write out_dir/model.safetensors and config.json, atomically.
 
-    The encoder's tensors keep the plain BERT names, so load_pretrained (and
-    other BERT code) reads the file; the heads sit under "multitask.".
+    The encoder's tensors and config.json keep the names of its family's
+    plain layout, so load_pretrained (and transformers) read the folder as
+    that model; the heads sit under "multitask.".
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, bert = {}, model.bert.config
     for name, tensor in model.state_dict().items():
         inner = name.removeprefix("encoder.bert.")
         tensor = tensor.detach().to("cpu", torch.float32)
-        parts = to_checkpoint(inner, tensor) if inner != name else {"multitask." + name: tensor}
+        parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {"multitask." + name: tensor}
         tensors.update((key, t.contiguous()) for key, t in parts.items())
-    config = {f.name: getattr(model.bert.config, f.name) for f in fields(BertConfig)}
-    config.update(model_type="bert", hidden_act="gelu", multitask=model.settings(), **(extra or {}))
+    theirs = {ours: key for key, ours in FAMILIES[bert.model_type].config_keys.items()}  # back to the family's keys
+    config = {theirs.get(f.name, f.name): getattr(bert, f.name) for f in JSON_FIELDS}
+    config.update({"model_type": bert.model_type, theirs.get("hidden_act", "hidden_act"): "gelu",
+                   "multitask": model.settings(), **(extra or {})})
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
 

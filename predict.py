@@ -77,7 +77,7 @@ def predict(model, tokenizer, texts, max_len, device, batch_size=32, warn=None):
     warn(message) is told about each text cut at max_len word pieces.
     """
     model.eval()
-    pad_id = tokenizer.token_to_id("[PAD]")
+    pad_id = model.bert.config.pad_token_id
     words = [split_words(text) for text in texts]
     topics = encode_classification([(text, 0) for text in texts], tokenizer, max_len)
     tags = encode_ner([([w for w, _, _ in ws], ["O"] * len(ws)) for ws in words], tokenizer, max_len)

@@ -37,7 +37,8 @@ from data import (AG_CLASSES, IGNORE_INDEX, NER_TAGS, DataError, MultiTaskSample
 from features import DiskCache, FeatureStore
 from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import entity_counts, scores_from_counts
-from model import NORMS, POOLS, CheckpointError, MultiTaskModel, load_multitask, load_pretrained, save_multitask
+from model import (NORMS, POOLS, CheckpointError, MultiTaskModel, load_multitask, load_pretrained, pooling_note,
+                   save_multitask)
 from runtime import PRECISION_NAMES, Place, Report, UsageError, duration, optimizer_step, pick_amp, write_json
 
 
@@ -308,9 +309,9 @@ def open_inputs(args):
     bert = load_pretrained(args.model)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
     widest = -(-args.max_len // 8) * 8  # --compile pads to a multiple of 8
-    if args.compile and widest > bert.config.max_position_embeddings:
+    if args.compile and widest > bert.config.max_len:
         raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
-                         f"the model's {bert.config.max_position_embeddings} positions")
+                         f"the model's {bert.config.max_len} positions")
     try:
         plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, bert.config.num_hidden_layers)
     except ValueError as e:
@@ -344,6 +345,8 @@ def build_model(args, bert, plan, place, log):
     """The two-head model, frozen as the plan says for epoch 0; its learning rates, optimizer and scaler."""
     model = MultiTaskModel(bert, args.pool, args.embed_dim, args.normalize, n_classes=len(AG_CLASSES),
                            n_tags=len(NER_TAGS), head_dropout=args.head_dropout).to(place.device)
+    if pooling_note(bert.config, args.pool):
+        log(pooling_note(bert.config, args.pool))
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))
@@ -388,7 +391,7 @@ def set_up(args):
         log(f"resumed from {checkpoint.path_in(out)}: epoch {progress.epoch + 1}, batch {progress.batch}, "
             f"step {progress.step}")
 
-    pad_id, pad_multiple = tokenizer.token_to_id("[PAD]"), 8 if args.compile else 1
+    pad_id, pad_multiple = bert.config.pad_token_id, 8 if args.compile else 1  # [PAD], or RoBERTa's <pad>
     run = Run(args=args, out=out, place=place, log=log, splits=splits, pad_id=pad_id, pad_multiple=pad_multiple,
               model=model, plan=plan, optimizer=optimizer, scaler=scaler, sampler=sampler,
               n_labels={task: label_counts(part) for task, part in train.items()},
