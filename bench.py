@@ -7,8 +7,8 @@
 Each setting runs a few warm-up steps, then times several steps and reports
 the median: ms per step, samples/s, tokens/s and peak memory (on the CPU,
 the process's largest resident size so far, so it only grows from row to
-row). --vs-transformers also times transformers.BertModel with the same
-heads, shapes and precision in the same process, and prints the ratio (ours /
+row). --vs-transformers also times transformers' model of the same family
+(BertModel, RobertaModel, DistilBertModel) with the same heads, shapes and precision in the same process, and prints the ratio (ours /
 theirs, below 1 is faster). The two models take turns step by step, so a
 drift of the machine's speed affects both alike. Output: a markdown table,
 and JSON with --json.
@@ -23,26 +23,32 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import JSON_FIELDS, Bert, BertConfig, Head, MultiTaskModel, load_pretrained
+from model import Bert, BertConfig, Head, MultiTaskModel, config_json, load_pretrained
 from runtime import Place, UsageError, pick_device
 
-SHAPES = {
+SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
+    # for RoBERTa and DistilBERT, so neither has one here)
     "bert-base": BertConfig(),
+    "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                               pad_token_id=1, model_type="roberta", position_start=2, has_pooler=False),
+    "distilbert-base": BertConfig(num_hidden_layers=6, type_vocab_size=0, model_type="distilbert",
+                                  has_pooler=False),
     "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
 DTYPES = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TransformersModel(torch.nn.Module):
-    """transformers.BertModel with our two heads, mean pooling: the same job, the framework's encoder."""
+    """transformers' model of the same family (BertModel, RobertaModel, DistilBertModel) with our two
+    heads, mean pooling: the same job, the framework's encoder."""
 
     def __init__(self, config, bert=None):
-        """A randomly initialized BertModel of config's shape, or the given (e.g. pretrained) one."""
+        """A randomly initialized model of config's family and shape, or the given (e.g. pretrained) one."""
         super().__init__()
         import transformers
         if bert is None:
-            hf_config = transformers.BertConfig(**{f.name: getattr(config, f.name) for f in JSON_FIELDS})
-            bert = transformers.BertModel(hf_config, add_pooling_layer=True)
+            hf_config = transformers.AutoConfig.for_model(**config_json(config))
+            bert = transformers.AutoModel.from_config(hf_config)
         self.bert = bert
         self.cls_head = Head(config.hidden_size, 4)
         self.ner_head = Head(config.hidden_size, 9)
@@ -63,7 +69,7 @@ def make_batch(config, batch_size, seq_len, device):
     mask[: batch_size // 4, seq_len // 2:] = 0
     tags = torch.randint(0, 9, (batch_size, seq_len), generator=g).masked_fill(mask == 0, -100)
     classes = torch.randint(0, 4, (batch_size,), generator=g)
-    return [t.to(device) for t in (input_ids.masked_fill(mask == 0, 0), mask, tags, classes)]
+    return [t.to(device) for t in (input_ids.masked_fill(mask == 0, config.pad_token_id), mask, tags, classes)]
 
 
 def make_step(model, batch, device, dtype, freeze):
@@ -172,7 +178,8 @@ def measure(args, config, device, precision, freeze, peak_tflops):
     builders = [("ours", lambda: MultiTaskModel(load_pretrained(args.model) if args.model else Bert(config)))]
     if args.vs_transformers:
         builders.append(("transformers", lambda: TransformersModel(config)))
-    result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
+    result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len,
+              "parameters": sum(p.numel() for p in Bert(config).parameters())}
     batch = make_batch(config, args.batch_size, args.seq_len, device)
     steps, peaks = {}, {}
     for name, build in builders:
@@ -199,7 +206,7 @@ def measure(args, config, device, precision, freeze, peak_tflops):
 
 
 def print_table(args, rows, device, peak_tflops):
-    print(f"{args.model or args.config}, {device}"
+    print(f"{args.model or args.config} ({rows[0]['parameters'] / 1e6:.1f} M parameters), {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.steps} steps"
           + (f", bf16 matmul {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))

@@ -2,6 +2,7 @@
 
     python download.py                       # everything, into data/
     python download.py --only conll2003      # one part
+    python download.py --only roberta-base   # an optional backbone: roberta-base, distilbert-base-uncased
     python download.py --mirror URL          # from URL/<path under data/>, e.g. URL/conll2003/train.txt
 
 Every file streams into FILE.part, is checked against its pinned size and
@@ -30,6 +31,16 @@ AG = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_n
 CONLL = ("https://raw.githubusercontent.com/davidsbatista/NER-datasets/"
          "dcb6c7439a7de43abc2448bad5b1d81a47f26c0d/CONLL2003")
 CONLL_ZIP = "https://data.deepai.org/conll2003.zip"  # holds train.txt, valid.txt, test.txt
+ROBERTA = "https://huggingface.co/FacebookAI/roberta-base/resolve/e2da8e2f811d1448a5b465c236feacd80ffbac7b"
+DISTILBERT = ("https://huggingface.co/distilbert/distilbert-base-uncased/resolve/"
+              "12040accade4e8a0f71eabdb258fecc2e7e948be")
+
+
+def _pinned(part, base, files):
+    """Entries for one model folder: {file name: (size, sha256)} under the pinned revision at base."""
+    return [{"part": part, "path": f"{part}/{name}", "urls": [f"{base}/{name}"], "size": size, "sha256": sha256}
+            for name, (size, sha256) in files.items()]
+
 
 # The one table of what to fetch. path: where it goes under --dest. A file is
 # good when its size and sha256 match; "sentences" is the check used instead
@@ -56,8 +67,24 @@ FILES = [
     {"part": "conll2003", "path": "conll2003/test.txt", "urls": [f"{CONLL}/test.txt"], "archive": CONLL_ZIP,
      "size": 748_093, "sha256": "82e0c72d262f86ad3e78b15c5d980bbf87cb205aa4bf6d2d97643f463f8d7ff7",
      "sentences": 3_453},
+    # Optional backbones (--only NAME), each a complete model folder: the masked-LM file the hub
+    # serves (load_pretrained drops its pre-training head) and the tokenizer files.
+    *_pinned("roberta-base", ROBERTA, {
+        "config.json": (481, "ef0185e2aae6e06c5f105a285006952c340e20c7dbf43c86ec82601b13fc45e9"),
+        "model.safetensors": (498_818_054, "5bde1d28afb363d0103324efeb5afc8b2b397fe5e04beabb9b1ef355255ade81"),
+        "tokenizer.json": (1_355_863, "847bbeab6174d66a88898f729d52fa8d355fafe1bea101cf960dd404581df70e"),
+        "vocab.json": (898_823, "9e7f63c2d15d666b52e21d250d2e513b87c9b713cfa6987a82ed89e5e6e50655"),
+        "merges.txt": (456_318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    }),
+    *_pinned("distilbert-base-uncased", DISTILBERT, {
+        "config.json": (483, "69c94b0222d5d1f4b0ad027ca7416cdafb98378cbbb8305d0bf47c9365c60c83"),
+        "model.safetensors": (267_954_768, "5e3f1108e3cb34ee048634875d8482665b65ac713291a7e32396fb18f6ff0063"),
+        "tokenizer.json": (466_062, "ce64fce797c24f68df90b40a3f74f579b336a493db14bd583fd520ea0d8c9a98"),
+        "vocab.txt": (231_508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+    }),
 ]
-PARTS = ("model", "ag_news", "conll2003")
+DEFAULT_PARTS = ("model", "ag_news", "conll2003")  # what a plain `python download.py` fetches
+PARTS = DEFAULT_PARTS + ("roberta-base", "distilbert-base-uncased")
 MIRROR_ENV = "MTB_DOWNLOAD_MIRROR"
 CHUNK = 1 << 20
 GIVE_UP = (400, 401, 403, 404, 410)  # HTTP errors that another try will not fix
@@ -256,24 +283,31 @@ def get(entry, dest, mirror, force, unreachable):
     raise DownloadError(f"{final}: {'; '.join(errors)}")
 
 
-def layout(dest):
+def selected(only):
+    """The entries --only asks for: one part, or without it the default parts."""
+    return [e for e in FILES if (e["part"] == only if only else e["part"] in DEFAULT_PARTS)]
+
+
+def layout(dest, entries):
     by_folder = {}
-    for entry in FILES:
+    for entry in entries:
         folder, name = entry["path"].split("/")
         by_folder.setdefault(folder, []).append(name)
     return "; ".join(f"{dest / folder}/{{{','.join(names)}}}" for folder, names in by_folder.items())
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Download bert-base-uncased, AG News and CoNLL-2003, verified.")
+    p = argparse.ArgumentParser(description="Download bert-base-uncased, AG News and CoNLL-2003 (and on request "
+                                            "roberta-base or distilbert-base-uncased), verified.")
     p.add_argument("--dest", default="data", help="where to put them (default: data)")
-    p.add_argument("--only", choices=PARTS, help="fetch only this part")
+    p.add_argument("--only", choices=PARTS, help="fetch only this part; roberta-base and distilbert-base-uncased "
+                                                "are fetched only when named here")
     p.add_argument("--force", action="store_true", help="fetch again even files that are present and verified")
     p.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
                    help=f"fetch every file from MIRROR/<path under dest> instead (or set {MIRROR_ENV})")
     args = p.parse_args(argv)
     dest = Path(args.dest)
-    entries = [e for e in FILES if args.only in (None, e["part"])]
+    entries = selected(args.only)
     unreachable, failed, counts = {}, [], {"present": 0, "fetched": 0}
     for entry in entries:
         try:
@@ -287,12 +321,13 @@ def main(argv=None):
     if failed:
         if unreachable:
             print(f"error: {'; '.join(sorted(set(unreachable.values())))}. Without a network, place the files by hand: "
-                  f"{layout(dest)}", file=sys.stderr)
+                  f"{layout(dest, entries)}", file=sys.stderr)
         print(f"{len(failed)} of {len(entries)} files failed; {counts['present'] + counts['fetched']} are in place",
               file=sys.stderr)
         return 2
+    model = f" --model {dest / args.only}" if args.only not in (None, *DEFAULT_PARTS) else ""
     print(f"ready in {dest}: {counts['fetched']} fetched, {counts['present']} already present and verified. "
-          f"Next: python train.py --pool max --freeze backbone")
+          f"Next: python train.py{model} --pool max --freeze backbone")
     return 0
 
 

@@ -284,6 +284,13 @@ FAMILIES = {
 JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in ("model_type", "position_start", "has_pooler")]
 
 
+def config_json(config):
+    """A BertConfig as its family's config.json keys (the inverse of read_config), e.g. for save_multitask."""
+    theirs = {ours: key for key, ours in FAMILIES[config.model_type].config_keys.items()}
+    values = {theirs.get(f.name, f.name): getattr(config, f.name) for f in JSON_FIELDS}
+    return {"model_type": config.model_type, theirs.get("hidden_act", "hidden_act"): "gelu", **values}
+
+
 def read_config(path):
     """A BertConfig from a Hugging Face config.json of a supported model_type: the fields BertConfig
     has (under the family's key names), each checked; the rest ignored."""
@@ -642,10 +649,7 @@ def save_multitask(model, out_dir, extra=None):
         tensor = tensor.detach().to("cpu", torch.float32)
         parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {"multitask." + name: tensor}
         tensors.update((key, t.contiguous()) for key, t in parts.items())
-    theirs = {ours: key for key, ours in FAMILIES[bert.model_type].config_keys.items()}  # back to the family's keys
-    config = {theirs.get(f.name, f.name): getattr(bert, f.name) for f in JSON_FIELDS}
-    config.update({"model_type": bert.model_type, theirs.get("hidden_act", "hidden_act"): "gelu",
-                   "multitask": model.settings(), **(extra or {})})
+    config = {**config_json(bert), "multitask": model.settings(), **(extra or {})}
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
 

@@ -170,7 +170,8 @@ def test_unreachable_host_is_one_clear_message(tmp_path, monkeypatch, capsys):
 def test_the_pins_table():
     assert {e["part"] for e in download.FILES} == set(download.PARTS)
     paths = [e["path"] for e in download.FILES]
-    assert len(paths) == len(set(paths)) == 9
+    assert len(paths) == len(set(paths)) == 9 + 5 + 4  # the default 9, and the two optional backbones
+    assert len(download.selected(None)) == 9
     for e in download.FILES:
         assert e["urls"] and all(u.startswith("https://") for u in e["urls"])
         has_hash = isinstance(e.get("size"), int) and len(e.get("sha256", "")) == 64
@@ -209,3 +210,18 @@ def test_sigkill_mid_file_leaves_only_part_and_the_next_run_completes(tmp_path, 
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
     assert (tmp_path / "bert-base-uncased" / "model.safetensors").read_bytes() == body
     assert server.log[0][1] == f"bytes={held}-"  # it resumed, and fetched nothing twice
+
+
+def test_optional_backbones_are_fetched_only_when_named():
+    import re
+    assert {e["part"] for e in download.selected(None)} == {"model", "ag_news", "conll2003"}
+    for name, files in (("roberta-base", {"config.json", "model.safetensors", "tokenizer.json", "vocab.json",
+                                          "merges.txt"}),
+                        ("distilbert-base-uncased", {"config.json", "model.safetensors", "tokenizer.json",
+                                                     "vocab.txt"})):
+        entries = download.selected(name)
+        assert {e["path"] for e in entries} == {f"{name}/{f}" for f in files}
+        for e in entries:  # an immutable revision, a size and a sha256 for every file
+            assert re.fullmatch(r"https://huggingface\.co/[\w-]+/" + name + r"/resolve/[0-9a-f]{40}/[\w.]+",
+                                e["urls"][0]), e["urls"][0]
+            assert e["size"] > 0 and re.fullmatch(r"[0-9a-f]{64}", e["sha256"])
