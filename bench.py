@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import Bert, BertConfig, Head, MultiTaskModel, config_json, load_pretrained
+from model import Bert, BertConfig, CheckpointError, Head, MultiTaskModel, config_json, load_pretrained
 from runtime import Place, UsageError, pick_device
 
 SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
@@ -229,10 +229,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device_for(args)
-    except UsageError as e:
+        config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
+    except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
     peak_tflops = matmul_tflops(device) if device.type == "cuda" else None
     rows = []
     for precision in args.precision:

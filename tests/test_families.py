@@ -14,7 +14,9 @@ import torch
 from conftest import FIXTURES, ROOT
 from safetensors.torch import load_file
 
+import bench
 import embed
+import predict
 import train
 from data import encode_ner, load_tokenizer
 from model import (BertConfig, CheckpointError, MultiTaskModel, checkpoint_names, load_multitask, load_pretrained,
@@ -77,6 +79,9 @@ def test_unsupported_models_are_refused_in_one_line(tmp_path, case, message):
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_pretrained(folder)
     assert embed.main(["--model", str(folder), "a sentence"]) == 2
+    assert bench.main(["--model", str(folder)]) == 2
+    assert train.main(["--model", str(folder), "--data", str(FIXTURES / "data"), "--out", str(tmp_path / "run"),
+                       "--no-data-cache"]) == 2
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
@@ -105,9 +110,11 @@ def test_train_embed_and_predict_run_on_a_hub_layout_folder(tmp_path, family, ca
     assert embed.main(["--model", str(folder), "--pool", "cls", "--json", "a cat", "the dog sat"]) == 0
     vectors = json.loads(capsys.readouterr().out)["embeddings"]
     assert len(vectors) == 2 and len(vectors[0]) == 32 and vectors[0] != vectors[1]
-    import predict
     assert predict.main(["--model", str(out), "--json", "the cat sat on the mat ."]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"text", "topic", "topic_scores", "entities"}
+    assert bench.main(["--model", str(folder), "--batch-size", "2", "--seq-len", "8", "--steps", "1",
+                       "--warmup", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{folder} (0.0 M parameters), cpu")
 
 
 @pytest.mark.parametrize("family, layout", sorted(FOLDERS))
