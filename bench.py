@@ -32,7 +32,7 @@ SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the
     "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                                pad_token_id=1, model_type="roberta", position_start=2, has_pooler=False),
     "distilbert-base": BertConfig(num_hidden_layers=6, type_vocab_size=0, model_type="distilbert",
-                                  has_pooler=False),
+                                  has_pooler=False, attention_output_dropout=False),
     "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
 DTYPES = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,7 +48,8 @@ class TransformersModel(torch.nn.Module):
         import transformers
         if bert is None:
             hf_config = transformers.AutoConfig.for_model(**config_json(config))
-            bert = transformers.AutoModel.from_config(hf_config)
+            pooler = {} if config.model_type == "distilbert" else {"add_pooling_layer": config.has_pooler}
+            bert = transformers.AutoModel.from_config(hf_config, **pooler)
         self.bert = bert
         self.cls_head = Head(config.hidden_size, 4)
         self.ner_head = Head(config.hidden_size, 9)
@@ -178,13 +179,14 @@ def measure(args, config, device, precision, freeze, peak_tflops):
     builders = [("ours", lambda: MultiTaskModel(load_pretrained(args.model) if args.model else Bert(config)))]
     if args.vs_transformers:
         builders.append(("transformers", lambda: TransformersModel(config)))
-    result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len,
-              "parameters": sum(p.numel() for p in Bert(config).parameters())}
+    result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
     batch = make_batch(config, args.batch_size, args.seq_len, device)
     steps, peaks = {}, {}
     for name, build in builders:
         torch.manual_seed(0)
         model = build().to(device)
+        if name == "ours":
+            result["parameters"] = sum(p.numel() for p in model.bert.parameters())
         if args.compile:
             model = torch.compile(model)
         if device.type == "cuda":
@@ -230,6 +232,8 @@ def main(argv=None):
     try:
         device = pick_device_for(args)
         config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
+        if args.seq_len > config.max_len:
+            raise UsageError(f"argument --seq-len: {args.seq_len} is more than the model's {config.max_len} positions")
     except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -238,7 +238,8 @@ def load_tokenizer(model_dir):
     tokenizer.no_truncation()
     return tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")  # what load_tokenizer reads, and what tells transformers how
 
 
 def copy_tokenizer(model_dir, out_dir):
@@ -313,7 +314,9 @@ def encode_classification(rows, tokenizer, max_len, report=None):
 
 def byte_level(tokenizer):
     """Does the tokenizer pre-tokenize bytes (RoBERTa), where a leading space is part of a token?"""
-    return json.loads(tokenizer.to_str()).get("pre_tokenizer", {}).get("type") == "ByteLevel"
+    step = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = step.get("pretokenizers", [step]) if step.get("type") == "Sequence" else [step]
+    return any(s.get("type") == "ByteLevel" for s in steps)
 
 
 def encode_ner(sentences, tokenizer, max_len, report=None):

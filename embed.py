@@ -102,8 +102,8 @@ def main(argv=None):
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if pooling_note(bert.config, args.pool):
-        print(pooling_note(bert.config, args.pool), file=sys.stderr)
+    if note := pooling_note(bert.config, args.pool):
+        print(note, file=sys.stderr)
     encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize).to(device)
     vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=max_len)
     if args.json:

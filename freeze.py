@@ -37,8 +37,9 @@ STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N", "cls-head", "n
 TASK_HEADS = {"ag": "cls_head", "ner": "ner_head"}
 
 
-def backbone_parts(num_layers):
-    return {"embeddings", "pooler", *(f"layer.{i}" for i in range(num_layers))}
+def backbone_parts(num_layers, pooler=True):
+    """The encoder's parts; pooler=False for a checkpoint without one (the hub's RoBERTa and DistilBERT)."""
+    return {"embeddings", *(["pooler"] if pooler else []), *(f"layer.{i}" for i in range(num_layers))}
 
 
 def parse_freeze(spec, num_layers):
@@ -87,22 +88,23 @@ class Plan:
     base: set  # frozen throughout (--freeze)
     num_layers: int
     gradual: bool = False  # --unfreeze gradual
+    pooler: bool = True  # does the model have a pooler?
 
     @classmethod
-    def from_flags(cls, freeze, unfreeze, num_layers):
-        return cls(parse_freeze(freeze, num_layers), num_layers, unfreeze == "gradual")
+    def from_flags(cls, freeze, unfreeze, num_layers, pooler=True):
+        return cls(parse_freeze(freeze, num_layers), num_layers, unfreeze == "gradual", pooler)
 
     def frozen_at(self, epoch):
         return gradual_frozen(epoch, self.num_layers, self.base) if self.gradual else self.base
 
     def trains(self, epochs):
         """Does anything train in the first `epochs` epochs?"""
-        every_part = backbone_parts(self.num_layers) | set(TASK_HEADS.values())
+        every_part = backbone_parts(self.num_layers, self.pooler) | set(TASK_HEADS.values())
         return any(not every_part <= self.frozen_at(epoch) for epoch in range(epochs))
 
     def backbone_fixed(self):
         """Is the whole backbone frozen for the whole run? Then its outputs can be computed once (features.py)."""
-        return not self.gradual and backbone_parts(self.num_layers) <= self.base
+        return not self.gradual and backbone_parts(self.num_layers, self.pooler) <= self.base
 
 
 def apply_freeze(model, frozen):
@@ -128,7 +130,7 @@ def release(model, optimizer, frozen, rates, weight_decay):
 def set_train_mode(model, frozen, num_layers):
     """Train mode, except that a fully frozen backbone runs in eval mode (no dropout): a fixed feature extractor."""
     model.train()
-    if backbone_parts(num_layers) <= frozen:
+    if backbone_parts(num_layers, model.bert.pooler is not None) <= frozen:
         model.bert.eval()
 
 

@@ -57,6 +57,7 @@ class BertConfig:
     model_type: str = "bert"  # bert | roberta | distilbert: which names the checkpoint uses (FAMILIES)
     position_start: int = 0  # position id of the first real token: 0, or pad_token_id + 1 (RoBERTa)
     has_pooler: bool = True  # False when the checkpoint holds no pooler (the hub's RoBERTa and DistilBERT)
+    attention_output_dropout: bool = True  # False for DistilBERT, whose attention output goes to LayerNorm as it is
 
     @property
     def max_len(self):
@@ -153,9 +154,10 @@ class Layer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
+        self.attn_dropout = Dropout(config.hidden_dropout_prob if config.attention_output_dropout else 0.0)
 
     def forward(self, x, keep):
-        x = self.attn_norm(x + self.dropout(self.attn(x, keep)))  # (B, T, H)
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, keep)))  # (B, T, H)
         h = F.gelu(self.ffn_in(x))  # (B, T, I), I = intermediate_size; exact erf GELU, as BERT was trained
         return self.ffn_norm(x + self.dropout(self.ffn_out(h)))  # (B, T, H)
 
@@ -246,7 +248,8 @@ class Family:
     top_names: dict  # our modules outside the layers -> the checkpoint's
     layer_names: dict  # our modules inside a layer -> the checkpoint's (a tuple: stacked into one)
     positions_after_padding: bool = False  # position ids start at pad_token_id + 1 (RoBERTa)
-    defaults: dict = None  # BertConfig fields whose default differs for this family
+    attention_output_dropout: bool = True  # DistilBERT has no dropout on the attention block's output
+    defaults: dict = None  # BertConfig fields whose default (as transformers has it) differs for this family
 
 
 # Linear weights need no transpose anywhere: all store (out_features, in_features).
@@ -266,7 +269,8 @@ FAMILIES = {
                    top_names=_BERT_TOP, layer_names=_BERT_LAYER),
     # RoBERTa: BERT's names and config keys; positions counted after the padding id; one token type.
     "roberta": Family(prefix="roberta.", heads=("lm_head.",), config_keys={}, layer_prefix="encoder.layer",
-                      top_names=_BERT_TOP, layer_names=_BERT_LAYER, positions_after_padding=True),
+                      top_names=_BERT_TOP, layer_names=_BERT_LAYER, positions_after_padding=True,
+                      defaults={"pad_token_id": 1}),
     # DistilBERT: its own names and config keys; no token types and no pooler.
     "distilbert": Family(
         prefix="distilbert.", heads=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
@@ -279,9 +283,11 @@ FAMILIES = {
         layer_names={"attn.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
                      "attn.out": "attention.out_lin", "attn_norm": "sa_layer_norm", "ffn_in": "ffn.lin1",
                      "ffn_out": "ffn.lin2", "ffn_norm": "output_layer_norm"},
-        defaults={"type_vocab_size": 0, "layer_norm_eps": 1e-12}),  # its LayerNorms use 1e-12, not in config.json
+        attention_output_dropout=False,
+        defaults={"type_vocab_size": 0, "num_hidden_layers": 6, "layer_norm_eps": 1e-12}),  # eps: fixed in its code
 }
-JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in ("model_type", "position_start", "has_pooler")]
+FAMILY_FIELDS = ("model_type", "position_start", "has_pooler", "attention_output_dropout")  # not config.json keys
+JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in FAMILY_FIELDS]
 
 
 def config_json(config):
@@ -314,7 +320,8 @@ def read_config(path):
     # BERT uses the exact, erf-based GELU. The tanh approximation
     # ("gelu_new") differs by up to ~1e-3 and would break parity.
     if raw.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
+        key = next((k for k, v in family.config_keys.items() if v == "hidden_act"), "hidden_act")
+        raise CheckpointError(f"{path}: {key} {raw['hidden_act']!r} is not supported (only 'gelu')")
     if raw.get("position_embedding_type", "absolute") != "absolute" or raw.get("sinusoidal_pos_embds"):
         raise CheckpointError(f"{path}: {model_type} with positions other than learned absolute ones is not "
                               "supported (position_embedding_type, sinusoidal_pos_embds)")
@@ -330,7 +337,8 @@ def read_config(path):
             raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
         values[f.name] = value
     start = values["pad_token_id"] + 1 if family.positions_after_padding else 0
-    config = BertConfig(**values, model_type=model_type, position_start=start)
+    config = BertConfig(**values, model_type=model_type, position_start=start,
+                        attention_output_dropout=family.attention_output_dropout)
     if config.hidden_size % config.num_attention_heads:
         raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
                               f"by num_attention_heads {config.num_attention_heads}")
@@ -469,7 +477,8 @@ def pool_tokens(hidden, pooled, attention_mask, pool):
     """Reduce token states (B, T, H) to one vector per sentence (B, H).
 
     mean: average of the real tokens; cls: the pooler output (dense + tanh on
-    [CLS]); max: per-feature maximum over the real tokens. Padding never counts,
+    [CLS]), or the first token's state where the model has no pooler; max:
+    per-feature maximum over the real tokens. Padding never counts,
     and for mean and max a row with no real tokens pools to zeros (cls reads
     position 0 whatever it holds).
     """

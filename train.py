@@ -313,10 +313,10 @@ def open_inputs(args):
         raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
                          f"the model's {bert.config.max_len} positions")
     try:
-        plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, bert.config.num_hidden_layers)
+        plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, bert.config.num_hidden_layers, bert.config.has_pooler)
     except ValueError as e:
         raise UsageError(f"argument --freeze: {e}") from None
-    if plan.gradual and freeze.backbone_parts(plan.num_layers) <= plan.base:
+    if plan.gradual and freeze.backbone_parts(plan.num_layers, plan.pooler) <= plan.base:
         raise UsageError(f"argument --unfreeze: gradual unfreezing releases the backbone layer by layer, but --freeze "
                          f"{args.freeze} keeps all of it frozen; gradual already starts from a frozen backbone, so "
                          "leave 'backbone' out of --freeze")
@@ -345,8 +345,8 @@ def build_model(args, bert, plan, place, log):
     """The two-head model, frozen as the plan says for epoch 0; its learning rates, optimizer and scaler."""
     model = MultiTaskModel(bert, args.pool, args.embed_dim, args.normalize, n_classes=len(AG_CLASSES),
                            n_tags=len(NER_TAGS), head_dropout=args.head_dropout).to(place.device)
-    if pooling_note(bert.config, args.pool):
-        log(pooling_note(bert.config, args.pool))
+    if note := pooling_note(bert.config, args.pool):
+        log(note)
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))

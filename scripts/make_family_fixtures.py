@@ -25,6 +25,7 @@ as split words with RoBERTa's ids and character offsets for the same text.
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ from transformers import (DistilBertConfig, DistilBertForMaskedLM, DistilBertMod
                           RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaTokenizer)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0-4, as in roberta-base
+sys.path.insert(0, str(FIXTURES.parent.parent))
+from data import ROBERTA_SPECIAL_TOKENS  # noqa: E402  (ids 0-4, as in roberta-base)
 CORPUS = [
     "The cat sat on the mat. The dog sat on the rug.",
     "Stocks fell on Tuesday; stocks rose on Wednesday. The team won the game!",
@@ -49,7 +51,7 @@ def byte_level_bpe(folder):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=ROBERTA_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(ROBERTA_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(CORPUS * 20, trainer)
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)

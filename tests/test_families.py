@@ -69,7 +69,7 @@ def test_roberta_positions_skip_the_padding_id():
 @pytest.mark.parametrize("case, message", [
     ({"model_type": "xlnet"}, "model_type 'xlnet' is not supported; this encoder reads bert, roberta, distilbert"),
     ({"sinusoidal_pos_embds": True}, "distilbert with positions other than learned absolute ones is not supported"),
-    ({"activation": "relu"}, "hidden_act 'relu' is not supported (only 'gelu')"),
+    ({"activation": "relu"}, "activation 'relu' is not supported (only 'gelu')"),
 ])
 def test_unsupported_models_are_refused_in_one_line(tmp_path, case, message):
     folder = tmp_path / "model"
@@ -199,3 +199,37 @@ def test_live_tokenizers_against_transformers(tmp_path):
     data = encode_ner([(words, ["O"] * len(words))], ours, 64)
     assert data.input_ids[0] == expected["input_ids"]
     assert data.first_piece[0] == first_pieces(words, expected["offset_mapping"])
+
+
+def test_family_details_that_transformers_has(tmp_path):
+    import freeze
+    from data import byte_level
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+    distil, bert = load_pretrained(FOLDERS["distilbert", "hub"]), load_pretrained(FIXTURES / "tiny_bert_plain")
+    # DistilBERT's attention output goes to its LayerNorm without dropout; BERT's and RoBERTa's get dropout
+    assert [layer.attn_dropout.p for layer in distil.layers] == [0.0, 0.0]
+    assert bert.layers[0].attn_dropout.p == bert.layers[0].dropout.p == 0.1
+    # Without a pooler, freezing every layer freezes the whole backbone: features can be stored
+    assert freeze.Plan.from_flags("lower:2", "none", 2, pooler=False).backbone_fixed()
+    assert not freeze.Plan.from_flags("lower:2", "none", 2, pooler=True).backbone_fixed()
+    # transformers' defaults where config.json is silent: RoBERTa pads with 1
+    raw = json.loads((FOLDERS["roberta", "hub"] / "config.json").read_text())
+    del raw["pad_token_id"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = BertConfig.from_json(tmp_path / "config.json")
+    assert (config.pad_token_id, config.position_start) == (1, 2)
+    assert not byte_level(Tokenizer(WordPiece({"[UNK]": 0}, unk_token="[UNK]")))  # no pre-tokenizer at all
+
+
+def test_a_run_folder_keeps_a_vocab_json_and_merges_tokenizer(tmp_path):
+    folder = tmp_path / "roberta"
+    shutil.copytree(FOLDERS["roberta", "hub"], folder)
+    (folder / "tokenizer.json").unlink()
+    argv = ["--model", str(folder), "--data", str(FIXTURES / "data"), "--out", str(tmp_path / "run"),
+            "--max-len", "32", "--batch-size", "4", "--no-data-cache", "--epochs", "1"]
+    assert train.main(argv) == 0
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"vocab.json", "merges.txt"}
+    text = "The cat sat on the mat."
+    assert load_tokenizer(tmp_path / "run").encode(text).ids == load_tokenizer(folder).encode(text).ids
+    assert predict.main(["--model", str(tmp_path / "run"), text]) == 0
