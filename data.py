@@ -145,6 +145,36 @@ def read_conll(path):
     return sentences
 
 
+STSB_COLUMNS = "genre, file, year, id, score, sentence 1, sentence 2"
+
+
+def read_stsb(path):
+    """STS benchmark lines (Cer et al., 2017) -> [(sentence 1, sentence 2, score 0-5)].
+
+    Tab-separated: genre, file, year, id, score, sentence 1, sentence 2, and on
+    some lines two source columns more. There is no quoting: a lone " is part
+    of a sentence, so the lines are split on tabs, never read as CSV.
+    """
+    pairs = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        columns = line.split("\t")
+        if len(columns) < 7:
+            raise DataError(f"{path}:{number}: expected 7 tab-separated columns ({STSB_COLUMNS}), "
+                            f"found {len(columns)}")
+        try:
+            score = float(columns[4])
+        except ValueError:
+            raise DataError(f"{path}:{number}: the score {columns[4]!r} is not a number") from None
+        if not 0 <= score <= 5:
+            raise DataError(f"{path}:{number}: the score {columns[4]} is outside 0-5")
+        pairs.append((columns[5], columns[6], score))
+    if not pairs:
+        raise DataError(f"{path}: no sentence pairs")
+    return pairs
+
+
 def split_off(n, fraction, seed):
     """Seeded split of range(n): (kept indices, held-out indices), both sorted."""
     order = np.random.default_rng(seed).permutation(n)
@@ -309,6 +339,24 @@ def encode_classification(rows, tokenizer, max_len, report=None):
     """[(text, label)] -> TaskData of [CLS] text [SEP]."""
     encodings = _encode(tokenizer, [text for text, _ in rows], max_len, report=report)
     return TaskData("ag", [e.ids for e in encodings], [label for _, label in rows],
+                    [bool(e.overflowing) for e in encodings])
+
+
+@dataclass
+class PairData:
+    """Sentence pairs in the tokenizer's pair template, for a cross-encoder: pair i is input_ids[i]
+    with segment ids token_type_ids[i] and a gold score in 0-5."""
+    input_ids: list  # [CLS] a [SEP] b [SEP] (BERT), <s> a </s></s> b </s> (RoBERTa)
+    token_type_ids: list  # 0 for a and the tokens around it, 1 for b and its [SEP] (all 0 for RoBERTa)
+    scores: list
+    truncated: list  # True if the pair was cut to max_len
+
+
+def encode_pairs(pairs, tokenizer, max_len):
+    """[(a, b, score)] -> PairData. Too long a pair loses pieces from its longer sentence first,
+    one at a time (the tokenizers library's longest_first, transformers' default for pairs)."""
+    encodings = _encode(tokenizer, [(a, b) for a, b, _ in pairs], max_len)
+    return PairData([e.ids for e in encodings], [e.type_ids for e in encodings], [s for _, _, s in pairs],
                     [bool(e.overflowing) for e in encodings])
 
 

@@ -3,6 +3,7 @@
     python download.py                       # everything, into data/
     python download.py --only conll2003      # one part
     python download.py --only roberta-base   # an optional backbone: roberta-base, distilbert-base-uncased
+    python download.py --only stsb           # the STS benchmark, for sentence pairs
     python download.py --mirror URL          # from URL/<path under data/>, e.g. URL/conll2003/train.txt
 
 Every file streams into FILE.part, is checked against its pinned size and
@@ -34,6 +35,9 @@ CONLL_ZIP = "https://data.deepai.org/conll2003.zip"  # holds train.txt, valid.tx
 ROBERTA = "https://huggingface.co/FacebookAI/roberta-base/resolve/e2da8e2f811d1448a5b465c236feacd80ffbac7b"
 DISTILBERT = ("https://huggingface.co/distilbert/distilbert-base-uncased/resolve/"
               "12040accade4e8a0f71eabdb258fecc2e7e948be")
+# The STS benchmark (Cer et al., 2017) as its original release has it: a copy in a public repository.
+STSB = ("https://raw.githubusercontent.com/aivilmo/textual-similarity/"
+        "e8be98008070f338704d34c5bb8771c40cc5c5cc/stsbenchmark")
 
 
 def _pinned(part, base, files):
@@ -82,9 +86,14 @@ FILES = [
         "tokenizer.json": (466_062, "ce64fce797c24f68df90b40a3f74f579b336a493db14bd583fd520ea0d8c9a98"),
         "vocab.txt": (231_508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
     }),
+    *_pinned("stsb", STSB, {  # 5,749, 1,500 and 1,379 sentence pairs
+        "sts-train.csv": (906_922, "d52e1db23c2483099f2ff4d9cd80a0f98be6438748b65e21f2f2244da0164ab1"),
+        "sts-dev.csv": (255_680, "5d7e944d8b02734b07bfdb5df67db3420c64bed153fcaa1ba47ad03480cf4234"),
+        "sts-test.csv": (282_419, "affe45928a66ee5a708531233c95b7dacbbdc57f974f002a3d32ea0180cf816a"),
+    }),
 ]
 DEFAULT_PARTS = ("model", "ag_news", "conll2003")  # what a plain `python download.py` fetches
-PARTS = DEFAULT_PARTS + ("roberta-base", "distilbert-base-uncased")
+PARTS = DEFAULT_PARTS + ("roberta-base", "distilbert-base-uncased", "stsb")
 MIRROR_ENV = "MTB_DOWNLOAD_MIRROR"
 CHUNK = 1 << 20
 GIVE_UP = (400, 401, 403, 404, 410)  # HTTP errors that another try will not fix
@@ -300,8 +309,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Download bert-base-uncased, AG News and CoNLL-2003 (and on request "
                                             "roberta-base or distilbert-base-uncased), verified.")
     p.add_argument("--dest", default="data", help="where to put them (default: data)")
-    p.add_argument("--only", choices=PARTS, help="fetch only this part; roberta-base and distilbert-base-uncased "
-                                                "are fetched only when named here")
+    p.add_argument("--only", choices=PARTS, help="fetch only this part; roberta-base, distilbert-base-uncased "
+                                                "and stsb are fetched only when named here")
     p.add_argument("--force", action="store_true", help="fetch again even files that are present and verified")
     p.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
                    help=f"fetch every file from MIRROR/<path under dest> instead (or set {MIRROR_ENV})")
@@ -325,7 +334,7 @@ def main(argv=None):
         print(f"{len(failed)} of {len(entries)} files failed; {counts['present'] + counts['fetched']} are in place",
               file=sys.stderr)
         return 2
-    model = f" --model {dest / args.only}" if args.only not in (None, *DEFAULT_PARTS) else ""
+    model = f" --model {dest / args.only}" if args.only not in (None, "stsb", *DEFAULT_PARTS) else ""
     print(f"ready in {dest}: {counts['fetched']} fetched, {counts['present']} already present and verified. "
           f"Next: python train.py{model} --pool max --freeze backbone")
     return 0

@@ -1,4 +1,4 @@
-"""Evaluation metrics: accuracy, and entity-level precision / recall / F1.
+"""Evaluation metrics: accuracy, entity-level precision / recall / F1, and correlations for sentence pairs.
 
 Entity scores follow conlleval, the CoNLL-2000/2003 shared-task script (and
 seqeval's default mode, which reproduces it): an entity counts as found only
@@ -8,7 +8,13 @@ opens a new chunk instead of being an error.
 
 Scores are built from counts (true positives, predicted, gold per type) so
 that counts from several processes can be summed before dividing.
+
+Sentence-pair scores (STS-B) are compared with the gold scores by Pearson's
+and Spearman's correlation, Spearman's being Pearson's on the ranks, with
+tied values given the average of their ranks (as scipy.stats.spearmanr).
 """
+
+import numpy as np
 
 def chunks(tags):
     """The entities in one tag sequence, as a set of (type, first index, last index)."""
@@ -70,6 +76,28 @@ def scores_from_counts(counts):
 def entity_f1(gold, pred):
     """Entity-level scores for lists of IOB2 tag sequences (one list per sentence)."""
     return scores_from_counts(entity_counts(gold, pred))
+
+
+def ranks(x):
+    """1-based ranks of the values of x; tied values share the average of the ranks they span."""
+    values, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based position where each distinct value starts
+    return (first + (counts + 1) / 2)[inverse]
+
+
+def pearson(x, y):
+    """Pearson's correlation; NaN when either side is constant (no correlation is defined)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} values against {len(y)}")
+    dx, dy = x - x.mean(), y - y.mean()
+    norm = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    return float((dx * dy).sum() / norm) if norm > 0 else float("nan")
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's on the ranks, ties averaged."""
+    return pearson(ranks(x), ranks(y))
 
 
 def accuracy(gold, pred):

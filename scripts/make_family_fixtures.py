@@ -20,7 +20,9 @@ And family_tokenizer_cases.json: transformers' ids for the strings of
 make_fixtures.TOKENIZER_CASES (and a few RoBERTa-specific ones) from
 RobertaTokenizer on the tiny vocab.json + merges.txt and from
 DistilBertTokenizer on the bert-base-uncased vocab.txt, plus CoNLL sentences
-as split words with RoBERTa's ids and character offsets for the same text.
+as split words with RoBERTa's ids and character offsets for the same text,
+and BertTokenizerFast's pair encoding (ids and segment ids, truncated to 24
+pieces longest first) of sentence pairs in the STS-B fixture files.
 """
 
 import json
@@ -32,8 +34,8 @@ import torch
 from make_fixtures import TOKENIZER_CASES, perturb_
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (DistilBertConfig, DistilBertForMaskedLM, DistilBertModel, DistilBertTokenizer,
-                          RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaTokenizer)
+from transformers import (BertTokenizerFast, DistilBertConfig, DistilBertForMaskedLM, DistilBertModel,
+                          DistilBertTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaTokenizer)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 sys.path.insert(0, str(FIXTURES.parent.parent))
@@ -160,6 +162,16 @@ def tokenizer_cases():
         encoding = roberta(" ".join(words), return_offsets_mapping=True)
         cases["roberta_words"].append({"words": words, "ids": encoding["input_ids"],
                                        "offsets": encoding["offset_mapping"]})
+    bert = BertTokenizerFast.from_pretrained(str(FIXTURES / "bert_vocab"), do_lower_case=True)
+    pairs = [tuple(line.split("\t")[5:7]) for split in ("train", "dev")
+             for line in (FIXTURES / "data" / "stsb" / f"sts-{split}.csv").read_text().splitlines()]
+    long = "a much longer first sentence that goes on and on about the weather in the hills"
+    pairs += [(long, "short"), (long + " and the valleys below them", "a second sentence, long enough to be cut too")]
+    cases["bert_pairs"] = []
+    for a, b in pairs:
+        encoding = bert(a, b, truncation="longest_first", max_length=24)
+        cases["bert_pairs"].append({"a": a, "b": b, "ids": encoding["input_ids"],
+                                    "type_ids": encoding["token_type_ids"]})
     (FIXTURES / "family_tokenizer_cases.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1) + "\n")
 
 

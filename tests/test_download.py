@@ -170,7 +170,7 @@ def test_unreachable_host_is_one_clear_message(tmp_path, monkeypatch, capsys):
 def test_the_pins_table():
     assert {e["part"] for e in download.FILES} == set(download.PARTS)
     paths = [e["path"] for e in download.FILES]
-    assert len(paths) == len(set(paths)) == 9 + 5 + 4  # the default 9, and the two optional backbones
+    assert len(paths) == len(set(paths)) == 9 + 5 + 4 + 3  # the default 9; the optional backbones and STS-B
     assert len(download.selected(None)) == 9
     for e in download.FILES:
         assert e["urls"] and all(u.startswith("https://") for u in e["urls"])
