@@ -30,9 +30,9 @@ SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the
     # for RoBERTa and DistilBERT, so neither has one here)
     "bert-base": BertConfig(),
     "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                               pad_token_id=1, model_type="roberta", position_start=2, has_pooler=False),
+                               pad_token_id=1, model_type="roberta", has_pooler=False),
     "distilbert-base": BertConfig(num_hidden_layers=6, type_vocab_size=0, model_type="distilbert",
-                                  has_pooler=False, attention_output_dropout=False),
+                                  has_pooler=False),
     "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
 DTYPES = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -268,6 +268,7 @@ def load_tokenizer(model_dir):
     tokenizer.no_truncation()
     return tokenizer
 
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json")  # what load_tokenizer reads, and what tells transformers how
 
@@ -278,6 +279,7 @@ def copy_tokenizer(model_dir, out_dir):
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).exists():
             atomic_write(Path(out_dir) / name, lambda tmp: shutil.copyfile(Path(model_dir) / name, tmp))
+
 
 def check_fits(tokenizer, config, max_len, model_dir):
     """The tokenizer's ids and max_len must fit the model's embedding tables."""
@@ -327,9 +329,10 @@ def _encode(tokenizer, inputs, max_len, pretokenized=False, report=None, chunk=4
     encodings = []
     try:
         for start in range(0, len(inputs), chunk):
-            encodings += tokenizer.encode_batch(inputs[start:start + chunk], is_pretokenized=pretokenized)
+            part = inputs[start:start + chunk]
+            encodings += tokenizer.encode_batch(part, is_pretokenized=pretokenized)
             if report is not None:
-                report.update(len(inputs[start:start + chunk]))
+                report.update(len(part))
     finally:
         tokenizer.no_truncation()  # leave the shared tokenizer as load_tokenizer made it
     return encodings
@@ -418,7 +421,7 @@ def _cache_key(path, tokenizer, max_len):
     h = hashlib.sha256()
     h.update(Path(path).read_bytes())
     h.update(tokenizer.to_str().encode())
-    h.update(f"max_len={max_len};format=1".encode())
+    h.update(f"max_len={max_len};format=2".encode())  # 2: byte-level BPE words get their leading space
     return h.hexdigest()[:20]
 
 

@@ -240,9 +240,11 @@ class FeatureStore:
             return None
         found = {}
         if cache is not None:
-            cache.in_use = {key for key, _ in unique}
-            for key in cache.in_use:
-                rows = {row: len(ids) for (k, row), (_, ids) in unique.items() if k == key}
+            by_key = {}  # key -> {row: its word pieces}, what DiskCache.load checks
+            for (key, row), (_, ids) in unique.items():
+                by_key.setdefault(key, {})[row] = len(ids)
+            cache.in_use = set(by_key)
+            for key, rows in by_key.items():
                 found.update(((key, row), x) for row, x in cache.load(key, rows).items())
         missing = [item for item in unique if item not in found]
         counts = ", ".join(f"{t} {s} {len(i):,}" for (t, s), (_, i) in wanted.items())
@@ -295,8 +297,8 @@ def _encode(model, missing, unique, place, dtype, batch_size, pad_id, multiple, 
             if pending and (pending_bytes >= CHUNK_MB * 2**20 or time.perf_counter() - last_save >= CHUNK_SECONDS
                             or b + 1 == len(batches)):
                 for key, done in pending.items():
-                    rows, pieces, tensors = zip(*done)
-                    cache.save(key, list(rows), list(pieces), list(tensors))
+                    row_numbers, pieces, tensors = zip(*done)
+                    cache.save(key, list(row_numbers), list(pieces), list(tensors))
                 pending, pending_bytes, last_save = {}, 0, time.perf_counter()
     if missing:
         log(f"encoded {len(missing):,} examples in {duration(report.seconds())} "

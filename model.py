@@ -55,9 +55,17 @@ class BertConfig:
     pad_token_id: int = 0  # id of the padding token: [PAD] (BERT), <pad> (RoBERTa)
     # Set by the model family and the checkpoint, not read from config.json's keys:
     model_type: str = "bert"  # bert | roberta | distilbert: which names the checkpoint uses (FAMILIES)
-    position_start: int = 0  # position id of the first real token: 0, or pad_token_id + 1 (RoBERTa)
     has_pooler: bool = True  # False when the checkpoint holds no pooler (the hub's RoBERTa and DistilBERT)
-    attention_output_dropout: bool = True  # False for DistilBERT, whose attention output goes to LayerNorm as it is
+
+    @property
+    def position_start(self):
+        """Position id of the first real token: 0, or pad_token_id + 1 (RoBERTa)."""
+        return self.pad_token_id + 1 if FAMILIES[self.model_type].positions_after_padding else 0
+
+    @property
+    def attention_output_dropout(self):
+        """False for DistilBERT, whose attention output goes to LayerNorm as it is."""
+        return FAMILIES[self.model_type].attention_output_dropout
 
     @property
     def max_len(self):
@@ -286,7 +294,7 @@ FAMILIES = {
         attention_output_dropout=False,
         defaults={"type_vocab_size": 0, "num_hidden_layers": 6, "layer_norm_eps": 1e-12}),  # eps: fixed in its code
 }
-FAMILY_FIELDS = ("model_type", "position_start", "has_pooler", "attention_output_dropout")  # not config.json keys
+FAMILY_FIELDS = ("model_type", "has_pooler")  # not config.json keys
 JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in FAMILY_FIELDS]
 
 
@@ -336,9 +344,7 @@ def read_config(path):
         elif not (is_number and 0 <= value < 1):
             raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
         values[f.name] = value
-    start = values["pad_token_id"] + 1 if family.positions_after_padding else 0
-    config = BertConfig(**values, model_type=model_type, position_start=start,
-                        attention_output_dropout=family.attention_output_dropout)
+    config = BertConfig(**values, model_type=model_type)
     if config.hidden_size % config.num_attention_heads:
         raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
                               f"by num_attention_heads {config.num_attention_heads}")
@@ -347,7 +353,7 @@ def read_config(path):
                               f"of {config.vocab_size}")
     if config.max_len < 2:
         raise CheckpointError(f"{path}: max_position_embeddings {config.max_position_embeddings} leaves no room "
-                              f"for positions that start at {start}")
+                              f"for positions that start at {config.position_start}")
     return config
 
 
