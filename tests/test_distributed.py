@@ -21,6 +21,7 @@ from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import loop
 import train
 from runtime import Place
 from data import MultiTaskSampler, length_batches, load_splits, load_tokenizer
@@ -70,7 +71,7 @@ def worker(rank, world_size, port, argv, record, expect, signal_at=None):
             return task_loss(*args)
 
         train.task_loss = interrupting
-    train.write_json = recording("write_json", train.write_json)
+    loop.write_json = recording("write_json", loop.write_json)
     train.save_multitask = recording("save_multitask", train.save_multitask)
     checkpoint.save = recording("save_checkpoint", checkpoint.save)
     code = train.main(argv)

@@ -11,6 +11,7 @@ import torch
 from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors import safe_open
 
+import loop
 import train
 from runtime import Place, optimizer_step
 from data import load_splits, load_tokenizer
@@ -286,7 +287,7 @@ def test_renamed_flags_are_refused_with_their_new_names(tmp_path, capsys, old, h
 
 def test_a_log_line_at_least_every_log_seconds(tmp_path, monkeypatch, capsys):
     """--log-every 1000 would print only at the epochs' ends; the clock asks for a line after every step here."""
-    monkeypatch.setattr(train, "LOG_SECONDS", 0.0)
+    monkeypatch.setattr(loop, "LOG_SECONDS", 0.0)
     argv = flags(tmp_path / "run", "--epochs", 2)
     argv[argv.index("--log-every") + 1] = "1000"
     assert train.main(argv) == 0
@@ -305,10 +306,11 @@ def test_the_eta_counts_the_evaluation_passes_still_to_come():
 
     splits = {"ag": {"valid": part(100), "test": part(300)}, "ner": {"valid": part(50), "test": part(10)}}
     progress = Progress(run={}, step=40, history=[{}])  # epoch 1 of 3 done, with its validation pass
-    run = SimpleNamespace(progress=progress, splits=splits, args=SimpleNamespace(epochs=3), total_steps=100,
-                          sampler=SimpleNamespace(batch_size=32))
+    job = SimpleNamespace(batch_size=32, final_splits=("test",),
+                          size=lambda split: sum(len(by[split]) for by in splits.values()))
+    run = SimpleNamespace(progress=progress, job=job, args=SimpleNamespace(epochs=3), total_steps=100)
     # 60 steps x 32 examples at 64/s = 30 s; then 2 valid passes (150 each) and the test (310): 610 examples,
     # before any pass was timed at 3 x 64 = 192/s
-    assert train.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 192)
+    assert loop.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 192)
     progress.eval_examples, progress.eval_seconds = 150, 3.0  # measured: 50/s
-    assert train.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 50)
+    assert loop.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 50)
