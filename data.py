@@ -347,20 +347,60 @@ def encode_classification(rows, tokenizer, max_len, report=None):
 
 @dataclass
 class PairData:
-    """Sentence pairs in the tokenizer's pair template, for a cross-encoder: pair i is input_ids[i]
-    with segment ids token_type_ids[i] and a gold score in 0-5."""
-    input_ids: list  # [CLS] a [SEP] b [SEP] (BERT), <s> a </s></s> b </s> (RoBERTa)
-    token_type_ids: list  # 0 for a and the tokens around it, 1 for b and its [SEP] (all 0 for RoBERTa)
+    """Sentence pairs, tokenized for a bi-encoder or a cross-encoder, with gold scores in 0-5.
+
+    cross: pair i is input_ids[i] in the tokenizer's pair template, with segment ids token_type_ids[i].
+    bi:    pair i is two sentences tokenized alone, input_ids[i] (a) and b_ids[i] (b).
+    """
+    input_ids: list  # cross: [CLS] a [SEP] b [SEP] (BERT), <s> a </s></s> b </s> (RoBERTa); bi: [CLS] a [SEP]
+    token_type_ids: list  # cross: 0 for a and the tokens around it, 1 for b and its [SEP] (all 0 for RoBERTa)
     scores: list
-    truncated: list  # True if the pair was cut to max_len
+    truncated: list  # True if the pair (or either sentence) was cut to max_len
+    b_ids: list = None  # bi: [CLS] b [SEP]
+
+    def __len__(self):
+        return len(self.scores)
+
+    def lengths(self):
+        """Word pieces per pair: what a batch of it costs."""
+        return np.array([len(ids) + (len(self.b_ids[i]) if self.b_ids else 0) for i, ids in enumerate(self.input_ids)])
+
+    def subset(self, indices):
+        def pick(rows):
+            return None if rows is None else [rows[i] for i in indices]
+        return PairData(pick(self.input_ids), pick(self.token_type_ids), pick(self.scores), pick(self.truncated),
+                        pick(self.b_ids))
 
 
-def encode_pairs(pairs, tokenizer, max_len):
-    """[(a, b, score)] -> PairData. Too long a pair loses pieces from its longer sentence first,
-    one at a time (the tokenizers library's longest_first, transformers' default for pairs)."""
-    encodings = _encode(tokenizer, [(a, b) for a, b, _ in pairs], max_len)
-    return PairData([e.ids for e in encodings], [e.type_ids for e in encodings], [s for _, _, s in pairs],
-                    [bool(e.overflowing) for e in encodings])
+def encode_pairs(pairs, tokenizer, max_len, kind="cross"):
+    """[(a, b, score)] -> PairData.
+
+    cross: too long a pair loses pieces from its longer sentence first, one at
+    a time (the tokenizers library's longest_first, transformers' default for
+    pairs). bi: each sentence is cut to max_len on its own.
+    """
+    scores = [s for _, _, s in pairs]
+    if kind == "cross":
+        encodings = _encode(tokenizer, [(a, b) for a, b, _ in pairs], max_len)
+        return PairData([e.ids for e in encodings], [e.type_ids for e in encodings], scores,
+                        [bool(e.overflowing) for e in encodings])
+    a, b = (_encode(tokenizer, [pair[side] for pair in pairs], max_len) for side in (0, 1))
+    return PairData([e.ids for e in a], [e.type_ids for e in a], scores,
+                    [bool(x.overflowing or y.overflowing) for x, y in zip(a, b)], [e.ids for e in b])
+
+
+def collate_pairs(data, indices, pad_id=0, multiple=1):
+    """The chosen pairs as a batch for model.PairModel: input_ids, attention_mask and
+    token_type_ids (cross), or a_ids, a_mask, b_ids, b_mask (bi); and scores (B,), in 0-5."""
+    scores = torch.tensor([data.scores[i] for i in indices], dtype=torch.float32)
+    if data.b_ids is None:
+        input_ids, attention_mask = pad([data.input_ids[i] for i in indices], pad_id, multiple)
+        token_type_ids, _ = pad([data.token_type_ids[i] for i in indices], 0, multiple)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                "scores": scores}
+    a_ids, a_mask = pad([data.input_ids[i] for i in indices], pad_id, multiple)
+    b_ids, b_mask = pad([data.b_ids[i] for i in indices], pad_id, multiple)
+    return {"a_ids": a_ids, "a_mask": a_mask, "b_ids": b_ids, "b_mask": b_mask, "scores": scores}
 
 
 def byte_level(tokenizer):
@@ -643,6 +683,23 @@ def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "
                                         cache_dir, log)
     for task in out:
         out[task] = {s: out[task][s] for s in splits}
+    return out
+
+
+STSB_FILES = {"train": "sts-train.csv", "valid": "sts-dev.csv", "test": "sts-test.csv"}
+
+
+def load_stsb(data_dir, tokenizer, max_len, kind):
+    """{split: PairData} from DATA/stsb/ for a bi- or cross-encoder (kind); "test" only where its
+    file is there. A missing train or dev file is a DataError with the download command."""
+    out = {}
+    for split, name in STSB_FILES.items():
+        path = Path(data_dir) / "stsb" / name
+        if not path.exists():
+            if split == "test":
+                continue
+            raise DataError(f"{path}: not found; run `python download.py --only stsb` (or give --data)")
+        out[split] = encode_pairs(read_stsb(path), tokenizer, max_len, kind)
     return out
 
 

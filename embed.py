@@ -1,6 +1,7 @@
 """Task 1 on the command line: sentence embeddings and their cosine similarities.
 
     python embed.py --model DIR --pool max --normalize l2 "a sentence" "another"
+    python embed.py --model runs/bi "a sentence" "another"   # a bi-encoder trained by pairs.py, as trained
     python embed.py --model DIR --json "a sentence"          # the vectors as JSON
     cat sentences.txt | python embed.py --model DIR          # one sentence per line
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 
 from data import DataError, check_fits, load_tokenizer
-from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pretrained, pooling_note
+from runtime import UsageError
+from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pairs, load_pretrained, pooling_note, trained_settings
 
 
 def at_least(low):
@@ -31,11 +33,13 @@ def parse_args(argv=None):
     p.add_argument("sentences", nargs="*", help="sentences to embed (default: one per line on stdin)")
     p.add_argument("--model", required=True, help="BERT folder: config.json, model.safetensors, "
                                                   "tokenizer.json or vocab.txt")
-    p.add_argument("--pool", choices=POOLS, default="mean", help="mean of token states, the [CLS] pooler "
-                                                                 "output, or max over tokens (default: mean)")
+    p.add_argument("--pool", choices=POOLS, default=None, help="mean of token states, the [CLS] pooler output, or "
+                                                               "max over tokens (default: mean, or for a bi-encoder "
+                                                               "trained by pairs.py its own)")
     p.add_argument("--embed-dim", type=at_least(1), default=None,
                    help="add a linear projection to this size (random until trained; seeded by --seed)")
-    p.add_argument("--normalize", choices=NORMS, default="none", help="divide by the L1 or L2 norm")
+    p.add_argument("--normalize", choices=NORMS, default=None, help="divide by the L1 or L2 norm (default: none, "
+                                                                    "or a trained bi-encoder's own)")
     p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--max-len", type=at_least(2), default=None,
                    help="cut inputs to this many word pieces (default: max_seq_length from the folder's "
@@ -85,6 +89,29 @@ def default_max_len(model_dir, config):
     return cap
 
 
+def sentence_encoder(args, bert):
+    """The SentenceEncoder the flags ask for. A folder holding a bi-encoder trained by pairs.py gives
+    its own pooling, normalization and projection, which flags may change but for the projection's
+    size; a cross-encoder scores pairs, not sentences, and is refused."""
+    settings = trained_settings(args.model, "pairs")
+    if settings is None:
+        return SentenceEncoder(bert, args.pool or "mean", args.embed_dim, args.normalize or "none")
+    if settings.get("kind") != "bi":
+        raise CheckpointError(f"{args.model}: holds a cross-encoder, which scores sentence pairs in one pass and "
+                              "gives no embedding of a sentence alone; use `python pairs.py` to score pairs")
+    if args.embed_dim is not None and args.embed_dim != settings.get("embed_dim"):
+        raise UsageError(f"argument --embed-dim: {args.model} is a bi-encoder trained with --embed-dim "
+                         f"{settings.get('embed_dim')}; leave --embed-dim out")
+    encoder = load_pairs(args.model).encoder
+    for flag, name in (("pool", "pool"), ("normalize", "norm")):
+        value = getattr(args, flag)
+        if value is not None and value != getattr(encoder, name):
+            print(f"note: {args.model} was trained with --{flag} {getattr(encoder, name)}; using --{flag} {value}",
+                  file=sys.stderr)
+            setattr(encoder, name, value)
+    return encoder
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
@@ -99,18 +126,18 @@ def main(argv=None):
         bert = load_pretrained(args.model)
         max_len = args.max_len or default_max_len(args.model, bert.config)
         check_fits(tokenizer, bert.config, max_len, args.model)
-    except (CheckpointError, DataError) as e:
+        encoder = sentence_encoder(args, bert).to(device)
+    except (CheckpointError, DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if note := pooling_note(bert.config, args.pool):
+    if note := pooling_note(bert.config, encoder.pool):
         print(note, file=sys.stderr)
-    encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize).to(device)
     vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=max_len)
     if args.json:
-        print(json.dumps({"pool": args.pool, "normalize": args.normalize, "embed_dim": encoder.embed_dim,
+        print(json.dumps({"pool": encoder.pool, "normalize": encoder.norm, "embed_dim": encoder.embed_dim,
                           "max_len": max_len, "sentences": sentences, "embeddings": vectors.tolist()}))
     else:
-        print(f"embedding size: {encoder.embed_dim} (pool={args.pool}, normalize={args.normalize}, "
+        print(f"embedding size: {encoder.embed_dim} (pool={encoder.pool}, normalize={encoder.norm}, "
               f"max_len={max_len}, {len(sentences)} sentences, {device})")
         print(similarity_table(sentences, vectors))
     return 0

@@ -89,17 +89,18 @@ class Plan:
     num_layers: int
     gradual: bool = False  # --unfreeze gradual
     pooler: bool = True  # does the model have a pooler?
+    heads: tuple = tuple(TASK_HEADS.values())  # the model's parts beyond the backbone (a bi-encoder may have none)
 
     @classmethod
-    def from_flags(cls, freeze, unfreeze, num_layers, pooler=True):
-        return cls(parse_freeze(freeze, num_layers), num_layers, unfreeze == "gradual", pooler)
+    def from_flags(cls, freeze, unfreeze, num_layers, pooler=True, heads=tuple(TASK_HEADS.values())):
+        return cls(parse_freeze(freeze, num_layers), num_layers, unfreeze == "gradual", pooler, heads)
 
     def frozen_at(self, epoch):
         return gradual_frozen(epoch, self.num_layers, self.base) if self.gradual else self.base
 
     def trains(self, epochs):
         """Does anything train in the first `epochs` epochs?"""
-        every_part = backbone_parts(self.num_layers, self.pooler) | set(TASK_HEADS.values())
+        every_part = backbone_parts(self.num_layers, self.pooler) | set(self.heads)
         return any(not every_part <= self.frozen_at(epoch) for epoch in range(epochs))
 
     def backbone_fixed(self):

@@ -63,7 +63,7 @@ def add_rate_flags(group, lr=5e-5, lr_decay=0.9, head_lr=1e-3, warmup=0.1):
     group.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
 
 
-def add_run_flags(group, epochs=3, batch_size=32):
+def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
     group.add_argument("--epochs", type=int, default=epochs)
     group.add_argument("--batch-size", type=int, default=batch_size)
     group.add_argument("--max-len", type=int, default=128, help="word pieces per example, special tokens included")
@@ -73,7 +73,8 @@ def add_run_flags(group, epochs=3, batch_size=32):
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     group.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    group.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
+    if data_cache:
+        group.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
     group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
     group.add_argument("--stop-after", type=int, default=None,
                        help="stop after this many epochs, leaving a checkpoint to --resume (e.g. for job time limits)")
@@ -102,10 +103,11 @@ def check_flags(args, rates=(), at_least=()):
         raise UsageError(f"argument --data: {args.data} is not a folder; run `python download.py` first")
 
 
-def freeze_plan(args, config):
-    """--freeze and --unfreeze for this backbone, as a freeze.Plan; UsageError names a bad flag."""
+def freeze_plan(args, config, heads=tuple(freeze.TASK_HEADS.values())):
+    """--freeze and --unfreeze for this backbone and the model's heads, as a freeze.Plan; UsageError
+    names a bad flag."""
     try:
-        plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, config.num_hidden_layers, config.has_pooler)
+        plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, config.num_hidden_layers, config.has_pooler, heads)
     except ValueError as e:
         raise UsageError(f"argument --freeze: {e}") from None
     if plan.gradual and freeze.backbone_parts(plan.num_layers, plan.pooler) <= plan.base:

@@ -16,7 +16,8 @@ Reading order:
                 load_pretrained (weights from a safetensors file)
   Task 1        pool_tokens / SentenceEncoder: one vector per sentence
   Task 2        Head / MultiTaskModel: one encoder, two task heads, and
-                save_multitask / load_multitask for a trained model folder
+                save_trained / load_multitask for a trained model folder
+  pairs         PairModel: a bi-encoder or a cross-encoder (pairs.py), and load_pairs
 
 Masks follow the Hugging Face convention everywhere: attention_mask is (B, T)
 with 1 = a real token, 0 = padding.
@@ -115,7 +116,7 @@ class SelfAttention(nn.Module):
         self.n_head = config.num_attention_heads
         # Query, key and value projections stacked in one (3H, H) matrix: one
         # matrix product instead of three. load_pretrained stacks the
-        # checkpoint's three matrices; save_multitask splits them again.
+        # checkpoint's three matrices; save_trained splits them again.
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
@@ -299,7 +300,7 @@ JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in FAMILY_FIELDS]
 
 
 def config_json(config):
-    """A BertConfig as its family's config.json keys (the inverse of read_config), e.g. for save_multitask."""
+    """A BertConfig as its family's config.json keys (the inverse of read_config), e.g. for save_trained."""
     theirs = {ours: key for key, ours in FAMILIES[config.model_type].config_keys.items()}
     values = {theirs.get(f.name, f.name): getattr(config, f.name) for f in JSON_FIELDS}
     return {"model_type": config.model_type, theirs.get("hidden_act", "hidden_act"): "gelu", **values}
@@ -423,11 +424,11 @@ def load_pretrained(model_dir, device="cpu"):
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
-    # A trained multi-task model (save_multitask) also holds its heads; they are not BERT's.
-    heads = "multitask" in json.loads((model_dir / "config.json").read_text())
+    # A model trained by train.py or pairs.py (save_trained) also holds its heads; they are not BERT's.
+    sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in json.loads((model_dir / "config.json").read_text()))
     renamed = {}
     for key, tensor in tensors.items():
-        if heads and key.startswith("multitask."):
+        if sections and key.startswith(sections):
             continue
         name = _plain_name(key, family)
         if name is None:
@@ -594,6 +595,7 @@ class MultiTaskModel(nn.Module):
     NER head reads every token state, because pooling would blur the words
     it has to tag. A batch holds one task, and forward runs only that head.
     """
+    SECTION, WRITTEN_BY = "multitask", "train.py"  # save_trained / load_trained: config.json's section
 
     def __init__(self, bert, pool="mean", embed_dim=None, normalize="none", n_classes=4, n_tags=9,
                  head_dropout=0.1):
@@ -649,12 +651,17 @@ def parameter_part(name):
     return inner.split(".")[0]  # "embeddings" or "pooler"
 
 
-def save_multitask(model, out_dir, extra=None):
-    """Write out_dir/model.safetensors and config.json, atomically.
+TRAINED_SECTIONS = ("multitask", "pairs")  # config.json's settings, and the tensors' prefix, of a trained model
+
+
+def save_trained(model, out_dir, extra=None):
+    """Write out_dir/model.safetensors and config.json, atomically, for a MultiTaskModel or a PairModel.
 
     The encoder's tensors and config.json keep the names of its family's
     plain layout, so load_pretrained (and transformers) read the folder as
-    that model; the heads sit under "multitask.".
+    that model; the rest of the model (heads, projection) sits under the
+    model's SECTION ("multitask." or "pairs."), and config.json holds its
+    settings under the same name.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -662,28 +669,114 @@ def save_multitask(model, out_dir, extra=None):
     for name, tensor in model.state_dict().items():
         inner = name.removeprefix("encoder.bert.")
         tensor = tensor.detach().to("cpu", torch.float32)
-        parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {"multitask." + name: tensor}
+        parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {f"{model.SECTION}.{name}": tensor}
         tensors.update((key, t.contiguous()) for key, t in parts.items())
-    config = {**config_json(bert), "multitask": model.settings(), **(extra or {})}
+    config = {**config_json(bert), model.SECTION: model.settings(), **(extra or {})}
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
-def load_multitask(model_dir, device="cpu"):
-    """A MultiTaskModel from a folder written by save_multitask."""
+save_multitask = save_trained
+
+
+def trained_settings(model_dir, section):
+    """The settings config.json holds under section ("multitask" or "pairs"), or None for a plain model folder."""
+    path = Path(model_dir) / "config.json"
+    try:
+        settings = json.loads(path.read_text()).get(section)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON object ({e})") from None
+    return settings if isinstance(settings, dict) else None
+
+
+def load_trained(model_dir, cls, device="cpu"):
+    """A MultiTaskModel or PairModel (cls) from a folder written by save_trained."""
     model_dir = Path(model_dir)
     bert = load_pretrained(model_dir)  # also checks config.json
-    settings = json.loads((model_dir / "config.json").read_text()).get("multitask")
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{model_dir / 'config.json'}: has no 'multitask' settings; "
-                              "it is a plain BERT folder, not a trained multi-task model")
-    model = MultiTaskModel(bert, **settings)
-    heads = {k.removeprefix("multitask."): v for k, v in load_file(model_dir / "model.safetensors").items()
-             if k.startswith("multitask.")}
+    settings = trained_settings(model_dir, cls.SECTION)
+    if settings is None:
+        raise CheckpointError(f"{model_dir / 'config.json'}: has no '{cls.SECTION}' settings; it is a plain BERT "
+                              f"folder, or another script's, not a model trained by {cls.WRITTEN_BY}")
+    try:
+        model = cls(bert, **settings)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: bad '{cls.SECTION}' settings ({e})") from None
+    prefix = cls.SECTION + "."
+    rest = {k.removeprefix(prefix): v for k, v in load_file(model_dir / "model.safetensors").items()
+            if k.startswith(prefix)}
     expected = {n for n in model.state_dict() if not n.startswith("encoder.bert.")}
-    if heads.keys() != expected:
-        raise CheckpointError(f"{model_dir / 'model.safetensors'}: head tensors do not match config.json: "
-                              f"missing {_list_keys(expected - heads.keys()) or 'none'}, "
-                              f"unexpected {_list_keys(heads.keys() - expected) or 'none'}")
-    model.load_state_dict(heads, strict=False)
+    if rest.keys() != expected:
+        raise CheckpointError(f"{model_dir / 'model.safetensors'}: {cls.SECTION} tensors do not match config.json: "
+                              f"missing {_list_keys(expected - rest.keys()) or 'none'}, "
+                              f"unexpected {_list_keys(rest.keys() - expected) or 'none'}")
+    model.load_state_dict(rest, strict=False)
     return model.to(device)
+
+
+def load_multitask(model_dir, device="cpu"):
+    """A MultiTaskModel from a folder written by train.py."""
+    return load_trained(model_dir, MultiTaskModel, device)
+
+
+# --- Sentence pairs (pairs.py) ---------------------------------------------------------
+
+PAIR_KINDS = ("bi", "cross")
+
+
+class PairModel(nn.Module):
+    """How alike two sentences are, scored two ways (Reimers & Gurevych, 2019, Sentence-BERT).
+
+    bi:    each sentence goes through the SentenceEncoder on its own, and the
+           score is the cosine of the two embeddings. A sentence is embedded
+           once and compared with any number of others (search at scale).
+    cross: both sentences go through the encoder together, in the tokenizer's
+           pair template ([CLS] a [SEP] b [SEP], segment ids 0 then 1), so every
+           word of one attends to every word of the other; a head on the first
+           token's pooled state gives one logit, whose sigmoid is the score.
+           Each pair needs a pass of its own.
+    """
+    SECTION, WRITTEN_BY = "pairs", "pairs.py"
+
+    def __init__(self, bert, kind, pool="mean", embed_dim=None, normalize="none", head_dropout=0.1):
+        super().__init__()
+        if kind not in PAIR_KINDS:
+            raise ValueError(f"kind must be one of {PAIR_KINDS}, got {kind!r}")
+        self.kind = kind
+        if kind == "bi":
+            self.encoder = SentenceEncoder(bert, pool, embed_dim, normalize)
+        else:  # the pooler (dense + tanh on the first token, or that token's state without one), then a head
+            self.encoder = SentenceEncoder(bert, "cls")
+            self.cls_head = Head(bert.config.hidden_size, 1, head_dropout, bert.config.layer_norm_eps)
+
+    @property
+    def bert(self):
+        return self.encoder.bert
+
+    def forward(self, batch):
+        """bi: cosine similarities (B,) of batch's a_ids/a_mask and b_ids/b_mask rows;
+        cross: logits (B,) of its input_ids, attention_mask and token_type_ids rows."""
+        if self.kind == "bi":
+            a = self.encoder(batch["a_ids"], batch["a_mask"])  # (B, D)
+            b = self.encoder(batch["b_ids"], batch["b_mask"])  # (B, D)
+            return cosine(a, b)
+        hidden, pooled = self.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return self.cls_head(pooled).squeeze(-1)  # (B, H) -> (B, 1) -> (B,)
+
+    def settings(self):
+        """What, beyond the BERT config, rebuilds this model (stored in config.json)."""
+        if self.kind == "cross":
+            return {"kind": "cross", "head_dropout": self.cls_head.dropout.p}
+        embed_dim = None if self.encoder.project is None else self.encoder.embed_dim
+        return {"kind": "bi", "pool": self.encoder.pool, "embed_dim": embed_dim, "normalize": self.encoder.norm}
+
+
+def cosine(a, b):
+    """Row-wise cosine similarity of (B, D) tensors, in fp32: a.b / (|a| |b|), and 0 for a zero row."""
+    a, b = a.float(), b.float()
+    norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=torch.finfo(torch.float32).tiny)
+    return (a * b).sum(-1) / norms
+
+
+def load_pairs(model_dir, device="cpu"):
+    """A PairModel from a folder written by pairs.py."""
+    return load_trained(model_dir, PairModel, device)

@@ -100,3 +100,204 @@ def test_live_correlations_against_scipy():
         y = x + rng.normal(0, 1.5, n).round(1)
         assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
         assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+
+
+# --- The model, the loss, training (pairs.py) ----------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+
+import torch  # noqa: E402
+from conftest import TINY_PLAIN  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import embed  # noqa: E402
+import pairs  # noqa: E402
+from model import PairModel, SentenceEncoder, cosine, load_pairs, load_pretrained  # noqa: E402
+
+PAIR_LOSS = pairs.pair_loss
+
+
+def test_cosine_and_both_losses_by_hand():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[4.0, 3.0], [-2.0, 0.0], [1.0, 1.0]])
+    cos = cosine(a, b)
+    # (12 + 12) / (5 * 5); opposite directions; a zero row scores 0 instead of NaN
+    assert cos.tolist() == pytest.approx([24 / 25, -1.0, 0.0], abs=1e-7)
+    assert cosine(a[:2], b[:2]).tolist() == pytest.approx(torch.cosine_similarity(a[:2], b[:2]).tolist(), abs=1e-7)
+    scores = torch.tensor([5.0, 0.0, 2.5])  # targets 1, 0, 0.5
+    mse = ((24 / 25 - 1) ** 2 + (-1 - 0) ** 2 + (0 - 0.5) ** 2) / 3
+    assert PAIR_LOSS(cos, scores, "bi").item() == pytest.approx(mse, rel=1e-6)
+    logits = torch.tensor([2.0, -1.0, 0.0])
+
+    def bce(x, t):
+        p = 1 / (1 + math.exp(-x))
+        return -(t * math.log(p) + (1 - t) * math.log(1 - p))
+
+    expected = (bce(2.0, 1.0) + bce(-1.0, 0.0) + bce(0.0, 0.5)) / 3
+    assert PAIR_LOSS(logits, scores, "cross").item() == pytest.approx(expected, rel=1e-6)
+    # a data-parallel share: the sum over its 3 pairs, divided by (global batch / ranks) = 6 / 2
+    assert PAIR_LOSS(logits, scores, "cross", 3.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def pair_flags(out, encoder, *extra):
+    return ["--encoder", encoder, "--model", str(TINY_PLAIN), "--data", str(FIXTURES / "data"), "--out", str(out),
+            "--max-len", "32", "--batch-size", "4", "--log-every", "1", *map(str, extra)]
+
+
+def run_recording_losses(monkeypatch, argv, interrupt_at=None):
+    losses = []
+
+    def recording(outputs, scores, kind, normalizer=None):
+        loss = PAIR_LOSS(outputs, scores, kind, normalizer)
+        losses.append(loss.item())
+        if len(losses) == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(pairs, "pair_loss", recording)
+    code = pairs.main(argv)
+    return code, losses
+
+
+def dev_scores_by_hand(model_dir, encoder):
+    """Dev predictions computed without pairs.py: embeddings from SentenceEncoder.encode, or the cross model."""
+    dev = read_stsb(STSB / "sts-dev.csv")
+    tokenizer = load_tokenizer(model_dir)
+    if encoder == "bi":
+        sentence = load_pairs(model_dir).encoder.eval()
+        a = sentence.encode([x for x, _, _ in dev], tokenizer, max_len=32)
+        b = sentence.encode([y for _, y, _ in dev], tokenizer, max_len=32)
+        predicted = cosine(a, b).tolist()
+    else:
+        model = load_pairs(model_dir).eval()
+        data = encode_pairs(dev, tokenizer, 32)
+        with torch.no_grad():
+            predicted = [torch.sigmoid(model({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids)),
+                                              "token_type_ids": torch.tensor([types])})).item()
+                         for ids, types in zip(data.input_ids, data.token_type_ids)]
+    return spearman(predicted, [s for _, _, s in dev]), pearson(predicted, [s for _, _, s in dev])
+
+
+@pytest.mark.parametrize("encoder", ["bi", "cross"])
+def test_two_steps_change_the_weights_and_write_the_summary(tmp_path, monkeypatch, encoder):
+    out = tmp_path / encoder
+    code, losses = run_recording_losses(monkeypatch, pair_flags(out, encoder, "--epochs", 1, "--lr", "1e-3",
+                                                                "--head-lr", "1e-3", "--warmup", 0))
+    assert code == 0 and len(losses) == 2  # 6 training pairs in batches of 4: 2 steps
+    before, after = load_pretrained(TINY_PLAIN).state_dict(), load_pairs(out).bert.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "layers.0.attn.qkv.weight" in changed and "embeddings.word.weight" in changed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["encoder"] == encoder and summary["best_epoch"] == 1 and "test" not in summary
+    rho, r = dev_scores_by_hand(out, encoder)
+    assert summary["dev"]["spearman"] == pytest.approx(rho, abs=1e-6)
+    assert summary["dev"]["pearson"] == pytest.approx(r, abs=1e-5)
+    unit = "sentences_per_s" if encoder == "bi" else "pairs_per_s"
+    assert summary["inference"][unit] > 0 and summary["timings_s"]["train"] > 0
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["spearman"] == summary["dev"]["spearman"] and record["step"] == 2
+
+
+def test_zero_epochs_scores_the_model_as_it_is(tmp_path):
+    out = tmp_path / "zero"
+    assert pairs.main(pair_flags(out, "bi", "--epochs", 0)) == 0
+    with safe_open(out / "model.safetensors", "pt") as f, safe_open(TINY_PLAIN / "model.safetensors", "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in g.keys() if not k.startswith("cls."))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] is None and summary["timings_s"]["train"] == 0
+    dev = read_stsb(STSB / "sts-dev.csv")
+    tokenizer, sentence = load_tokenizer(TINY_PLAIN), SentenceEncoder(load_pretrained(TINY_PLAIN), "mean")
+    cos = cosine(sentence.encode([a for a, _, _ in dev], tokenizer), sentence.encode([b for _, b, _ in dev], tokenizer))
+    assert summary["dev"]["spearman"] == pytest.approx(spearman(cos.tolist(), [s for _, _, s in dev]), abs=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["bi", "cross"])
+def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch, encoder):
+    """--stop-after, then a SIGINT mid-epoch: the resumed run takes the uninterrupted run's steps, loss by loss."""
+    common = ("--epochs", 3, "--lr", "1e-3", "--head-lr", "1e-3", "--unfreeze", "gradual")
+    _, straight = run_recording_losses(monkeypatch, pair_flags(tmp_path / "a", encoder, *common))
+    assert len(straight) == 6
+    code, first = run_recording_losses(monkeypatch, pair_flags(tmp_path / "b", encoder, *common, "--stop-after", 1))
+    assert code == 0 and len(first) == 2
+    code, second = run_recording_losses(monkeypatch, pair_flags(tmp_path / "b", encoder, *common, "--resume"),
+                                        interrupt_at=1)  # stopped after the first step of epoch 2
+    assert code == 128 + signal.SIGINT
+    code, rest = run_recording_losses(monkeypatch, pair_flags(tmp_path / "b", encoder, *common, "--resume"))
+    assert code == 0
+    assert first + second + rest == straight
+    a, b = (load_pairs(tmp_path / run).state_dict() for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def bad_data(tmp_path, train_text):
+    (tmp_path / "stsb").mkdir()
+    (tmp_path / "stsb" / "sts-train.csv").write_text(train_text)
+    (tmp_path / "stsb" / "sts-dev.csv").write_text((STSB / "sts-dev.csv").read_text())
+    return tmp_path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("main\tf\t2012\t1\t2.0\ta\tb\nmain\tf\t2012\t2\t3.0\tonly one\n", "sts-train.csv:2: expected 7 tab-separated"),
+    ("main\tf\t2012\t1\tmany\ta\tb\n", "sts-train.csv:1: the score 'many' is not a number"),
+    ("main\tf\t2012\t1\t7\ta\tb\n", "sts-train.csv:1: the score 7 is outside 0-5"),
+    ("", "sts-train.csv: empty file"),
+])
+def test_bad_data_ends_in_one_line_and_status_2(tmp_path, capsys, text, message):
+    data = bad_data(tmp_path, text)
+    argv = pair_flags(tmp_path / "out", "bi")
+    argv[argv.index("--data") + 1] = str(data)
+    assert pairs.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--pool", "max"), "argument --pool: only for --encoder bi"),
+    (("--freeze", "ner-head"), "argument --freeze: ner-head: a pair model has no NER head"),
+    (("--epochs", "-1"), "argument --epochs: must be at least 0"),
+])
+def test_bad_flags_end_in_one_line_and_status_2(tmp_path, capsys, extra, message):
+    assert pairs.main(pair_flags(tmp_path / "out", "cross", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_missing_dev_file_names_the_download(tmp_path, capsys):
+    (tmp_path / "stsb").mkdir()
+    (tmp_path / "stsb" / "sts-train.csv").write_text((STSB / "sts-train.csv").read_text())
+    argv = pair_flags(tmp_path / "out", "bi")
+    argv[argv.index("--data") + 1] = str(tmp_path)
+    assert pairs.main(argv) == 2
+    assert "sts-dev.csv: not found; run `python download.py --only stsb`" in capsys.readouterr().err
+
+
+def test_embed_reads_a_trained_bi_encoder_and_refuses_a_cross_encoder(tmp_path, capsys):
+    out = tmp_path / "bi"
+    assert pairs.main(pair_flags(out, "bi", "--epochs", 1, "--lr", "1e-3", "--pool", "max", "--embed-dim", 8,
+                                 "--normalize", "l2")) == 0
+    capsys.readouterr()
+    sentences = ["A cat sits on a mat.", "A boy rides a bike."]
+    assert embed.main(["--model", str(out), "--json", *sentences]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["pool"], shown["normalize"], shown["embed_dim"]) == ("max", "l2", 8)
+    expected = load_pairs(out).encoder.encode(sentences, load_tokenizer(out), max_len=shown["max_len"])
+    assert torch.allclose(torch.tensor(shown["embeddings"]), expected, atol=1e-6)
+    assert embed.main(["--model", str(out), "--embed-dim", "4", "a"]) == 2
+    assert "trained with --embed-dim 8" in capsys.readouterr().err
+    cross = tmp_path / "cross"
+    assert pairs.main(pair_flags(cross, "cross", "--epochs", 0)) == 0
+    capsys.readouterr()
+    assert embed.main(["--model", str(cross), "a"]) == 2
+    assert "holds a cross-encoder" in capsys.readouterr().err
+
+
+def test_the_cross_encoder_model_reads_segments():
+    """The same ids with other segment ids give another logit: the pair template reaches the encoder."""
+    torch.manual_seed(0)
+    model = PairModel(load_pretrained(TINY_PLAIN), "cross").eval()
+    ids = torch.tensor([[2, 7, 8, 3, 9, 10, 3]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    zero = model(batch)
+    batch["token_type_ids"] = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    assert not torch.allclose(zero, model(batch))
