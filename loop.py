@@ -54,12 +54,13 @@ def add_freeze_flags(group, strategies):
                        help="gradual: start with the backbone frozen, release one layer per epoch from the top")
 
 
-def add_rate_flags(group, lr=5e-5, lr_decay=0.9, head_lr=1e-3, warmup=0.1):
+def add_rate_flags(group, lr=5e-5, lr_decay=0.9, head_lr=1e-3, warmup=0.1, weight_decay=0.01):
     group.add_argument("--lr", type=float, default=lr, help="learning rate of the top encoder layer")
     group.add_argument("--lr-decay", type=float, default=lr_decay, help="each lower layer gets this times the one above")
     group.add_argument("--head-lr", type=float, default=head_lr, help="learning rate of the heads")
     group.add_argument("--warmup", type=float, default=warmup, help="fraction of steps with linear warmup")
-    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW's, on weights but not on "
+                                                                                "biases and LayerNorm")
     group.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
 
 

@@ -723,6 +723,20 @@ def load_multitask(model_dir, device="cpu"):
 PAIR_KINDS = ("bi", "cross")
 
 
+class ScoreHead(nn.Module):
+    """Dropout -> one logit, on the pooler's output: BERT's own sequence-classification head (Devlin
+    et al., 2019). The pooler is pre-trained (dense + tanh), so one new linear layer is all that starts
+    from random, where a Task 2 Head adds a random dense + LayerNorm + GELU (docs/pairs.md compares them)."""
+
+    def __init__(self, in_dim, dropout=0.1):
+        super().__init__()
+        self.dropout = Dropout(dropout)
+        self.out = nn.Linear(in_dim, 1)
+
+    def forward(self, x):
+        return self.out(self.dropout(x))  # (B, H) -> (B, 1)
+
+
 class PairModel(nn.Module):
     """How alike two sentences are, scored two ways (Reimers & Gurevych, 2019, Sentence-BERT).
 
@@ -744,9 +758,9 @@ class PairModel(nn.Module):
         self.kind = kind
         if kind == "bi":
             self.encoder = SentenceEncoder(bert, pool, embed_dim, normalize)
-        else:  # the pooler (dense + tanh on the first token, or that token's state without one), then a head
+        else:  # the pooler (dense + tanh on the first token, or that token's state without one), then a logit
             self.encoder = SentenceEncoder(bert, "cls")
-            self.cls_head = Head(bert.config.hidden_size, 1, head_dropout, bert.config.layer_norm_eps)
+            self.cls_head = ScoreHead(bert.config.hidden_size, head_dropout)
 
     @property
     def bert(self):

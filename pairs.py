@@ -56,8 +56,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("freezing")
     loop.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head (the cross-encoder's "
                              "head, or the bi-encoder's --embed-dim projection)")
-    g = p.add_argument_group("learning rates")
-    loop.add_rate_flags(g, lr=5e-5, lr_decay=1.0, head_lr=5e-5, warmup=0.1)
+    g = p.add_argument_group("learning rates (default: sentence-transformers' trainer defaults, one flat rate)")
+    loop.add_rate_flags(g, lr=5e-5, lr_decay=1.0, head_lr=5e-5, warmup=0.0, weight_decay=0.0)
     g = p.add_argument_group("run")
     loop.add_run_flags(g, epochs=1, batch_size=16, data_cache=False)
     g.add_argument("--group-window", type=int, default=0,

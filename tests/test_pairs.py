@@ -1,14 +1,21 @@
-"""Sentence pairs (STS-B): reading the files, the cross-encoder's pair encoding, and rank correlation."""
+"""Sentence pairs (STS-B): reading the files, the pair encoding, rank correlation, and pairs.py's two encoders."""
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT
+import torch
+from conftest import FIXTURES, ROOT, TINY_PLAIN
+from safetensors import safe_open
 
+import embed
+import pairs
 from data import DataError, encode_pairs, load_tokenizer, read_stsb
 from metrics import pearson, ranks, spearman
+from model import PairModel, SentenceEncoder, cosine, load_pairs, load_pretrained
 
 STSB = FIXTURES / "data" / "stsb"
 SHARED = ROOT.parent / "shared" / "data" / "stsb"  # the real files, where they are present
@@ -104,17 +111,6 @@ def test_live_correlations_against_scipy():
 
 # --- The model, the loss, training (pairs.py) ----------------------------------------------
 
-import os  # noqa: E402
-import signal  # noqa: E402
-
-import torch  # noqa: E402
-from conftest import TINY_PLAIN  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-import embed  # noqa: E402
-import pairs  # noqa: E402
-from model import PairModel, SentenceEncoder, cosine, load_pairs, load_pretrained  # noqa: E402
-
 PAIR_LOSS = pairs.pair_loss
 
 
@@ -170,12 +166,7 @@ def dev_scores_by_hand(model_dir, encoder):
         b = sentence.encode([y for _, y, _ in dev], tokenizer, max_len=32)
         predicted = cosine(a, b).tolist()
     else:
-        model = load_pairs(model_dir).eval()
-        data = encode_pairs(dev, tokenizer, 32)
-        with torch.no_grad():
-            predicted = [torch.sigmoid(model({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids)),
-                                              "token_type_ids": torch.tensor([types])})).item()
-                         for ids, types in zip(data.input_ids, data.token_type_ids)]
+        predicted = cross_predictions(model_dir, dev)
     return spearman(predicted, [s for _, _, s in dev]), pearson(predicted, [s for _, _, s in dev])
 
 
@@ -230,7 +221,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch, encoder):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def bad_data(tmp_path, train_text):
+def data_folder(tmp_path, train_text):
     (tmp_path / "stsb").mkdir()
     (tmp_path / "stsb" / "sts-train.csv").write_text(train_text)
     (tmp_path / "stsb" / "sts-dev.csv").write_text((STSB / "sts-dev.csv").read_text())
@@ -244,7 +235,7 @@ def bad_data(tmp_path, train_text):
     ("", "sts-train.csv: empty file"),
 ])
 def test_bad_data_ends_in_one_line_and_status_2(tmp_path, capsys, text, message):
-    data = bad_data(tmp_path, text)
+    data = data_folder(tmp_path, text)
     argv = pair_flags(tmp_path / "out", "bi")
     argv[argv.index("--data") + 1] = str(data)
     assert pairs.main(argv) == 2
@@ -301,3 +292,45 @@ def test_the_cross_encoder_model_reads_segments():
     zero = model(batch)
     batch["token_type_ids"] = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
     assert not torch.allclose(zero, model(batch))
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_other_families_train_as_cross_encoders(tmp_path, capsys, family):
+    """RoBERTa's pair template has no segments and DistilBERT no token types nor pooler: both still train,
+    and their folders load back with the trained head."""
+    folder = FIXTURES / f"tiny_{family}_plain"
+    argv = pair_flags(tmp_path / family, "cross", "--epochs", 1, "--lr", "1e-3", "--head-lr", "1e-3")
+    argv[argv.index("--model") + 1] = str(folder)
+    assert pairs.main(argv) == 0
+    model = load_pairs(tmp_path / family)
+    assert model.bert.config.model_type == family
+    before = load_pretrained(folder).state_dict()
+    assert not torch.equal(before["layers.0.attn.qkv.weight"], model.bert.state_dict()["layers.0.attn.qkv.weight"])
+    summary = json.loads((tmp_path / family / "summary.json").read_text())
+    dev = read_stsb(STSB / "sts-dev.csv")
+    expected = spearman(cross_predictions(tmp_path / family, dev), [s for _, _, s in dev])
+    assert summary["dev"]["spearman"] == pytest.approx(expected, abs=1e-6)
+
+
+def cross_predictions(model_dir, dev):
+    """The saved cross-encoder's sigmoid scores, one pair at a time (no padding, no batching)."""
+    model, data = load_pairs(model_dir).eval(), encode_pairs(dev, load_tokenizer(model_dir), 32)
+    with torch.no_grad():
+        return [torch.sigmoid(model({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids)),
+                                     "token_type_ids": torch.tensor([types])})).item()
+                for ids, types in zip(data.input_ids, data.token_type_ids)]
+
+
+def test_a_test_file_is_scored_too(tmp_path):
+    """With sts-test.csv present, summary.json holds its scores as well (here the dev pairs, reversed)."""
+    data = data_folder(tmp_path, (STSB / "sts-train.csv").read_text())
+    dev_lines = (STSB / "sts-dev.csv").read_text().splitlines()
+    (data / "stsb" / "sts-test.csv").write_text("\n".join(reversed(dev_lines)) + "\n")
+    argv = pair_flags(tmp_path / "out", "cross", "--epochs", 1)
+    argv[argv.index("--data") + 1] = str(data)
+    assert pairs.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    test = read_stsb(data / "stsb" / "sts-test.csv")
+    expected = spearman(cross_predictions(tmp_path / "out", test), [s for _, _, s in test])
+    assert summary["test"]["spearman"] == pytest.approx(expected, abs=1e-6)
+    assert summary["test"]["spearman"] == pytest.approx(summary["dev"]["spearman"], abs=1e-6)  # the same pairs

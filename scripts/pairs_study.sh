@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The runs behind docs/pairs.md: pairs.py and sentence-transformers' own training, side by side,
+# one after the other on the same machine. Usage:
+#   scripts/pairs_study.sh MODEL_DIR DATA_DIR OUT_DIR [SEEDS...]
+# DATA_DIR holds stsb/sts-{train,dev}.csv. The reference needs `datasets` and `accelerate` besides
+# sentence-transformers, which are not project dependencies: install them where you run this.
+# scripts/pairs_table.py OUT_DIR turns the outputs into the tables of docs/pairs.md.
+set -euo pipefail
+model=$1 data=$2 out=$3; shift 3
+seeds=("${@:-0}")
+mkdir -p "$out"
+ours() {  # NAME FLAGS...
+  local name=$1; shift
+  [ -f "$out/$name/summary.json" ] && return 0
+  python pairs.py --model "$model" --data "$data" --out "$out/$name" --log-every 100 "$@" > "$out/$name.log" 2>&1
+}
+reference() {  # NAME FLAGS...
+  local name=$1; shift
+  [ -f "$out/$name.json" ] && return 0
+  python scripts/st_reference_pairs.py --model "$model" --data "$data/stsb" --out "$out/$name.json" "$@" \
+    > "$out/$name.log" 2>&1
+}
+ours zero-shot-bi --encoder bi --epochs 0
+for seed in "${seeds[@]}"; do
+  ours "bi-$seed" --encoder bi --epochs 1 --batch-size 16 --seed "$seed"
+  reference "st-bi-$seed" --encoder bi --epochs 1 --batch-size 16 --seed "$seed"
+  ours "cross-$seed" --encoder cross --epochs 1 --batch-size 16 --seed "$seed"
+  reference "st-cross-$seed" --encoder cross --epochs 1 --batch-size 16 --seed "$seed"
+done
