@@ -3,7 +3,7 @@
 A run keeps one file, OUT/checkpoint/checkpoint.safetensors, rewritten
 after every epoch and when a signal stops the run:
 
-  tensors   model.<name>            the MultiTaskModel's state dict
+  tensors   model.<name>            the model's state dict (MultiTaskModel, or pairs.py's PairModel)
             optim.<index>.<key>     AdamW's state per parameter (step, exp_avg, exp_avg_sq)
             rng.<kind>[.<rank>]     random-number states: rng.torch and rng.cuda for rank 0,
                                     rng.torch.1 ... for the other ranks
@@ -36,7 +36,8 @@ class Progress:
     epoch: int = 0  # epochs finished
     batch: int = 0  # batches of the current epoch done; 0 between epochs
     step: int = 0  # training steps taken, over all epochs
-    best: dict = None  # {"score": mean of AG accuracy and entity F1, "epoch": its epoch} on validation
+    best: dict = None  # {"score": the job's score on validation, "epoch": its epoch}; train.py's score is the
+    #                    mean of AG accuracy and entity F1, pairs.py's the dev Spearman
     history: list = field(default_factory=list)  # one record per validation pass, as in metrics.jsonl
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped for inf/NaN gradients
     train_seconds: float = 0.0

@@ -2,6 +2,7 @@
 # The runs behind docs/pairs.md: pairs.py and sentence-transformers' own training, side by side,
 # one after the other on the same machine. Usage:
 #   scripts/pairs_study.sh MODEL_DIR DATA_DIR OUT_DIR [SEEDS...]
+#   ENCODERS=cross scripts/pairs_study.sh MODEL_DIR DATA_DIR OUT_DIR 3 4     # more seeds of one encoder
 # DATA_DIR holds stsb/sts-{train,dev}.csv. The reference needs `datasets` and `accelerate` besides
 # sentence-transformers, which are not project dependencies: install them where you run this.
 # scripts/pairs_table.py OUT_DIR turns the outputs into the tables of docs/pairs.md.
@@ -22,8 +23,8 @@ reference() {  # NAME FLAGS...
 }
 ours zero-shot-bi --encoder bi --epochs 0
 for seed in "${seeds[@]}"; do
-  ours "bi-$seed" --encoder bi --epochs 1 --batch-size 16 --seed "$seed"
-  reference "st-bi-$seed" --encoder bi --epochs 1 --batch-size 16 --seed "$seed"
-  ours "cross-$seed" --encoder cross --epochs 1 --batch-size 16 --seed "$seed"
-  reference "st-cross-$seed" --encoder cross --epochs 1 --batch-size 16 --seed "$seed"
+  for encoder in ${ENCODERS:-bi cross}; do
+    ours "$encoder-$seed" --encoder "$encoder" --epochs 1 --batch-size 16 --seed "$seed"
+    reference "st-$encoder-$seed" --encoder "$encoder" --epochs 1 --batch-size 16 --seed "$seed"
+  done
 done

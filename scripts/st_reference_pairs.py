@@ -12,7 +12,9 @@ Everything not given on the command line (learning rate, warmup, weight decay,
 scheduler, optimizer, ...) is left at the library defaults. Labels are score / 5.
 
 Extra requirements (not project dependencies): pip install datasets accelerate in the
-environment where you run this, e.g. into a separate directory put on PYTHONPATH.
+environment where you run this, e.g. with `pip install --target DIR/site-packages` and
+PYTHONPATH=DIR/site-packages. Keep "site-packages" in that path: datasets hashes its
+inputs with dill, which copies (and fails on pyarrow's) modules outside such a folder.
 
   python scripts/st_reference_pairs.py --encoder bi --model DIR --data DIR \
       --epochs 1 --batch-size 16 --seed 0 [--limit N] [--out FILE.json]
