@@ -10,12 +10,21 @@ after every epoch and when a signal stops the run:
   metadata  state                   Progress (below), as JSON
             param_groups            the optimizer's groups (name, rates, parameter indices), as JSON
             scaler                  the GradScaler's state, as JSON
+            fingerprint             what the run was made from: the data and the pretrained model,
+                                    each as its resolved folder and a sha256 of its contents, as JSON
+            format                  FORMAT, the version of this layout
+            sha256                  a checksum of every tensor (name, dtype, shape, bytes) and of
+                                    the metadata above
 
-Only safetensors and JSON: nothing is unpickled. A resumed run takes the same
-steps on the same batches with the same random numbers as one that never
-stopped (tests/test_train.py checks it loss by loss).
+Only safetensors and JSON: nothing is unpickled. read() verifies the format
+and the checksum, so a damaged or foreign file is refused with one line
+(CheckpointError) rather than resumed; --resume then checks that the flags
+and the fingerprint are the saved run's. A resumed run takes the same steps
+on the same batches with the same random numbers as one that never stopped
+(tests/test_train.py checks it loss by loss).
 """
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +64,22 @@ class Checkpoint:
     optimizer: dict  # torch's optimizer state_dict: {"state": {index: {key: tensor}}, "param_groups": [...]}
     scaler: dict  # GradScaler.state_dict()
     rng: list  # per rank: {"torch": state, "cuda": state (where CUDA is present)}
+    fingerprint: dict = field(default_factory=dict)  # {"data": {"path", "sha256"}, "model": {"path", "sha256"}}
+
+
+FORMAT = "2"  # 2: a format version, a checksum and a fingerprint; 1 (no "format" entry) had none of them
+
+
+def checksum(tensors, metadata):
+    """sha256 of every tensor (name, dtype, shape, bytes, in name order) and of the metadata but its own entry."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    for key in sorted(k for k in metadata if k != "sha256"):
+        h.update(f"{key}={metadata[key]};".encode())
+    return h.hexdigest()
 
 
 def path_in(out):
@@ -71,22 +96,36 @@ def save(path, ckpt):
         for kind, value in states.items():
             tensors[f"rng.{kind}" + (f".{rank}" if rank else "")] = value
     metadata = {"state": json.dumps(asdict(ckpt.progress)), "param_groups": json.dumps(ckpt.optimizer["param_groups"]),
-                "scaler": json.dumps(ckpt.scaler)}
+                "scaler": json.dumps(ckpt.scaler), "fingerprint": json.dumps(ckpt.fingerprint), "format": FORMAT}
+    metadata["sha256"] = checksum(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read(path):
-    """The Checkpoint in a file; CheckpointError if it cannot be read."""
+    """The Checkpoint in a file, verified; CheckpointError, naming the file, for anything else."""
     try:
         with safe_open(path, "pt") as f:
-            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-        progress = Progress(**json.loads(metadata["state"]))
-        groups, scaler = json.loads(metadata["param_groups"]), json.loads(metadata["scaler"])
-    except (SafetensorError, OSError) as e:
+            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:  # cut, overwritten or unreadable
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
-    except (KeyError, TypeError, ValueError) as e:
+    if "state" not in metadata:
+        raise CheckpointError(f"{path}: not a checkpoint of this program (no run state in it)")
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {metadata.get('format', '1')}, this program reads "
+                              f"format {FORMAT}; start the run again in a new --out")
+    if metadata.get("sha256") != checksum(tensors, metadata):
+        raise CheckpointError(f"{path}: checksum mismatch: the file was changed or damaged after it was written")
+    try:
+        return _unpack(metadata, tensors)
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # a checksummed file of another layout
         raise CheckpointError(f"{path}: not a checkpoint of this program ({e!r})") from None
+
+
+def _unpack(metadata, tensors):
+    """The Checkpoint in a verified file's metadata and tensors."""
+    progress = Progress(**json.loads(metadata["state"]))
+    groups, scaler = json.loads(metadata["param_groups"]), json.loads(metadata["scaler"])
     state, rng = {}, [{} for _ in range(progress.world_size)]
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -95,26 +134,50 @@ def read(path):
         elif key.startswith("rng."):
             _, kind, *rank = key.split(".")
             rng[int(rank[0]) if rank else 0][kind] = value
+    missing = [f"rng.torch{f'.{r}' if r else ''}" for r, states in enumerate(rng) if "torch" not in states]
+    if missing:
+        raise KeyError(", ".join(missing))
     model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    return Checkpoint(progress, model, {"state": state, "param_groups": groups}, scaler, rng)
+    return Checkpoint(progress, model, {"state": state, "param_groups": groups}, scaler, rng,
+                      json.loads(metadata["fingerprint"]))
 
 
 # Flags that may change between a run and its --resume; every other flag must stay the same.
 RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "no_feature_store",
                      "feature_store_limit_mb", "feature_cache_limit_mb", "device", "compile"}
+# Folders: compared by check_fingerprint, as resolved paths and by their contents, not as the text given.
+FOLDER_FLAGS = {"data", "model"}
 
 
 def check_resume(path, progress, flags, world_size):
     """--resume continues the same run: the flags that shape it, and the number of processes, must be unchanged."""
     saved = progress.run
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in flags.items()
-               if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+               if k not in RESUME_MAY_CHANGE | FOLDER_FLAGS and saved.get(k) != v]
     if changed:
         raise CheckpointError(f"{path}: --resume needs the flags of the saved run; changed: {'; '.join(changed)}")
     if progress.world_size != world_size:
         raise CheckpointError(f"argument --resume: {path} was written by {progress.world_size} processes, this "
                               f"run has {world_size}; resume with the same number, so that the global batches "
                               "stay the same")
+
+
+def fingerprint(data_dir, data_sha256, model_dir, model_sha256):
+    """What a run is made from: each folder, resolved, with a sha256 of what was read from it."""
+    return {"data": {"path": str(Path(data_dir).resolve()), "sha256": data_sha256},
+            "model": {"path": str(Path(model_dir).resolve()), "sha256": model_sha256}}
+
+
+def check_fingerprint(path, saved, current):
+    """--resume continues a run on the same data and the same pretrained model: the same folders
+    (resolved: another path to the same folder is fine) with the same contents."""
+    changed = [f"--{what} {saved[what]['path']} -> {current[what]['path']}" for what in ("data", "model")
+               if saved[what]["path"] != current[what]["path"]]
+    changed += [f"the contents of --{what} (sha256 {saved[what]['sha256'][:12]} -> {current[what]['sha256'][:12]})"
+                for what in ("data", "model") if saved[what]["sha256"] != current[what]["sha256"]]
+    if changed:
+        raise CheckpointError(f"{path}: --resume needs the data and model of the saved run; changed: "
+                              f"{'; '.join(changed)}")
 
 
 def restore(ckpt, path, model, optimizer, scaler, rank=0):
@@ -126,9 +189,12 @@ def restore(ckpt, path, model, optimizer, scaler, rank=0):
     groups = ckpt.optimizer["param_groups"]
     if [g["name"] for g in groups] != [g["name"] for g in optimizer.param_groups]:
         raise CheckpointError(f"{path}: its optimizer groups do not match this run's flags")
-    optimizer.load_state_dict(ckpt.optimizer)
-    scaler.load_state_dict(ckpt.scaler)
-    torch.set_rng_state(ckpt.rng[rank]["torch"])
-    if "cuda" in ckpt.rng[rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt.rng[rank]["cuda"])
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+        scaler.load_state_dict(ckpt.scaler)
+        torch.set_rng_state(ckpt.rng[rank]["torch"])
+        if "cuda" in ckpt.rng[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt.rng[rank]["cuda"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its optimizer, scaler or random state does not fit this run ({e!r})") from None
     return ckpt.progress

@@ -357,6 +357,7 @@ class PairData:
     scores: list
     truncated: list  # True if the pair (or either sentence) was cut to max_len
     b_ids: list = None  # bi: [CLS] b [SEP]
+    source: str = None  # a fingerprint of the file and tokenization it came from (load_stsb)
 
     def __len__(self):
         return len(self.scores)
@@ -369,7 +370,7 @@ class PairData:
         def pick(rows):
             return None if rows is None else [rows[i] for i in indices]
         return PairData(pick(self.input_ids), pick(self.token_type_ids), pick(self.scores), pick(self.truncated),
-                        pick(self.b_ids))
+                        pick(self.b_ids), self.source)
 
 
 def encode_pairs(pairs, tokenizer, max_len, kind="cross"):
@@ -700,6 +701,7 @@ def load_stsb(data_dir, tokenizer, max_len, kind):
                 continue
             raise DataError(f"{path}: not found; run `python download.py --only stsb` (or give --data)")
         out[split] = encode_pairs(read_stsb(path), tokenizer, max_len, kind)
+        out[split].source = _cache_key(path, tokenizer, max_len)
     return out
 
 

@@ -15,6 +15,7 @@ exact resume, stop signals, progress lines, atomic output). A job has:
   loss(task, idx)  this rank's forward pass and loss on its share of a global batch (a tensor)
   evaluate(split, log)   metrics of the current model on "valid" or "test"
   size(split)      examples in a split (the ETA and the evaluation rate count them)
+  sources()        {split name: fingerprint of its file and tokenization}, pinned in the checkpoint
   record(m), describe(m), score(m)   metrics -> fields of metrics.jsonl, a log line, the
                    number that picks the best epoch (higher is better)
   final_splits     the splits evaluated with the best model at the end
@@ -29,6 +30,8 @@ Reading order: flags shared by the scripts -> open_out (the run folder and
 """
 
 import contextlib
+import hashlib
+import json
 import math
 import signal
 import sys
@@ -42,6 +45,7 @@ import checkpoint
 import distributed
 import freeze
 from checkpoint import Checkpoint, Progress
+from features import weights_hash
 from lr import format_groups, lr_factor, param_groups
 from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step, write_json
 
@@ -155,6 +159,7 @@ class Run:
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
     progress: Progress  # the counters every checkpoint saves
+    fingerprint: dict  # the data and pretrained model the run is made from (checkpoint.fingerprint)
     control: object  # the process group for agreeing on a stop (None on one process)
     started: float  # time.perf_counter() at start
     data_seconds: float
@@ -202,7 +207,10 @@ def start(args, job, plan, place, out, saved, log, started, data_seconds):
     if place.world_size > 1:
         torch.manual_seed(args.seed + 1_000_003 * place.rank)  # different dropout on each rank
     progress = Progress(run=vars(args), world_size=place.world_size)
+    data = hashlib.sha256(json.dumps(job.sources(), sort_keys=True).encode()).hexdigest()
+    made_from = checkpoint.fingerprint(args.data, data, args.model, weights_hash(model))  # before any training
     if saved is not None:
+        checkpoint.check_fingerprint(checkpoint.path_in(out), saved.fingerprint, made_from)
         # Replay the unfreezing the saved run had done, so the optimizer has the same groups.
         for epoch in range(1, saved.progress.epoch + (saved.progress.batch > 0)) if plan.gradual else ():
             freeze.release(model, optimizer, plan.frozen_at(epoch), job.rates, args.weight_decay)
@@ -211,7 +219,8 @@ def start(args, job, plan, place, out, saved, log, started, data_seconds):
         log(f"resumed from {checkpoint.path_in(out)}: epoch {progress.epoch + 1}, batch {progress.batch}, "
             f"step {progress.step}")
     return Run(args=args, job=job, out=out, place=place, log=log, plan=plan, optimizer=optimizer, scaler=scaler,
-               steps_per_epoch=len(job.epoch(0)), progress=progress, control=distributed.control_group(place),
+               steps_per_epoch=len(job.epoch(0)), progress=progress, fingerprint=made_from,
+               control=distributed.control_group(place),
                started=started, data_seconds=data_seconds)
 
 
@@ -367,7 +376,7 @@ def save_checkpoint(run):
     rngs = distributed.rng_states(run.place)
     on_rank0(run, checkpoint.save, checkpoint.path_in(run.out),
              Checkpoint(run.progress, run.model.state_dict(), run.optimizer.state_dict(), run.scaler.state_dict(),
-                        rngs))
+                        rngs, run.fingerprint))
 
 
 def stopped(run, epoch, meter, signum):

@@ -156,6 +156,10 @@ class Pairs:
     def size(self, split):
         return len(self.splits[split])
 
+    def sources(self):
+        """Every split's fingerprint (its file's bytes, the tokenizer, max_len): what the checkpoint pins."""
+        return {split: data.source for split, data in self.splits.items()}
+
     def record(self, metrics):
         return {"spearman": metrics["spearman"], "pearson": metrics["pearson"]}
 

@@ -207,6 +207,10 @@ class MultiTask:
     def size(self, split):
         return sum(len(by[split]) for by in self.splits.values())
 
+    def sources(self):
+        """Every split's fingerprint (its file's bytes, the tokenizer, max_len): what the checkpoint pins."""
+        return {f"{task}/{split}": part.source for task, by in self.splits.items() for split, part in by.items()}
+
     def record(self, metrics):
         return {k: metrics[k] for k in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall")}
 

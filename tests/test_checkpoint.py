@@ -1,11 +1,17 @@
-"""checkpoint.py: what save writes, read gives back, and the checks --resume makes."""
+"""checkpoint.py: what save writes, read gives back and verifies, and the checks --resume makes."""
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PLAIN
+from conftest import FIXTURES, TINY_PLAIN
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import checkpoint
+import train
 from checkpoint import Checkpoint, Progress
 from model import CheckpointError, MultiTaskModel, load_pretrained
 
@@ -69,3 +75,97 @@ def test_resume_checks_name_what_changed():
         checkpoint.check_resume("ck", progress, {"seed": 1, "batch_size": 8, "out": "a", "log_every": 5}, 1)
     with pytest.raises(CheckpointError, match="ck was written by 1 processes, this run has 2"):
         checkpoint.check_resume("ck", progress, {"seed": 0, "batch_size": 4, "out": "a", "log_every": 5}, 2)
+
+
+# --- A damaged, foreign or mismatched checkpoint is refused in one line, and kept --------------
+
+
+def run_flags(out, data=FIXTURES / "data", model=TINY_PLAIN, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--max-len", "64", "--batch-size", "4",
+            "--no-data-cache", "--log-every", "5", "--epochs", "2", *map(str, extra)]
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A run stopped after epoch 1 of 2 on its own copies of the data and model; returns (out, data, model)."""
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(FIXTURES / "data", data)
+    shutil.copytree(TINY_PLAIN, model)
+    out = tmp_path / "run"
+    assert train.main(run_flags(out, data, model, "--stop-after", 1)) == 0
+    return out, data, model
+
+
+def resave(path, change):
+    """Rewrite a checkpoint with change(tensors, metadata) applied and a checksum that fits again."""
+    with safe_open(path, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(tensors, metadata)
+    metadata["sha256"] = checkpoint.checksum(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+def refused(capsys, argv, message):
+    before = {p.name: p.read_bytes() for p in Path(argv[argv.index("--out") + 1]).rglob("*") if p.is_file()}
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    after = {p.name: p.read_bytes() for p in Path(argv[argv.index("--out") + 1]).rglob("*") if p.is_file()}
+    assert after == before  # nothing written, nothing lost: the checkpoint is kept for inspection
+
+
+def flip_data_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0x01  # inside the last tensor
+    path.write_bytes(bytes(raw))
+
+
+def edit_header(path):
+    raw = path.read_bytes()
+    state_at = raw.index(b'\\"step\\": ') + len(b'\\"step\\": ')
+    digit = raw[state_at:state_at + 1]
+    path.write_bytes(raw[:state_at] + (b"7" if digit != b"7" else b"8") + raw[state_at + 1:])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (flip_data_byte, "checksum mismatch: the file was changed or damaged"),
+    (edit_header, "checksum mismatch: the file was changed or damaged"),
+    (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "not a readable checkpoint"),
+    (lambda p: shutil.copyfile(TINY_PLAIN / "model.safetensors", p), "not a checkpoint of this program"),
+    (lambda p: resave(p, lambda t, m: m.update(format="1")), "checkpoint format 1, this program reads format 2"),
+    (lambda p: resave(p, lambda t, m: m.pop("format")), "checkpoint format 1, this program reads format 2"),
+    (lambda p: resave(p, lambda t, m: t.pop("rng.torch")), "not a checkpoint of this program (KeyError('rng.torch'))"),
+    (lambda p: resave(p, lambda t, m: m.update(state="{")), "not a checkpoint of this program (JSONDecodeError"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_refused(stopped_run, capsys, damage, message):
+    out, data, model = stopped_run
+    damage(checkpoint.path_in(out))
+    capsys.readouterr()
+    refused(capsys, run_flags(out, data, model, "--resume"), message)
+
+
+def test_changed_data_or_model_is_refused(stopped_run, capsys):
+    out, data, model = stopped_run
+    capsys.readouterr()
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    with safe_open(weights, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["pooler.dense.bias"] = tensors["pooler.dense.bias"] + 1e-3
+    save_file(tensors, weights)
+    refused(capsys, run_flags(out, data, model, "--resume"), "changed: the contents of --model (sha256 ")
+    weights.write_bytes(original)
+    conll = data / "conll2003" / "train.txt"
+    conll.write_text(conll.read_text() + "\nParis NNP B-NP B-LOC\n")
+    refused(capsys, run_flags(out, data, model, "--resume"), "changed: the contents of --data (sha256 ")
+    other = data.parent / "other-data"
+    shutil.copytree(data, other)
+    refused(capsys, run_flags(out, other, model, "--resume"), f"changed: --data {data.resolve()} -> {other.resolve()}")
+
+
+def test_the_same_folders_by_other_paths_resume(stopped_run, tmp_path, monkeypatch):
+    out, data, model = stopped_run
+    (tmp_path / "link").symlink_to(data)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_flags(out, Path("link"), Path("model") / ".." / "model", "--resume")) == 0
+    assert json.loads((out / "summary.json").read_text())["best_epoch"] in (1, 2)
