@@ -52,6 +52,9 @@ from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step
 # --- Flags both scripts take ---------------------------------------------------------------
 
 
+MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
+
+
 def add_freeze_flags(group, strategies):
     group.add_argument("--freeze", default="none", help=f"{strategies}, or a comma list")
     group.add_argument("--unfreeze", choices=("none", "gradual"), default="none",
@@ -69,13 +72,13 @@ def add_rate_flags(group, lr=5e-5, lr_decay=0.9, head_lr=1e-3, warmup=0.1, weigh
 
 
 def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
-    group.add_argument("--epochs", type=int, default=epochs)
-    group.add_argument("--batch-size", type=int, default=batch_size)
+    group.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="examples per step (per rank under torchrun)")
     group.add_argument("--max-len", type=int, default=128, help="word pieces per example, special tokens included")
     group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
                        help="auto: bf16 on GPUs that have it, else fp16; off (fp32) on the CPU")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where there is one")
+    group.add_argument("--seed", type=int, default=0, help=f"seeds heads, dropout and batch order (0 to {MAX_SEED})")
     group.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     group.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     if data_cache:
@@ -98,6 +101,8 @@ def check_flags(args, rates=(), at_least=()):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"argument --seed: must be a whole number from 0 to {MAX_SEED}, got {args.seed}")
     if not 0 < args.lr_decay <= 1:
         raise UsageError(f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}")
     if not 0 <= args.warmup < 1:

@@ -59,7 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--pool", choices=POOLS, default="mean", help="sentence pooling for the classification head")
     g.add_argument("--embed-dim", type=int, default=None, help="project the sentence embedding to this size")
     g.add_argument("--normalize", choices=NORMS, default="none", help="normalize the sentence embedding")
-    g.add_argument("--head-dropout", type=float, default=0.1)
+    g.add_argument("--head-dropout", type=float, default=0.1, help="dropout before each head")
     g = p.add_argument_group("freezing (Task 3)")
     loop.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head | ner-head")
     g.add_argument("--no-feature-store", action="store_true",

@@ -225,3 +225,12 @@ def test_optional_backbones_are_fetched_only_when_named():
             assert re.fullmatch(r"https://huggingface\.co/[\w-]+/" + name + r"/resolve/[0-9a-f]{40}/[\w.]+",
                                 e["urls"][0]), e["urls"][0]
             assert e["size"] > 0 and re.fullmatch(r"[0-9a-f]{64}", e["sha256"])
+
+
+def test_a_mirror_that_is_not_a_url_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        download.main(["--dest", str(tmp_path), "--mirror", "notaurl"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: argument --mirror: 'notaurl' is not an "
+                                                             "http://, https:// or file:// URL")
+    assert list(tmp_path.iterdir()) == []

@@ -314,3 +314,23 @@ def test_the_eta_counts_the_evaluation_passes_still_to_come():
     assert loop.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 192)
     progress.eval_examples, progress.eval_seconds = 150, 3.0  # measured: 50/s
     assert loop.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 50)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999"])
+def test_a_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, capsys, seed):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--seed", seed)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: argument --seed: must be a whole number from 0 to {2**32 - 1}, got {seed}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "pairs.py"])
+def test_help_gives_the_default_of_every_flag_that_has_one(script):
+    text = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                          check=True).stdout
+    flags = ("--epochs", "--batch-size", "--seed", "--device", "--weight-decay", "--head-dropout", "--lr", "--amp")
+    entries = " ".join(text.split()).split(" --")
+    for flag in flags:
+        entry = next(e for e in entries if e.startswith(flag[2:] + " "))
+        assert "(default: " in entry, f"{script} --help: {flag} shows no default"
