@@ -30,10 +30,13 @@ Reading order: flags shared by the scripts -> open_out (the run folder and
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
+import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -127,12 +130,18 @@ def freeze_plan(args, config, heads=tuple(freeze.TASK_HEADS.values())):
     return plan
 
 
-def open_out(args, world_size):
-    """The run folder, made, and with --resume the checkpoint in it, read and checked against the flags.
-    Returns (out, saved Checkpoint or None)."""
+def open_out(args, world_size, rank=0):
+    """The run folder, made and locked, and with --resume the checkpoint in it, read and checked against
+    the flags. Returns (out, saved Checkpoint or None)."""
     if world_size > 1 and args.out is None:
         raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
-    out = Path(args.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out = Path(args.out) if args.out else new_run_folder()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
+    if rank == 0:  # the process that writes holds the folder; the other ranks of its job join it
+        lock_folder(out)
     path, saved = checkpoint.path_in(out), None
     if args.resume:
         if not path.exists():
@@ -142,11 +151,58 @@ def open_out(args, world_size):
     elif path.exists():
         raise UsageError(f"argument --out: {out} already holds a run; add --resume to continue it, "
                          "or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
     return out, saved
+
+
+def new_run_folder():
+    """runs/<date>-<time>, made here; a second run started in the same second gets runs/<date>-<time>-2,
+    and so on (mkdir either makes the folder or fails, so two runs never get the same one)."""
+    stem = time.strftime("runs/%Y%m%d-%H%M%S")
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        out = Path(stem if n == 1 else f"{stem}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise UsageError(f"argument --out: {stem} and 999 folders after it exist; give --out")
+
+
+_HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
+
+
+def lock_folder(out):
+    """Take OUT/.lock for this process, or raise UsageError naming the process that holds it.
+
+    flock() locks belong to the open file and end with the process, however it
+    ends, so a lock left by a run that crashed or was killed is no lock: there
+    is nothing stale to clean up.
+    """
+    path = out / ".lock"
+    try:
+        handle = open(path, "a+")
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot write {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"argument --out: {out} is in use by a run still going ({holder}); wait for it, or "
+                         "choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _HELD.append(handle)
+
+
+def unlock_folders():
+    """Release this process's run folders (a script calls it as it ends; the process's end would too)."""
+    while _HELD:
+        _HELD.pop().close()
 
 
 # --- The run ---------------------------------------------------------------------------------

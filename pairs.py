@@ -206,7 +206,7 @@ def set_up(args):
     plan = loop.freeze_plan(args, bert.config, heads)
     if "ner_head" in plan.base:
         raise UsageError("argument --freeze: ner-head: a pair model has no NER head")
-    out, saved = loop.open_out(args, world_size)
+    out, saved = loop.open_out(args, world_size, rank)
     splits = {s: limit_split(d, args.limit) for s, d in load_stsb(args.data, tokenizer, args.max_len, args.encoder).items()}
     data_seconds = time.perf_counter() - started
     log("stsb: " + ", ".join(f"{s} {len(d):,} pairs ({sum(d.truncated)} truncated)" for s, d in splits.items()))
@@ -241,6 +241,7 @@ def main(argv=None):
             return 2
         return loop.run_loop(run)
     finally:
+        loop.unlock_folders()
         distributed.close()
 
 

@@ -257,7 +257,7 @@ def open_inputs(args):
         raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
                          f"the model's {bert.config.max_len} positions")
     plan = loop.freeze_plan(args, bert.config)
-    out, saved = loop.open_out(args, world_size)
+    out, saved = loop.open_out(args, world_size, rank)
     data_cache = None if args.no_data_cache else Path(args.data) / ".cache"
     splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=data_cache, log=print if rank == 0 else None)
     return place, bert, plan, out, saved, splits
@@ -347,6 +347,7 @@ def main(argv=None):
     try:
         return run_training(args)
     finally:
+        loop.unlock_folders()
         distributed.close()
 
 

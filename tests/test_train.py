@@ -334,3 +334,31 @@ def test_help_gives_the_default_of_every_flag_that_has_one(script):
     for flag in flags:
         entry = next(e for e in entries if e.startswith(flag[2:] + " "))
         assert "(default: " in entry, f"{script} --help: {flag} shows no default"
+
+
+def test_a_run_folder_in_use_is_refused_and_released_after(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another run holding the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on elsewhere, since 2026-11-26 10:00:00\n")
+        held.flush()
+        assert train.main(flags(out, "--epochs", 1, "--limit", 8)) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: argument --out: {out} is in use by a run still going (pid 12345 on elsewhere, "
+                       "since 2026-11-26 10:00:00); wait for it, or choose another --out\n")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written into the other run's folder
+    assert train.main(flags(out, "--epochs", 1, "--limit", 8)) == 0  # released: the folder is free
+    assert (out / "summary.json").exists()
+    with open(out / ".lock", "a+") as after:  # and the run let go of it as it ended
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "runs/20261126-120000")  # the same second, three times
+    folders = [loop.new_run_folder() for _ in range(3)]
+    assert [str(f) for f in folders] == ["runs/20261126-120000", "runs/20261126-120000-2", "runs/20261126-120000-3"]
+    assert all(f.is_dir() for f in folders)
