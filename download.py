@@ -7,8 +7,11 @@
     python download.py --mirror URL          # from URL/<path under data/>, e.g. URL/conll2003/train.txt
 
 Every file streams into FILE.part, is checked against its pinned size and
-sha256 (or, for the CoNLL fallback archive, its sentence count), and only
-then is renamed into place: a file at its final path is always a good one.
+sha256, and only then is renamed into place: a file at its final path is
+always a good one. Nothing is accepted because it looks right: the CoNLL
+fallback archive must match its own pinned sha256, and a file taken out of
+it is accepted as that archive's copy (its files may differ from the primary
+copies by a final newline).
 An interrupted .part is resumed with an HTTP Range request. Each source is
 retried with backoff; when one fails, the next is tried. Only the standard
 library is used for the network.
@@ -31,7 +34,10 @@ HF = "https://huggingface.co/google-bert/bert-base-uncased/resolve/86b5e0934494b
 AG = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv"
 CONLL = ("https://raw.githubusercontent.com/davidsbatista/NER-datasets/"
          "dcb6c7439a7de43abc2448bad5b1d81a47f26c0d/CONLL2003")
-CONLL_ZIP = "https://data.deepai.org/conll2003.zip"  # holds train.txt, valid.txt, test.txt
+# The fallback archive, with the size and sha256 tensorflow/datasets pins for it
+# (tensorflow_datasets/text/conll2003/checksums.tsv); it holds train.txt, valid.txt, test.txt.
+CONLL_ZIP = {"url": "https://data.deepai.org/conll2003.zip", "size": 982_975,
+             "sha256": "96a104d174ddae7558bab603f19382c5fe02ff1da5c077a7f3ce2ced1578a2c3"}
 ROBERTA = "https://huggingface.co/FacebookAI/roberta-base/resolve/e2da8e2f811d1448a5b465c236feacd80ffbac7b"
 DISTILBERT = ("https://huggingface.co/distilbert/distilbert-base-uncased/resolve/"
               "12040accade4e8a0f71eabdb258fecc2e7e948be")
@@ -47,9 +53,9 @@ def _pinned(part, base, files):
 
 
 # The one table of what to fetch. path: where it goes under --dest. A file is
-# good when its size and sha256 match; "sentences" is the check used instead
-# for a copy taken from the fallback archive (its files may differ by a final
-# newline); "check" names a content check for files without a pinned hash.
+# good when its size and sha256 match, or when it is the copy held in its
+# pinned "archive"; "check" names a content check for files without a pinned
+# hash (the model's config.json and tokenizer.json).
 FILES = [
     {"part": "model", "path": "bert-base-uncased/model.safetensors", "urls": [f"{HF}/model.safetensors"],
      "size": 440_449_768, "sha256": "68d45e234eb4a928074dfd868cead0219ab85354cc53d20e772753c6bb9169d3"},
@@ -63,14 +69,11 @@ FILES = [
     {"part": "ag_news", "path": "ag_news/test.csv", "urls": [f"{AG}/test.csv"],
      "size": 1_857_427, "sha256": "521465c2428ed7f02f8d6db6ffdd4b5447c1c701962353eb2c40d548c3c85699"},
     {"part": "conll2003", "path": "conll2003/train.txt", "urls": [f"{CONLL}/train.txt"], "archive": CONLL_ZIP,
-     "size": 3_283_418, "sha256": "c99b26852dabf57ca9d30a0e892b84544cc8962003151e14a71077c55dc66db5",
-     "sentences": 14_041},
+     "size": 3_283_418, "sha256": "c99b26852dabf57ca9d30a0e892b84544cc8962003151e14a71077c55dc66db5"},
     {"part": "conll2003", "path": "conll2003/valid.txt", "urls": [f"{CONLL}/valid.txt"], "archive": CONLL_ZIP,
-     "size": 827_441, "sha256": "f1f6469322876887de1d04acd43c59b02f59d5b02acf42c027132fa1bf349cb2",
-     "sentences": 3_250},
+     "size": 827_441, "sha256": "f1f6469322876887de1d04acd43c59b02f59d5b02acf42c027132fa1bf349cb2"},
     {"part": "conll2003", "path": "conll2003/test.txt", "urls": [f"{CONLL}/test.txt"], "archive": CONLL_ZIP,
-     "size": 748_093, "sha256": "82e0c72d262f86ad3e78b15c5d980bbf87cb205aa4bf6d2d97643f463f8d7ff7",
-     "sentences": 3_453},
+     "size": 748_093, "sha256": "82e0c72d262f86ad3e78b15c5d980bbf87cb205aa4bf6d2d97643f463f8d7ff7"},
     # Optional backbones (--only NAME), each a complete model folder: the masked-LM file the hub
     # serves (load_pretrained drops its pre-training head) and the tokenizer files.
     *_pinned("roberta-base", ROBERTA, {
@@ -115,29 +118,14 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def count_sentences(path):
-    """Sentences in a CoNLL file, as data.read_conll counts them."""
-    sentences, in_sentence = 0, False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            words = line.split()
-            if not words or words[0] == "-DOCSTART-":
-                sentences += in_sentence
-                in_sentence = False
-            else:
-                in_sentence = True
-    return sentences + in_sentence
-
-
-def problem(path, entry):
-    """Why the file at path is not the pinned one, or None if it is."""
+def problem(path, entry, copy=None):
+    """Why the file at path is not the pinned one, or None if it is. copy: the sha256 of the same
+    file in its verified archive (archive_copy), also accepted."""
     if "sha256" in entry:
         size = path.stat().st_size
-        digest = sha256_of(path) if size == entry["size"] else None
-        if digest == entry["sha256"]:
+        digest = sha256_of(path) if size == entry["size"] or copy else None
+        if digest in (entry["sha256"], copy):
             return None
-        if "sentences" in entry and count_sentences(path) == entry["sentences"]:
-            return None  # the fallback archive's copy of the same data
         if digest is None:
             return f"size {size:,} bytes, expected {entry['size']:,}"
         return f"sha256 {digest}, expected {entry['sha256']}"
@@ -235,13 +223,33 @@ def fetch(url, part, size, name, timeout=30, retries=4, backoff=1.0):
     raise DownloadError(f"{url}: gave up after {retries} tries ({last})")
 
 
-def from_archive(url, member, part, cache_dir, name):
-    """Take member out of the zip at url (downloaded once into cache_dir) into part."""
-    archive = cache_dir / Path(urlparse(url).path).name
-    cache_dir.mkdir(parents=True, exist_ok=True)
+def archive_path(pin, dest):
+    return dest / ".downloads" / Path(urlparse(pin["url"]).path).name
+
+
+def archive_copy(entry, dest):
+    """The sha256 of entry's file inside its archive, when the archive is downloaded and matches its pin."""
+    archive = archive_path(entry["archive"], dest) if "archive" in entry else None
+    if archive is None or not archive.exists() or problem(archive, entry["archive"]) is not None:
+        return None
+    try:
+        with zipfile.ZipFile(archive) as z:
+            match = [n for n in z.namelist() if Path(n).name == Path(entry["path"]).name]
+            return hashlib.sha256(z.read(match[0])).hexdigest() if match else None
+    except zipfile.BadZipFile:
+        return None
+
+
+def from_archive(pin, member, part, dest, name):
+    """Take member out of the pinned zip (downloaded once into dest/.downloads, and verified) into part."""
+    url, archive = pin["url"], archive_path(pin, dest)
+    archive.parent.mkdir(parents=True, exist_ok=True)
     if not archive.exists():
-        fetch(url, archive.with_name(archive.name + ".part"), None, archive.name)
+        fetch(url, archive.with_name(archive.name + ".part"), pin["size"], archive.name)
         os.replace(archive.with_name(archive.name + ".part"), archive)
+    if (why := problem(archive, pin)) is not None:
+        archive.unlink()
+        raise DownloadError(f"{url}: {why}; the archive was removed")
     try:
         with zipfile.ZipFile(archive) as z:
             match = [n for n in z.namelist() if Path(n).name == member]
@@ -257,14 +265,14 @@ def from_archive(url, member, part, cache_dir, name):
 def get(entry, dest, mirror, force, unreachable):
     """Put one file in place. Returns "present" or "fetched"; raises DownloadError."""
     final = dest / entry["path"]
-    if final.exists() and not force and problem(final, entry) is None:
+    if final.exists() and not force and problem(final, entry, archive_copy(entry, dest)) is None:
         return "present"
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
     if force:
         part.unlink(missing_ok=True)
     sources = [("url", f"{mirror.rstrip('/')}/{entry['path']}")] if mirror else \
-        [("url", u) for u in entry["urls"]] + ([("archive", entry["archive"])] if "archive" in entry else [])
+        [("url", u) for u in entry["urls"]] + ([("archive", entry["archive"]["url"])] if "archive" in entry else [])
     errors = []
     for kind, url in sources:
         host = urlparse(url).hostname
@@ -275,7 +283,7 @@ def get(entry, dest, mirror, force, unreachable):
             if kind == "url":
                 fetch(url, part, entry.get("size"), entry["path"])
             else:
-                from_archive(url, final.name, part, dest / ".downloads", entry["path"])
+                from_archive(entry["archive"], final.name, part, dest, entry["path"])
         except Unreachable as e:
             unreachable[host] = str(e)
             errors.append(str(e))
@@ -283,7 +291,7 @@ def get(entry, dest, mirror, force, unreachable):
         except DownloadError as e:
             errors.append(str(e))
             continue
-        why = problem(part, entry)
+        why = problem(part, entry, archive_copy(entry, dest) if kind == "archive" else None)
         if why is None:
             os.replace(part, final)
             return "fetched"

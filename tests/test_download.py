@@ -132,20 +132,53 @@ def test_falls_back_to_the_next_source_after_a_404(tmp_path, server, monkeypatch
     assert (tmp_path / "conll2003" / "valid.txt").read_bytes() == body
 
 
-def test_falls_back_to_the_archive_checked_by_sentence_count(tmp_path, server, monkeypatch, fast):
-    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n"
+def conll_archive(server, text, member_text):
+    """A served zip holding member_text as conll2003/train.txt, and an entry pinning text and the zip."""
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("conll2003/train.txt", text + "\n")  # one newline more than the pinned file
+        z.writestr("conll2003/train.txt", member_text)
     server.files["/conll2003.zip"] = archive.getvalue()
-    pinned = {"part": "conll2003", "path": "conll2003/train.txt", "urls": [server.url + "/missing/train.txt"],
-              "archive": server.url + "/conll2003.zip", "size": len(text),
-              "sha256": hashlib.sha256(text.encode()).hexdigest(), "sentences": 2}
+    pin = {"url": server.url + "/conll2003.zip", "size": len(archive.getvalue()),
+           "sha256": hashlib.sha256(archive.getvalue()).hexdigest()}
+    return {"part": "conll2003", "path": "conll2003/train.txt", "urls": [server.url + "/missing/train.txt"],
+            "archive": pin, "size": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+CONLL_TEXT = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n"
+
+
+def test_falls_back_to_the_pinned_archive_and_keeps_its_copy(tmp_path, server, monkeypatch, fast):
+    pinned = conll_archive(server, CONLL_TEXT, CONLL_TEXT + "\n")  # the archive's copy: one newline more
     monkeypatch.setattr(download, "FILES", [pinned])
     assert download.main(["--dest", str(tmp_path)]) == 0
-    assert (tmp_path / "conll2003" / "train.txt").read_text() == text + "\n"
-    pinned["sentences"] = 3
-    assert download.main(["--dest", str(tmp_path), "--force"]) == 2  # a wrong count is a wrong file
+    assert (tmp_path / "conll2003" / "train.txt").read_text() == CONLL_TEXT + "\n"
+    requests = len(server.log)
+    assert download.main(["--dest", str(tmp_path)]) == 0  # the archive's copy counts as present
+    assert len(server.log) == requests
+
+
+def test_an_archive_that_is_not_the_pinned_one_is_refused(tmp_path, server, monkeypatch, fast, capsys):
+    pinned = conll_archive(server, CONLL_TEXT, CONLL_TEXT)
+    pinned["archive"]["sha256"] = "0" * 64
+    monkeypatch.setattr(download, "FILES", [pinned])
+    assert download.main(["--dest", str(tmp_path)]) == 2
+    assert "conll2003.zip: sha256 " in capsys.readouterr().err
+    assert not (tmp_path / "conll2003" / "train.txt").exists()
+    assert not (tmp_path / ".downloads" / "conll2003.zip").exists()  # removed, not kept for next time
+
+
+def test_a_corrupted_conll_file_is_refused_from_any_source(tmp_path, server, monkeypatch, fast, capsys):
+    """One byte changed keeps the size and the sentence count; only the sha256 tells, and it is enough."""
+    pinned = conll_archive(server, CONLL_TEXT, CONLL_TEXT)
+    server.files.pop("/conll2003.zip")  # no fallback: the primary copy alone decides
+    corrupted = CONLL_TEXT.replace("EU", "EV")
+    server.files["/conll2003/train.txt"] = corrupted.encode()
+    pinned["urls"] = [server.url + "/conll2003/train.txt"]
+    monkeypatch.setattr(download, "FILES", [pinned])
+    assert download.main(["--dest", str(tmp_path)]) == 2
+    assert f"sha256 {hashlib.sha256(corrupted.encode()).hexdigest()}, expected" in capsys.readouterr().err
+    assert download.main(["--dest", str(tmp_path), "--mirror", server.url]) == 2  # nor from a mirror
+    assert not (tmp_path / "conll2003" / "train.txt").exists()
 
 
 def test_mirror_serves_paths_under_dest(tmp_path, server, monkeypatch, fast):
@@ -178,8 +211,11 @@ def test_the_pins_table():
         assert has_hash or e.get("check") in ("config", "tokenizer"), e["path"]
     sizes = {e["path"]: e.get("size") for e in download.FILES}
     assert sizes["bert-base-uncased/model.safetensors"] == 440_449_768
-    assert {e["path"]: e.get("sentences") for e in download.FILES if "sentences" in e} == {
-        "conll2003/train.txt": 14_041, "conll2003/valid.txt": 3_250, "conll2003/test.txt": 3_453}
+    archives = {e["path"]: e["archive"] for e in download.FILES if "archive" in e}
+    assert sorted(archives) == ["conll2003/test.txt", "conll2003/train.txt", "conll2003/valid.txt"]
+    assert all(a == {"url": "https://data.deepai.org/conll2003.zip", "size": 982_975,
+                     "sha256": "96a104d174ddae7558bab603f19382c5fe02ff1da5c077a7f3ce2ced1578a2c3"}
+               for a in archives.values())
 
 
 CHILD = """
