@@ -662,6 +662,7 @@ def padding_fraction(batches, lengths):
 # --- All splits --------------------------------------------------------------------
 
 AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train
+MIN_AG_TRAIN = 11  # the fewest rows of which 5%, rounded, is one row
 
 
 def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "valid", "test"), split_seed=0,
@@ -674,8 +675,12 @@ def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "
     data_dir = Path(data_dir)
     out = {"ag": {}, "ner": {}}
     if "train" in splits or "valid" in splits:
-        ag_train = encode_file(data_dir / "ag_news" / "train.csv", "ag", tokenizer, max_len, cache_dir, log)
+        path = data_dir / "ag_news" / "train.csv"
+        ag_train = encode_file(path, "ag", tokenizer, max_len, cache_dir, log)
         kept, held = split_off(len(ag_train), AG_VALID_FRACTION, split_seed)
+        if not len(held) or not len(kept):  # a run would pick its best epoch on no rows at all
+            raise DataError(f"{path}: {len(ag_train)} rows leave no validation rows ({AG_VALID_FRACTION:.0%} of "
+                            f"train are held out for validation); give it at least {MIN_AG_TRAIN} rows")
         out["ag"].update(train=ag_train.subset(kept), valid=ag_train.subset(held))
     if "test" in splits:
         out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir, log)

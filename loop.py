@@ -137,7 +137,11 @@ def open_out(args, world_size, rank=0):
         raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
     out = Path(args.out) if args.out else new_run_folder()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True)
+        if rank == 0:
+            _MADE.append(out)
+    except FileExistsError:  # a folder given again (--resume), or made a moment ago by another rank
+        pass
     except OSError as e:
         raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
     if rank == 0:  # the process that writes holds the folder; the other ranks of its job join it
@@ -163,13 +167,15 @@ def new_run_folder():
         out = Path(stem if n == 1 else f"{stem}-{n}")
         try:
             out.mkdir()
-            return out
         except FileExistsError:
             continue
+        _MADE.append(out)
+        return out
     raise UsageError(f"argument --out: {stem} and 999 folders after it exist; give --out")
 
 
 _HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
+_MADE = []  # the run folders this process made: removed again if it ends having written nothing there
 
 
 def lock_folder(out):
@@ -200,9 +206,15 @@ def lock_folder(out):
 
 
 def unlock_folders():
-    """Release this process's run folders (a script calls it as it ends; the process's end would too)."""
+    """Release this process's run folders (a script calls it as it ends; the process's end would too),
+    and remove those it made but wrote nothing into (a run refused during set-up leaves no empty folder)."""
     while _HELD:
         _HELD.pop().close()
+    while _MADE:
+        out = _MADE.pop()
+        if out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()
 
 
 # --- The run ---------------------------------------------------------------------------------

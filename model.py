@@ -437,6 +437,8 @@ def load_pretrained(model_dir, device="cpu"):
             raise CheckpointError(f"{path}: two tensors are named {name} once legacy names are read")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {key} holds {tensor.dtype}, not floating-point weights")
+        if not torch.isfinite(tensor).all():  # a damaged or diverged file: every output would be NaN
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
         renamed[name] = tensor
     model = Bert(replace(config, has_pooler=any(name.startswith("pooler.") for name in renamed)))
     params = dict(model.named_parameters())

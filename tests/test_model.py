@@ -164,3 +164,18 @@ def test_a_tensor_named_twice_or_not_float_is_an_error(tmp_path):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match="pooler.dense.bias holds torch.int64, not floating-point weights"):
         load_pretrained(folder)
+
+
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(TINY_PLAIN, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["encoder.layer.1.output.dense.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: encoder.layer.1.output.dense.weight holds NaN "
+                                              r"or infinite values"):
+        load_pretrained(folder)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -362,3 +363,20 @@ def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     folders = [loop.new_run_folder() for _ in range(3)]
     assert [str(f) for f in folders] == ["runs/20261126-120000", "runs/20261126-120000-2", "runs/20261126-120000-3"]
     assert all(f.is_dir() for f in folders)
+
+
+def test_too_few_ag_rows_for_a_validation_split_are_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    rows = (data / "ag_news" / "train.csv").read_text().splitlines()
+    (data / "ag_news" / "train.csv").write_text("\n".join(rows[:10]) + "\n")  # 5% of 10 rounds to no row
+    out = tmp_path / "run"
+    argv = flags(out, "--epochs", 1)
+    argv[argv.index("--data") + 1] = str(data)
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: {data}/ag_news/train.csv: 10 rows leave no validation rows (5% of "
+                                       "train are held out for validation); give it at least 11 rows\n")
+    assert not out.exists()  # refused during set-up: no empty run folder left behind
+    (data / "ag_news" / "train.csv").write_text("\n".join(rows[:11]) + "\n")
+    assert train.main(argv) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ag_accuracy"] in (0.0, 1.0)  # 1 row
