@@ -23,10 +23,11 @@ exact resume, stop signals, progress lines, atomic output). A job has:
   save(out, extra) write the model folder; saved(out) reads its weights back (a state dict)
   rebuild()        after gradual unfreezing released parameters (DDP must know them)
 
-Reading order: flags shared by the scripts -> open_out (the run folder and
---resume) -> start (optimizer, scaler, restore) -> train_step, the one step
-(rates, forward, loss, backward, clip, step) -> train_epoch -> end_of_epoch
--> final_evaluation -> run_loop.
+Reading order: flags shared by the scripts -> open_out (the run folder, its
+lock, and --resume) -> start (optimizer, scaler, restore) -> train_step, the
+one step (rates, forward, loss, backward, clip, step) -> train_epoch ->
+end_of_epoch -> final_evaluation -> run_loop -> run_script, which turns every
+way a run ends into an exit status and one line.
 """
 
 import contextlib
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import checkpoint
 import distributed
@@ -50,6 +52,8 @@ import freeze
 from checkpoint import Checkpoint, Progress
 from features import weights_hash
 from lr import format_groups, lr_factor, param_groups
+from data import DataError
+from model import CheckpointError
 from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step, write_json
 
 # --- Flags both scripts take ---------------------------------------------------------------
@@ -136,6 +140,7 @@ def open_out(args, world_size, rank=0):
     if world_size > 1 and args.out is None:
         raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
     out = Path(args.out) if args.out else new_run_folder()
+    args.out = str(out)  # the folder chosen, as the run's flags, summary.json and any hint name it
     try:
         out.mkdir(parents=True)
         if rank == 0:
@@ -531,8 +536,64 @@ def run_loop(run):
             if signum:
                 return stopped(run, epoch, meter, signum)
             end_of_epoch(run, epoch, meter)
+            signum = distributed.agree([stop.signal], run.control, run.place)[0]  # one during evaluation or saving
+            if signum:
+                run.log(f"stopped by signal {signum} after epoch {epoch + 1}: checkpoint saved; "
+                        f"continue with --out {run.out} --resume", file=sys.stderr)
+                return 128 + signum
     if not ends_with_test:
         run.log(f"stopping after epoch {epochs.stop} (--stop-after); continue with --out {run.out} --resume")
         return 0
     final_evaluation(run)
     return 0
+
+
+# --- The whole script -------------------------------------------------------------------------
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM outside the training steps: in set-up, a feature build, the final evaluation."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_stop():
+    """SIGINT and SIGTERM raise Stopped (run_loop's epochs catch them more gently: stop_on_signals)."""
+    def handler(signum, _):
+        raise Stopped(signum)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_script(set_up, args):
+    """set_up(args), then run_loop: a script's whole run. Every way it can end is an exit status with at
+    most one line for the user: 0; 2 for bad input (UsageError, DataError, CheckpointError) or a failing
+    environment (a full disk, a permission, a folder gone); 128 + n for signal n, with what to do next.
+    Anything else is a bug in this code, and keeps its traceback."""
+    try:
+        with signals_stop():
+            return run_loop(set_up(args))
+    except (UsageError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # raised for write failures too, a full disk among them
+        print(f"error: writing a safetensors file failed ({e}); is the disk full?", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        saved = args.out is not None and checkpoint.path_in(args.out).exists()
+        print(f"stopped by signal {e.signum}; " + (f"continue from the last checkpoint with --out {args.out} --resume"
+                                                   if saved else "no checkpoint was written yet: start the run again"),
+              file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        unlock_folders()
+        distributed.close()

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 import distributed
 import freeze
 import loop
-from data import (DataError, MultiTaskSampler, check_fits, collate_pairs, copy_tokenizer, length_batches, limit_split,
+from data import (MultiTaskSampler, check_fits, collate_pairs, copy_tokenizer, length_batches, limit_split,
                   load_stsb, load_tokenizer)
 from lr import part_rates
 from metrics import pearson, spearman
-from model import NORMS, PAIR_KINDS, POOLS, CheckpointError, PairModel, load_pairs, load_pretrained, pooling_note, save_trained
+from model import NORMS, PAIR_KINDS, POOLS, PairModel, load_pairs, load_pretrained, pooling_note, save_trained
 from runtime import PRECISION_NAMES, Place, Report, UsageError, pick_amp
 
 
@@ -232,17 +232,8 @@ def set_up(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        try:
-            run = set_up(args)
-        except (UsageError, DataError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return loop.run_loop(run)
-    finally:
-        loop.unlock_folders()
-        distributed.close()
+    """The whole run (loop.run_script: set_up, each epoch and its end, the final evaluation); the exit status."""
+    return loop.run_script(set_up, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 import distributed
 import freeze
 import loop
-from data import (AG_CLASSES, IGNORE_INDEX, NER_TAGS, DataError, MultiTaskSampler, batches_by_length, check_fits,
+from data import (AG_CLASSES, IGNORE_INDEX, NER_TAGS, MultiTaskSampler, batches_by_length, check_fits,
                   collate, copy_tokenizer, length_batches, limit_split, load_splits, load_tokenizer, word_tags)
 from features import DiskCache, FeatureStore
 from lr import part_rates
 from metrics import entity_counts, scores_from_counts
-from model import (NORMS, POOLS, CheckpointError, MultiTaskModel, load_multitask, load_pretrained, pooling_note,
+from model import (NORMS, POOLS, MultiTaskModel, load_multitask, load_pretrained, pooling_note,
                    save_multitask)
 from runtime import PRECISION_NAMES, Place, Report, UsageError, pick_amp
 
@@ -332,23 +332,9 @@ def frozen_features(run):
 
 # --- The whole run -------------------------------------------------------------------------
 
-def run_training(args):
-    """set_up, then loop.run_loop (each epoch and its end, then the final test); returns the exit status."""
-    try:
-        run = set_up(args)
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return loop.run_loop(run)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run_training(args)
-    finally:
-        loop.unlock_folders()
-        distributed.close()
+    """The whole run (loop.run_script: set_up, each epoch and its end, the final test); the exit status."""
+    return loop.run_script(set_up, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -380,3 +380,65 @@ def test_too_few_ag_rows_for_a_validation_split_are_refused(tmp_path, capsys):
     (data / "ag_news" / "train.csv").write_text("\n".join(rows[:11]) + "\n")
     assert train.main(argv) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ag_accuracy"] in (0.0, 1.0)  # 1 row
+
+
+def signal_in_evaluation(monkeypatch, split, signum):
+    """Send signum to this process as evaluate() starts on split."""
+    evaluate = train.evaluate
+
+    def interrupted(*args, **kwargs):
+        if kwargs.get("what") == split:
+            os.kill(os.getpid(), signum)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+
+
+def test_a_signal_in_the_final_test_leaves_the_checkpoint_and_the_hint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        signal_in_evaluation(m, "test", signal.SIGINT)
+        assert train.main(flags(out, "--epochs", 1)) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err == f"stopped by signal 2; continue from the last checkpoint with --out {out} --resume\n"
+    assert not (out / "summary.json").exists() and (out / "model.safetensors").exists()
+    assert train.main(flags(out, "--epochs", 1, "--resume")) == 0  # the test pass runs again, alone
+    assert json.loads((out / "summary.json").read_text())["best_epoch"] == 1
+
+
+def test_a_signal_in_a_validation_pass_stops_after_its_checkpoint(tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "a"
+    assert train.main(flags(straight, "--epochs", 2, "--lr", "1e-3")) == 0
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        signal_in_evaluation(m, "valid", signal.SIGTERM)
+        assert train.main(flags(out, "--epochs", 2, "--lr", "1e-3")) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.endswith(f"stopped by signal 15 after epoch 1: checkpoint saved; "
+                                            f"continue with --out {out} --resume\n")
+    assert train.main(flags(out, "--epochs", 2, "--lr", "1e-3", "--resume")) == 0
+    a, b = checkpoint_weights(straight), checkpoint_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_in_set_up_leaves_nothing(tmp_path, monkeypatch, capsys):
+    load = train.load_splits
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(train, "load_splits", interrupted)
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 1)) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "stopped by signal 15; no checkpoint was written yet: start the run again\n"
+    assert not out.exists()
+
+
+def test_a_full_disk_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    def full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(loop, "write_json", full)
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 1)) == 2
+    assert capsys.readouterr().err == f"error: {out / 'metrics.jsonl'}: No space left on device\n"
