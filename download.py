@@ -178,12 +178,22 @@ def read_keeping_partial(response, f):
         raise
 
 
-def fetch(url, part, size, name, timeout=30, retries=4, backoff=1.0):
-    """Stream url into part, resuming what part already holds; retries with exponential backoff."""
-    last = None
-    for attempt in range(retries):
+TIMEOUT = 10.0  # seconds to connect, and then for each read, before a try counts as failed
+TRIES = 3  # per file and source; a host that never answers is given up after these (under a minute)
+
+
+def fetch(url, part, size, name, backoff=1.0):
+    """Stream url into part, resuming what part already holds; retries with exponential backoff.
+
+    Every try starts with a line naming the host, so a silent host is seen at once. A host
+    that never answers a single try is Unreachable: its other files are not tried.
+    """
+    last, host, answered = None, urlparse(url).hostname, False
+    for attempt in range(TRIES):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
+        print(f"  {name}: asking {host}" + (f" (try {attempt + 1} of {TRIES}; last: {last})" if attempt else ""),
+              file=sys.stderr, flush=True)
         have = part.stat().st_size if part.exists() else 0
         if size and have >= size:
             return
@@ -191,7 +201,8 @@ def fetch(url, part, size, name, timeout=30, retries=4, backoff=1.0):
         if have:
             request.add_header("Range", f"bytes={have}-")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                answered = True
                 if have and response.status != 206:  # the server ignored the range: start again
                     have = 0
                 total = size or (have + int(response.headers.get("Content-Length") or 0))
@@ -205,6 +216,7 @@ def fetch(url, part, size, name, timeout=30, retries=4, backoff=1.0):
                 return
             last = f"the connection ended at {part.stat().st_size:,} of {size:,} bytes"
         except urllib.error.HTTPError as e:
+            answered = True
             if e.code in GIVE_UP:
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
             if e.code == 416:  # the range is past the end: what we hold is wrong
@@ -214,13 +226,17 @@ def fetch(url, part, size, name, timeout=30, retries=4, backoff=1.0):
             if isinstance(e.reason, (OSError, str)) and not isinstance(e.reason, TimeoutError):
                 host = urlparse(url).hostname
                 raise Unreachable(f"cannot reach {host} ({getattr(e.reason, 'strerror', None) or e.reason})") from None
-            last = str(e.reason)
-        except (TimeoutError, ConnectionError, HTTPException) as e:
+            last = f"no answer in {TIMEOUT:g} s" if isinstance(e.reason, TimeoutError) else str(e.reason)
+        except TimeoutError:
+            last = f"no answer in {TIMEOUT:g} s"
+        except (ConnectionError, HTTPException) as e:
             last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except OSError as e:  # writing: a full disk, say
             raise DownloadError(f"{part}: cannot write ({e.strerror}); the partial file stays for a later run") \
                 from None
-    raise DownloadError(f"{url}: gave up after {retries} tries ({last})")
+    if not answered:
+        raise Unreachable(f"{host} does not answer ({TRIES} tries: {last})")
+    raise DownloadError(f"{url}: gave up after {TRIES} tries ({last})")
 
 
 def archive_path(pin, dest):

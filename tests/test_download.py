@@ -270,3 +270,27 @@ def test_a_mirror_that_is_not_a_url_is_refused_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: argument --mirror: 'notaurl' is not an "
                                                              "http://, https:// or file:// URL")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_host_that_never_answers_fails_soon_and_says_what_it_waits_for(tmp_path, monkeypatch, capsys, fast):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel's backlog; nothing ever reads or replies
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    files = [{"part": "ag_news", "path": f"ag_news/{name}", "urls": [f"{url}/{name}"], "size": 10,
+              "sha256": "0" * 64} for name in ("train.csv", "test.csv")]
+    monkeypatch.setattr(download, "FILES", files)
+    monkeypatch.setattr(download, "TIMEOUT", 0.3)
+    start = time.monotonic()
+    try:
+        assert download.main(["--dest", str(tmp_path)]) == 2
+    finally:
+        silent.close()
+    assert time.monotonic() - start < download.TRIES * 0.3 + 5  # one file's tries, not two files' worth
+    err = capsys.readouterr().err
+    assert err.startswith("  ag_news/train.csv: asking 127.0.0.1\n")
+    assert "(try 2 of 3; last: no answer in 0.3 s)" in err
+    assert "127.0.0.1 does not answer (3 tries: no answer in 0.3 s)" in err
+    assert "ag_news/test.csv: asking" not in err  # the host's other file was not tried
