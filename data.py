@@ -54,7 +54,8 @@ class DataError(ValueError):
 # --- Reading the files -----------------------------------------------------------
 
 def _read_text(path):
-    """The whole file as text; a missing, binary or non-UTF-8 file is a DataError."""
+    """The whole file as text, without a leading byte-order mark; a missing, binary or non-UTF-8 file is a
+    DataError."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -66,7 +67,7 @@ def _read_text(path):
         line = raw[:raw.index(b"\x00")].count(b"\n") + 1
         raise DataError(f"{path}:{line}: binary data (a NUL byte), not a text file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheets write one) is not part of the text
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
@@ -263,7 +264,10 @@ def load_tokenizer(model_dir):
     elif (model_dir / "vocab.json").exists() and (model_dir / "merges.txt").exists():
         tokenizer = _byte_level_bpe_from_files(model_dir / "vocab.json", model_dir / "merges.txt")
     else:
-        raise DataError(f"{model_dir}: has neither tokenizer.json nor vocab.txt (nor vocab.json + merges.txt)")
+        empty = Path(model_dir).is_dir() and not any(Path(model_dir).iterdir())
+        raise DataError(f"{model_dir}: has neither tokenizer.json nor vocab.txt (nor vocab.json + merges.txt)"
+                        + ("; the folder is empty" if empty else "")
+                        + "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone")
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer

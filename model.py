@@ -306,6 +306,9 @@ def config_json(config):
     return {"model_type": config.model_type, theirs.get("hidden_act", "hidden_act"): "gelu", **values}
 
 
+DOWNLOAD_HINT = "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone"
+
+
 def read_config(path):
     """A BertConfig from a Hugging Face config.json of a supported model_type: the fields BertConfig
     has (under the family's key names), each checked; the rest ignored."""
@@ -313,7 +316,7 @@ def read_config(path):
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (a model folder needs config.json)") from None
+        raise CheckpointError(f"{path}: not found (a model folder needs config.json{DOWNLOAD_HINT})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -420,7 +423,7 @@ def load_pretrained(model_dir, device="cpu"):
     try:
         tensors = load_file(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
+        raise CheckpointError(f"{path}: not found{DOWNLOAD_HINT}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 

@@ -97,10 +97,18 @@ def atomic_write(path, write):
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; give every file the usual mode
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interrupt: leave no temporary file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def current_umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, data, lines=False):

@@ -367,3 +367,12 @@ def test_ignore_index_is_what_cross_entropy_skips():
     labels = torch.tensor([1, IGNORE_INDEX, 4])
     expected = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
     assert torch.nn.functional.cross_entropy(logits, labels) == expected
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    rows = '"3","Wall St. rallies","Stocks rose."\n"1","Talks resume","Leaders met."\n'
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_text(rows)
+    marked.write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert read_ag_news(marked) == read_ag_news(plain) == [("Wall St. rallies Stocks rose.", 2),
+                                                            ("Talks resume Leaders met.", 0)]

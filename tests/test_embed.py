@@ -114,3 +114,11 @@ def test_config_and_input_problems_are_one_line(tmp_path):
                             input=b"caf\xe9\n", capture_output=True, check=False)
     assert result.returncode == 2
     assert result.stderr.decode() == "error: standard input: not UTF-8 text (byte 0xe9)\n"
+
+
+def test_an_empty_model_folder_gets_the_download_hint(tmp_path):
+    result = run_embed("--model", tmp_path, "hello")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {tmp_path}: has neither tokenizer.json nor vocab.txt (nor vocab.json + "
+                             "merges.txt); the folder is empty; `python download.py` fetches bert-base-uncased, "
+                             "`--only NAME` another backbone\n")

@@ -442,3 +442,16 @@ def test_a_full_disk_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 1)) == 2
     assert capsys.readouterr().err == f"error: {out / 'metrics.jsonl'}: No space left on device\n"
+
+
+def test_every_written_file_follows_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        assert train.main(flags(out, "--epochs", 1, "--limit", 8)) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "checkpoint/checkpoint.safetensors", "summary.json", "config.json"} <= modes.keys()
+    assert {name: mode for name, mode in modes.items() if name != ".lock"} == \
+        {name: 0o640 for name in modes if name != ".lock"}
