@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Bert, BertConfig, CheckpointError, Head, MultiTaskModel, config_json, load_pretrained
-from runtime import Place, UsageError, pick_device
+from runtime import Place, UsageError, pick_device, run_tool
 
 SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
     # for RoBERTa and DistilBERT, so neither has one here)
@@ -253,4 +253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -38,7 +38,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
-from runtime import Report, atomic_write
+from runtime import Report, atomic_write, run_tool
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 AG_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # label = AG class - 1
@@ -788,4 +788,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

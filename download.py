@@ -367,4 +367,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the .part files stay: the next run resumes them
+        print("stopped by signal 2; run it again to resume the partial files", file=sys.stderr)
+        sys.exit(130)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data import DataError, check_fits, load_tokenizer
-from runtime import UsageError
+from runtime import UsageError, run_tool
 from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pairs, load_pretrained, pooling_note, trained_settings
 
 
@@ -144,8 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error
-        sys.stderr.close()
-        sys.exit(0)
+    sys.exit(run_tool(main))

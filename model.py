@@ -677,8 +677,10 @@ def save_trained(model, out_dir, extra=None):
         parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {f"{model.SECTION}.{name}": tensor}
         tensors.update((key, t.contiguous()) for key, t in parts.items())
     config = {**config_json(bert), model.SECTION: model.settings(), **(extra or {})}
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    # The weights first: a folder gets its config.json only once its weights are whole, so a write
+    # that fails (a full disk) never leaves a config.json that promises a missing model.safetensors.
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
 save_multitask = save_trained

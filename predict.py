@@ -25,7 +25,7 @@ from data import (AG_CLASSES, DataError, batches_by_length, check_fits, encode_c
                   load_tokenizer, word_tags)
 from metrics import chunks
 from model import CheckpointError, load_multitask
-from runtime import UsageError, pick_device
+from runtime import UsageError, pick_device, run_tool
 
 
 ABBREVIATION = re.compile(r"(?:[^\W\d_]\.){2,}")  # U.S., e.g.
@@ -161,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

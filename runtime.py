@@ -11,6 +11,7 @@ every long stage.
 import json
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,24 @@ def atomic_write(path, write):
     except BaseException:  # a full disk, an interrupt: leave no temporary file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def run_tool(main):
+    """A command-line tool's main() as an exit status, for what happens around the code rather than in it:
+    the reader of its output going away (`| head`) is not an error (0); the environment failing (a full
+    disk, a permission, a folder gone) is one line and 2; Ctrl-C is one line and 130. Anything else is
+    a bug in this code and keeps its traceback. (train.py and pairs.py use loop.run_script.)"""
+    try:
+        return main()
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+    except OSError as e:
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped by signal 2", file=sys.stderr)
+        return 130
 
 
 def current_umask():

@@ -125,3 +125,26 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, extra, message):
 def test_the_run_folder_is_a_complete_model_folder(run_dir):
     assert (run_dir / "tokenizer.json").exists() or (run_dir / "vocab.txt").exists()
     assert load_tokenizer(run_dir).to_str() == load_tokenizer(TINY_PLAIN).to_str()
+
+
+def test_tools_end_environment_failures_in_one_line(capsys):
+    """predict.py, embed.py, bench.py and data.py run main() through runtime.run_tool."""
+    from runtime import run_tool
+
+    def full():
+        raise OSError(28, "No space left on device", "/out/vectors.json")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def bug():
+        raise ZeroDivisionError("a bug keeps its traceback")
+
+    assert run_tool(full) == 2
+    assert capsys.readouterr().err == "error: /out/vectors.json: No space left on device\n"
+    assert run_tool(interrupted) == 130
+    assert capsys.readouterr().err == "stopped by signal 2\n"
+    with pytest.raises(ZeroDivisionError):
+        run_tool(bug)
+    for script in ("predict.py", "embed.py", "bench.py", "data.py"):
+        assert "sys.exit(run_tool(main))" in (ROOT / script).read_text(), script

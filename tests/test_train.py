@@ -455,3 +455,43 @@ def test_every_written_file_follows_the_umask(tmp_path):
     assert {"model.safetensors", "checkpoint/checkpoint.safetensors", "summary.json", "config.json"} <= modes.keys()
     assert {name: mode for name, mode in modes.items() if name != ".lock"} == \
         {name: 0o640 for name in modes if name != ".lock"}
+
+
+def test_a_full_disk_while_saving_weights_leaves_no_config_without_them(tmp_path, monkeypatch, capsys):
+    import model
+    from safetensors import SafetensorError
+
+    def full(tensors, path, *args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(model, "save_file", full)
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: writing a safetensors file failed (Error while serializing") and err.count("\n") == 1
+    assert not (out / "config.json").exists() and not list(out.glob("*.tmp"))
+
+
+def test_a_signal_in_the_feature_build_ends_with_the_hint(tmp_path, monkeypatch, capsys):
+    build = train.FeatureStore.build
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train.FeatureStore, "build", interrupted)
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 1, "--freeze", "backbone")) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.endswith("stopped by signal 2; no checkpoint was written yet: start the run again\n")
+
+
+def test_a_trained_run_folder_is_a_model_folder_for_embed(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 1, "--limit", 8)) == 0
+    result = subprocess.run([sys.executable, str(ROOT / "embed.py"), "--model", str(out), "--json", "a b"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    vector = json.loads(result.stdout)["embeddings"][0]
+    encoder = load_multitask(out).encoder.eval()
+    expected = encoder.encode(["a b"], load_tokenizer(out), max_len=json.loads(result.stdout)["max_len"])[0]
+    assert torch.allclose(torch.tensor(vector), expected, atol=1e-6)
