@@ -339,8 +339,8 @@ def main(argv=None):
     p.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
                    help=f"fetch every file from MIRROR/<path under dest> instead (or set {MIRROR_ENV})")
     args = p.parse_args(argv)
-    if args.mirror is not None and urlparse(args.mirror).scheme not in ("http", "https", "file"):
-        p.error(f"argument --mirror: {args.mirror!r} is not an http://, https:// or file:// URL")
+    if args.mirror is not None and urlparse(args.mirror).scheme not in ("http", "https"):
+        p.error(f"argument --mirror: {args.mirror!r} is not an http:// or https:// URL")
     dest = Path(args.dest)
     entries = selected(args.only)
     unreachable, failed, counts = {}, [], {"present": 0, "fetched": 0}

@@ -268,7 +268,7 @@ def test_a_mirror_that_is_not_a_url_is_refused_in_one_line(tmp_path, capsys):
         download.main(["--dest", str(tmp_path), "--mirror", "notaurl"])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: argument --mirror: 'notaurl' is not an "
-                                                             "http://, https:// or file:// URL")
+                                                             "http:// or https:// URL")
     assert list(tmp_path.iterdir()) == []
 
 
