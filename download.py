@@ -124,7 +124,7 @@ def problem(path, entry, copy=None):
     if "sha256" in entry:
         size = path.stat().st_size
         digest = sha256_of(path) if size == entry["size"] or copy else None
-        if digest in (entry["sha256"], copy):
+        if digest is not None and digest in (entry["sha256"], copy):
             return None
         if digest is None:
             return f"size {size:,} bytes, expected {entry['size']:,}"

@@ -211,15 +211,19 @@ def lock_folder(out):
 
 
 def unlock_folders():
-    """Release this process's run folders (a script calls it as it ends; the process's end would too),
-    and remove those it made but wrote nothing into (a run refused during set-up leaves no empty folder)."""
-    while _HELD:
-        _HELD.pop().close()
+    """Remove the run folders this process made but wrote nothing into (a run refused during set-up
+    leaves no empty folder), while still holding their locks; then release every lock (a script calls
+    this as it ends; the process's end would release them too)."""
     while _MADE:
         out = _MADE.pop()
-        if out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
+        try:
+            if {p.name for p in out.iterdir()} <= {".lock"}:
+                (out / ".lock").unlink(missing_ok=True)
+                out.rmdir()
+        except OSError:  # gone already, or not ours to remove: leave it
+            pass
+    while _HELD:
+        _HELD.pop().close()
 
 
 # --- The run ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ evaluation); set_up. The model is model.PairModel.
 """
 
 import argparse
+import math
 import sys
 import time
 
@@ -138,7 +139,7 @@ class Pairs:
         self.sampler = MultiTaskSampler({"sts": splits["train"].lengths()}, args.batch_size, args.seed,
                                         args.group_window, place.rank, place.world_size)
         self.batch_size = self.sampler.batch_size
-        self.rebuild()
+        self.forward = None  # what a step calls: set by rebuild(), once loop.start has replayed any releases
 
     def epoch(self, epoch):
         return self.sampler.epoch(epoch)
@@ -168,7 +169,8 @@ class Pairs:
         return f"Spearman {100 * metrics['spearman']:.2f} | Pearson {100 * metrics['pearson']:.2f} | {rate}"
 
     def score(self, metrics):
-        return metrics["spearman"]
+        """Dev Spearman; -inf where it is undefined (constant predictions), so any later epoch beats it."""
+        return -math.inf if math.isnan(metrics["spearman"]) else metrics["spearman"]
 
     def summary(self, results):
         """Spearman and Pearson of the best model on dev (and test), and the inference rate on dev."""
@@ -203,9 +205,14 @@ def set_up(args):
     bert = load_pretrained(args.model)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
     heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()
+    if any(item.strip() in ("ner-head", *([] if heads else ["cls-head"])) for item in args.freeze.split(",")):
+        raise UsageError(f"argument --freeze: this {args.encoder}-encoder has no "
+                         f"{'NER head' if 'ner-head' in args.freeze else 'head (give --embed-dim for a projection)'}")
+    if args.unfreeze == "gradual" and not heads:
+        raise UsageError("argument --unfreeze: gradual starts by training the heads alone, and this bi-encoder has "
+                         "none; give --embed-dim for a projection to train first, or leave --unfreeze out")
     plan = loop.freeze_plan(args, bert.config, heads)
-    if "ner_head" in plan.base:
-        raise UsageError("argument --freeze: ner-head: a pair model has no NER head")
+    plan.base.discard("ner_head")  # --freeze all: there is none to freeze
     out, saved = loop.open_out(args, world_size, rank)
     splits = {s: limit_split(d, args.limit) for s, d in load_stsb(args.data, tokenizer, args.max_len, args.encoder).items()}
     data_seconds = time.perf_counter() - started
@@ -222,6 +229,7 @@ def set_up(args):
     rates = part_rates(plan.num_layers, args.lr, args.lr_decay, args.head_lr)
     job = Pairs(args, model, splits, place, rates, bert.config.pad_token_id)
     run = loop.start(args, job, plan, place, out, saved, log, started, data_seconds)
+    job.rebuild()  # after a resume's replayed releases: DDP must hold every parameter that trains now
     loop.on_rank0(run, copy_tokenizer, args.model, out)  # so that OUT is a complete model folder (embed.py)
     if not plan.trains(args.epochs):
         log(f"nothing trains (--epochs {args.epochs}, --freeze {args.freeze}): scoring the model as it is")

@@ -11,6 +11,7 @@ every long stage.
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -124,9 +125,14 @@ def run_tool(main):
 
 
 def current_umask():
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask. Reading it means setting it, so it is set straight back, with SIGINT and
+    SIGTERM held off in between: a stop there must never leave the umask at 0."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return mask
 
 

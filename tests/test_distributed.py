@@ -265,3 +265,40 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     model.load_state_dict(saved.model)
     assert saved.progress.epoch >= 1
     assert load_multitask(out).cls_head.out.weight.shape == (4, 32)
+
+
+def pairs_worker(rank, world_size, port, argv, record, signal_at):
+    """One rank of pairs.py, recording its weights at every evaluation."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    import pairs
+
+    evaluations, evaluate, pair_loss, calls = [], pairs.evaluate, pairs.pair_loss, []
+
+    def recording(model, *args, **kwargs):
+        evaluations.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return evaluate(model, *args, **kwargs)
+
+    def interrupting(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return pair_loss(*args)
+
+    pairs.evaluate, pairs.pair_loss = recording, interrupting
+    pairs.main(argv)
+    save_file({f"{n}.{k}": v for n, weights in enumerate(evaluations) for k, v in weights.items()},
+              record / f"pairs.{rank}.safetensors")
+
+
+def test_a_resumed_gradual_pairs_run_keeps_the_ranks_identical(tmp_path):
+    """The resumed run must wrap in DDP the layers its replayed unfreezing released, or the ranks drift."""
+    argv = ["--encoder", "cross", "--model", str(TINY_PLAIN), "--data", str(DATA), "--out", str(tmp_path / "run"),
+            "--max-len", "32", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3", "--head-lr", "1e-3",
+            "--epochs", "3", "--unfreeze", "gradual"]
+    mp.spawn(pairs_worker, args=(2, free_port(), argv, tmp_path, 3), nprocs=2)  # stopped at step 3, in epoch 2
+    mp.spawn(pairs_worker, args=(2, free_port(), argv + ["--resume"], tmp_path, 0), nprocs=2)
+    ranks = [load_file(tmp_path / f"pairs.{rank}.safetensors") for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])

@@ -294,3 +294,11 @@ def test_a_host_that_never_answers_fails_soon_and_says_what_it_waits_for(tmp_pat
     assert "(try 2 of 3; last: no answer in 0.3 s)" in err
     assert "127.0.0.1 does not answer (3 tries: no answer in 0.3 s)" in err
     assert "ag_news/test.csv: asking" not in err  # the host's other file was not tried
+
+
+def test_a_file_of_the_wrong_size_is_never_good(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    pin = {"size": 10, "sha256": hashlib.sha256(b"abc").hexdigest()}
+    assert download.problem(path, pin) == "size 3 bytes, expected 10"
+    assert download.problem(path, {**pin, "size": 3}) is None

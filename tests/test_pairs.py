@@ -206,7 +206,8 @@ def test_zero_epochs_scores_the_model_as_it_is(tmp_path):
 @pytest.mark.parametrize("encoder", ["bi", "cross"])
 def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch, encoder):
     """--stop-after, then a SIGINT mid-epoch: the resumed run takes the uninterrupted run's steps, loss by loss."""
-    common = ("--epochs", 3, "--lr", "1e-3", "--head-lr", "1e-3", "--unfreeze", "gradual")
+    common = ("--epochs", 3, "--lr", "1e-3", "--head-lr", "1e-3", "--unfreeze", "gradual",
+              *(("--embed-dim", 8) if encoder == "bi" else ()))  # gradual trains a head first: the projection
     _, straight = run_recording_losses(monkeypatch, pair_flags(tmp_path / "a", encoder, *common))
     assert len(straight) == 6
     code, first = run_recording_losses(monkeypatch, pair_flags(tmp_path / "b", encoder, *common, "--stop-after", 1))
@@ -245,7 +246,7 @@ def test_bad_data_ends_in_one_line_and_status_2(tmp_path, capsys, text, message)
 
 @pytest.mark.parametrize("extra, message", [
     (("--pool", "max"), "argument --pool: only for --encoder bi"),
-    (("--freeze", "ner-head"), "argument --freeze: ner-head: a pair model has no NER head"),
+    (("--freeze", "ner-head"), "argument --freeze: this cross-encoder has no NER head"),
     (("--epochs", "-1"), "argument --epochs: must be at least 0"),
 ])
 def test_bad_flags_end_in_one_line_and_status_2(tmp_path, capsys, extra, message):
@@ -334,3 +335,26 @@ def test_a_test_file_is_scored_too(tmp_path):
     expected = spearman(cross_predictions(tmp_path / "out", test), [s for _, _, s in test])
     assert summary["test"]["spearman"] == pytest.approx(expected, abs=1e-6)
     assert summary["test"]["spearman"] == pytest.approx(summary["dev"]["spearman"], abs=1e-6)  # the same pairs
+
+
+def test_an_undefined_spearman_never_wins_the_best_epoch():
+    job = pairs.Pairs.__new__(pairs.Pairs)  # score() reads nothing else
+    assert job.score({"spearman": float("nan")}) == -math.inf < job.score({"spearman": -0.5})
+
+
+@pytest.mark.parametrize("encoder, extra, message", [
+    ("bi", ("--freeze", "cls-head"), "argument --freeze: this bi-encoder has no head (give --embed-dim"),
+    ("bi", ("--unfreeze", "gradual"), "argument --unfreeze: gradual starts by training the heads alone"),
+])
+def test_freezing_what_a_bi_encoder_lacks_is_refused(tmp_path, capsys, encoder, extra, message):
+    assert pairs.main(pair_flags(tmp_path / "out", encoder, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("encoder", ["bi", "cross"])
+def test_freeze_all_scores_the_model_as_it_is(tmp_path, encoder):
+    out = tmp_path / encoder
+    assert pairs.main(pair_flags(out, encoder, "--freeze", "all")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] is None and summary["parameters"]["trainable"] == 0
