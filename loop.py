@@ -70,7 +70,8 @@ def add_freeze_flags(group, strategies):
 
 def add_rate_flags(group, lr=5e-5, lr_decay=0.9, head_lr=1e-3, warmup=0.1, weight_decay=0.01):
     group.add_argument("--lr", type=float, default=lr, help="learning rate of the top encoder layer")
-    group.add_argument("--lr-decay", type=float, default=lr_decay, help="each lower layer gets this times the one above")
+    group.add_argument("--lr-decay", type=float, default=lr_decay,
+                       help="each lower layer gets this times the one above")
     group.add_argument("--head-lr", type=float, default=head_lr, help="learning rate of the heads")
     group.add_argument("--warmup", type=float, default=warmup, help="fraction of steps with linear warmup")
     group.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW's, on weights but not on "
@@ -84,7 +85,8 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
     group.add_argument("--max-len", type=int, default=128, help="word pieces per example, special tokens included")
     group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
                        help="auto: bf16 on GPUs that have it, else fp16; off (fp32) on the CPU")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where there is one")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: cuda where there is one")
     group.add_argument("--seed", type=int, default=0, help=f"seeds heads, dropout and batch order (0 to {MAX_SEED})")
     group.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     group.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -590,7 +592,7 @@ def run_script(set_up, args):
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except SafetensorError as e:  # raised for write failures too, a full disk among them
-        print(f"error: writing a safetensors file failed ({e}); is the disk full?", file=sys.stderr)
+        print(f"error: a safetensors file could not be written or read ({e}); is the disk full?", file=sys.stderr)
         return 2
     except Stopped as e:
         saved = args.out is not None and checkpoint.path_in(args.out).exists()
