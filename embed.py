@@ -15,7 +15,8 @@ import torch
 
 from data import DataError, check_fits, load_tokenizer
 from runtime import UsageError, run_tool
-from model import NORMS, POOLS, CheckpointError, SentenceEncoder, load_pairs, load_pretrained, pooling_note, trained_settings
+from model import (NORMS, POOLS, CheckpointError, SentenceEncoder, load_pairs, load_pretrained, pooling_note,
+                   trained_settings)
 
 
 def at_least(low):

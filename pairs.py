@@ -214,7 +214,8 @@ def set_up(args):
     plan = loop.freeze_plan(args, bert.config, heads)
     plan.base.discard("ner_head")  # --freeze all: there is none to freeze
     out, saved = loop.open_out(args, world_size, rank)
-    splits = {s: limit_split(d, args.limit) for s, d in load_stsb(args.data, tokenizer, args.max_len, args.encoder).items()}
+    splits = load_stsb(args.data, tokenizer, args.max_len, args.encoder)
+    splits = {split: limit_split(data, args.limit) for split, data in splits.items()}
     data_seconds = time.perf_counter() - started
     log("stsb: " + ", ".join(f"{s} {len(d):,} pairs ({sum(d.truncated)} truncated)" for s, d in splits.items()))
 
