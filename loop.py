@@ -54,7 +54,7 @@ from features import weights_hash
 from lr import format_groups, lr_factor, param_groups
 from data import DataError
 from model import CheckpointError
-from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step, write_json
+from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step, os_error_line, write_json
 
 # --- Flags both scripts take ---------------------------------------------------------------
 
@@ -436,15 +436,21 @@ class StopSignal:
 
 
 @contextlib.contextmanager
+def on_stop_signals(handler):
+    """SIGINT and SIGTERM call handler(signum, frame) inside the block; the previous handlers come back after."""
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
 def stop_on_signals():
     stop = StopSignal()
-    previous = {signum: signal.signal(signum, lambda received, _: setattr(stop, "signal", received))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(lambda received, _: setattr(stop, "signal", received)):
         yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 # --- Saving, end of epoch, final evaluation ----------------------------------------------------
@@ -564,17 +570,9 @@ class Stopped(Exception):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def signals_stop():
-    """SIGINT and SIGTERM raise Stopped (run_loop's epochs catch them more gently: stop_on_signals)."""
-    def handler(signum, _):
-        raise Stopped(signum)
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def raise_stopped(signum, _):
+    """The handler outside the training steps (run_loop's epochs catch signals more gently: stop_on_signals)."""
+    raise Stopped(signum)
 
 
 def run_script(set_up, args):
@@ -583,13 +581,13 @@ def run_script(set_up, args):
     environment (a full disk, a permission, a folder gone); 128 + n for signal n, with what to do next.
     Anything else is a bug in this code, and keeps its traceback."""
     try:
-        with signals_stop():
+        with on_stop_signals(raise_stopped):
             return run_loop(set_up(args))
     except (UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except SafetensorError as e:  # raised for write failures too, a full disk among them
         print(f"error: a safetensors file could not be written or read ({e}); is the disk full?", file=sys.stderr)

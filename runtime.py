@@ -106,6 +106,11 @@ def atomic_write(path, write):
         raise
 
 
+def os_error_line(e):
+    """An OSError as the user should read it: the file, then what went wrong ("PATH: No space left on device")."""
+    return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+
+
 def run_tool(main):
     """A command-line tool's main() as an exit status, for what happens around the code rather than in it:
     the reader of its output going away (`| head`) is not an error (0); the environment failing (a full
@@ -117,7 +122,7 @@ def run_tool(main):
         sys.stderr.close()
         return 0
     except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped by signal 2", file=sys.stderr)
