@@ -665,26 +665,28 @@ def padding_fraction(batches, lengths):
 
 # --- All splits --------------------------------------------------------------------
 
-AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train
-MIN_AG_TRAIN = 11  # the fewest rows of which 5%, rounded, is one row
+AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train (train.py --ag-valid-fraction)
 
 
 def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "valid", "test"), split_seed=0,
-                log=None):
+                log=None, ag_valid_fraction=AG_VALID_FRACTION):
     """{"ag": {split: TaskData}, "ner": {split: TaskData}} from the data directory (see download.py).
 
     The AG validation split is fixed by split_seed, not by a run's --seed,
-    so that runs with different seeds are compared on the same examples.
+    so that runs with different seeds are compared on the same examples. A
+    larger ag_valid_fraction holds out a superset of a smaller one's rows.
     """
     data_dir = Path(data_dir)
     out = {"ag": {}, "ner": {}}
     if "train" in splits or "valid" in splits:
         path = data_dir / "ag_news" / "train.csv"
         ag_train = encode_file(path, "ag", tokenizer, max_len, cache_dir, log)
-        kept, held = split_off(len(ag_train), AG_VALID_FRACTION, split_seed)
+        kept, held = split_off(len(ag_train), ag_valid_fraction, split_seed)
         if not len(held) or not len(kept):  # a run would pick its best epoch on no rows at all
-            raise DataError(f"{path}: {len(ag_train)} rows leave no validation rows ({AG_VALID_FRACTION:.0%} of "
-                            f"train are held out for validation); give it at least {MIN_AG_TRAIN} rows")
+            fewest = next(n for n in range(2, 2**40) if 0 < round(n * ag_valid_fraction) < n)
+            raise DataError(f"{path}: {len(ag_train)} rows leave no {'validation' if len(kept) else 'training'} rows "
+                            f"({ag_valid_fraction:.0%} of train are held out for validation); give it at least "
+                            f"{fewest} rows")
         out["ag"].update(train=ag_train.subset(kept), valid=ag_train.subset(held))
     if "test" in splits:
         out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir, log)

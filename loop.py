@@ -30,6 +30,7 @@ end_of_epoch -> final_evaluation -> run_loop -> run_script, which turns every
 way a run ends into an exit status and one line.
 """
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -51,7 +52,7 @@ import distributed
 import freeze
 from checkpoint import Checkpoint, Progress
 from features import weights_hash
-from lr import format_groups, lr_factor, param_groups
+from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate, format_groups, lr_factor, param_groups
 from data import DataError
 from model import CheckpointError
 from runtime import PRECISION_NAMES, Place, UsageError, duration, optimizer_step, os_error_line, write_json
@@ -68,10 +69,23 @@ def add_freeze_flags(group, strategies):
                        help="gradual: start with the backbone frozen, release one layer per epoch from the top")
 
 
-def add_rate_flags(group, lr=5e-5, lr_decay=0.9, head_lr=1e-3, warmup=0.1, weight_decay=0.01):
-    group.add_argument("--lr", type=float, default=lr, help="learning rate of the top encoder layer")
-    group.add_argument("--lr-decay", type=float, default=lr_decay,
-                       help="each lower layer gets this times the one above")
+def number_or_auto(text):
+    """argparse type of --lr and --lr-decay, which take a number or "auto" (resolve_auto_rates)."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or {AUTO}, got {text!r}") from None
+
+
+def add_rate_flags(group, lr=AUTO, lr_decay=AUTO, head_lr=1e-3, warmup=0.1, weight_decay=0.01):
+    group.add_argument("--lr", type=number_or_auto, default=lr,
+                       help="learning rate of the top encoder layer; auto: 5e-5 x 768 / hidden size (5e-5 for "
+                            "bert-base, 1e-4 for all-MiniLM-L6-v2)")
+    group.add_argument("--lr-decay", type=number_or_auto, default=lr_decay,
+                       help="each lower layer gets this times the one above; auto: the decay that leaves the "
+                            f"embeddings {EMBEDDINGS_SHARE:.2f} of --lr (0.949 for 12 layers, 0.9 for 6)")
     group.add_argument("--head-lr", type=float, default=head_lr, help="learning rate of the heads")
     group.add_argument("--warmup", type=float, default=warmup, help="fraction of steps with linear warmup")
     group.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW's, on weights but not on "
@@ -97,13 +111,26 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
                        help="stop after this many epochs, leaving a checkpoint to --resume (e.g. for job time limits)")
 
 
+def resolve_auto_rates(args, config):
+    """--lr and --lr-decay "auto" -> numbers for this backbone (lr.auto_top_rate, lr.auto_decay);
+    returns a line that says what auto chose, or None."""
+    chose = []
+    if args.lr == AUTO:
+        args.lr = auto_top_rate(config.hidden_size)
+        chose.append(f"--lr {args.lr:.3g} (hidden size {config.hidden_size})")
+    if args.lr_decay == AUTO:
+        args.lr_decay = auto_decay(config.num_hidden_layers)
+        chose.append(f"--lr-decay {args.lr_decay:.4g} ({config.num_hidden_layers} layers)")
+    return "auto rates: " + ", ".join(chose) if chose else None
+
+
 def check_flags(args, rates=(), at_least=()):
     """The checks of add_rate_flags' and add_run_flags' values, plus a script's own `rates` (>= 0)
     and `at_least` ((flag, lowest value) pairs, which may also lower a shared flag's); raises
     UsageError naming the flag."""
     for flag in ("lr", "head_lr", "weight_decay", "clip", *rates):
         value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value >= 0):
+        if value is not None and value != AUTO and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be a number >= 0, got {value}")
     lows = {"epochs": 1, "batch_size": 1, "max_len": 3, "log_every": 1, "limit": 1, "stop_after": 1, **dict(at_least)}
     for flag, low in lows.items():
@@ -112,7 +139,7 @@ def check_flags(args, rates=(), at_least=()):
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"argument --seed: must be a whole number from 0 to {MAX_SEED}, got {args.seed}")
-    if not 0 < args.lr_decay <= 1:
+    if args.lr_decay != AUTO and not 0 < args.lr_decay <= 1:
         raise UsageError(f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}")
     if not 0 <= args.warmup < 1:
         raise UsageError(f"argument --warmup: must be a fraction in [0, 1), got {args.warmup}")

@@ -13,11 +13,30 @@ towards zero, which means nothing for a shift or a scale of 1.
 
 Groups are built from trainable parameters only, so freezing (freeze.py)
 decides what is in the optimizer and this file decides how fast it moves.
+
+train.py's default rates follow the backbone's size (auto_top_rate,
+auto_decay; the study behind them is docs/defaults.md): the top rate scales
+with 1 / hidden size from bert-base's 5e-5, and the decay per layer is the one
+that leaves the embeddings the same share of the top rate at any depth.
 """
 
 from torch import nn
 
 from model import parameter_part
+
+AUTO = "auto"
+BERT_BASE_WIDTH, BERT_BASE_TOP_RATE = 768, 5e-5  # the top of Devlin et al.'s (2019) range for bert-base
+EMBEDDINGS_SHARE = 0.9 ** 6  # embeddings' rate / top rate: 0.53, Sun et al.'s 0.95 over bert-base's 12 layers
+
+
+def auto_top_rate(hidden_size):
+    """--lr auto: 5e-5 for bert-base (hidden 768), 1e-4 for a 384-wide model."""
+    return BERT_BASE_TOP_RATE * BERT_BASE_WIDTH / hidden_size
+
+
+def auto_decay(num_layers):
+    """--lr-decay auto: EMBEDDINGS_SHARE ** (1 / layers), 0.9 for 6 layers, 0.949 for 12."""
+    return EMBEDDINGS_SHARE ** (1 / num_layers)
 
 
 def part_rates(num_layers, lr, lr_decay, head_lr, cls_lr=None, ner_lr=None):

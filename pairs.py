@@ -204,6 +204,8 @@ def set_up(args):
     tokenizer = load_tokenizer(args.model)
     bert = load_pretrained(args.model)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
+    if note := loop.resolve_auto_rates(args, bert.config):
+        log(note)
     heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()
     if any(item.strip() in ("ner-head", *([] if heads else ["cls-head"])) for item in args.freeze.split(",")):
         raise UsageError(f"argument --freeze: this {args.encoder}-encoder has no "

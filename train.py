@@ -27,8 +27,9 @@ import torch.nn.functional as F
 import distributed
 import freeze
 import loop
-from data import (AG_CLASSES, IGNORE_INDEX, NER_TAGS, MultiTaskSampler, batches_by_length, check_fits,
-                  collate, copy_tokenizer, length_batches, limit_split, load_splits, load_tokenizer, word_tags)
+from data import (AG_CLASSES, AG_VALID_FRACTION, IGNORE_INDEX, NER_TAGS, MultiTaskSampler, batches_by_length,
+                  check_fits, collate, copy_tokenizer, length_batches, limit_split, load_splits, load_tokenizer,
+                  word_tags)
 from features import DiskCache, FeatureStore
 from lr import part_rates
 from metrics import entity_counts, scores_from_counts
@@ -78,6 +79,13 @@ def parse_args(argv=None):
     g.add_argument("--ner-lr", type=float, default=None, help="learning rate of the NER head")
     g = p.add_argument_group("run")
     loop.add_run_flags(g)
+    g.add_argument("--loss-norm", choices=("batch", "fixed"), default="batch",
+                   help="what divides a batch's summed loss: batch: its own label count (the mean); fixed: the "
+                        "label count of an average batch of the task, so that every labelled word weighs the "
+                        "same in short and long batches")
+    g.add_argument("--ag-valid-fraction", type=float, default=AG_VALID_FRACTION,
+                   help="share of AG News train held out as its validation split (fixed rows; a larger share "
+                        "holds out a superset)")
     g.add_argument("--group-window", type=int, default=50,
                    help="sort by length inside windows of this many batches to cut padding (0: off)")
     g.add_argument("--compile", action="store_true",
@@ -93,6 +101,8 @@ def check_args(args):
                                ("feature_cache_limit_mb", 0)))
     if not 0 <= args.head_dropout < 1:
         raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
+    if not 0 < args.ag_valid_fraction < 1:
+        raise UsageError(f"argument --ag-valid-fraction: must be in (0, 1), got {args.ag_valid_fraction}")
 
 
 # --- The loss and evaluation ----------------------------------------------------------
@@ -103,7 +113,12 @@ def task_loss(logits, labels, task, normalizer=None):
     The mean, or with a normalizer the sum divided by it. Data-parallel runs
     pass (labels in the global batch) / (number of ranks): DDP averages the
     ranks' gradients, and that average is then the gradient of the mean over
-    the global batch, however the labels fall between ranks.
+    the global batch, however the labels fall between ranks. With
+    --loss-norm fixed the divisor is the same for every batch of a task (the
+    labels of an average global batch), so every word piece weighs the same
+    in every batch: batches grouped by length then weigh as random ones do,
+    where a per-batch mean would give a batch of 3-word lines as much weight
+    as a batch of 40-word sentences (docs/defaults.md).
     """
     if task == "ag":
         logits, labels = logits.float(), labels
@@ -184,6 +199,9 @@ class MultiTask:
                                         args.seed, args.group_window, place.rank, place.world_size)
         self.batch_size = self.sampler.batch_size
         self.n_labels = {task: label_counts(part) for task, part in train.items()}  # task_loss's normalizer
+        self.loss_norm = args.loss_norm
+        # --loss-norm fixed: one divisor per task, the labels an average global batch holds
+        self.fixed_norm = {task: self.batch_size * float(counts.mean()) for task, counts in self.n_labels.items()}
         self.features = None  # a frozen backbone's features of every example the run reads (set_up)
         self.runner = None  # what a step calls: freeze.Runner, once the features are known (set_up)
 
@@ -195,7 +213,10 @@ class MultiTask:
         batch = self.place.to_device(collate(self.splits[task]["train"], indices, self.pad_id, self.pad_multiple))
         with self.place.autocast():  # the model, or only its heads on stored features (freeze.Runner)
             logits = self.runner(task, batch, indices)
-        normalizer = float(self.n_labels[task][global_batch].sum()) / self.place.world_size
+        if self.loss_norm == "fixed":
+            normalizer = self.fixed_norm[task] / self.place.world_size
+        else:
+            normalizer = float(self.n_labels[task][global_batch].sum()) / self.place.world_size
         return task_loss(logits, batch["labels"], task, normalizer)
 
     def evaluate(self, split, log):
@@ -252,6 +273,8 @@ def open_inputs(args):
     tokenizer = load_tokenizer(args.model)
     bert = load_pretrained(args.model)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
+    if (note := loop.resolve_auto_rates(args, bert.config)) and rank == 0:
+        print(note)  # before open_out, so that the run records (and --resume compares) the numbers
     widest = -(-args.max_len // 8) * 8  # --compile pads to a multiple of 8
     if args.compile and widest > bert.config.max_len:
         raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
@@ -259,7 +282,8 @@ def open_inputs(args):
     plan = loop.freeze_plan(args, bert.config)
     out, saved = loop.open_out(args, world_size, rank)
     data_cache = None if args.no_data_cache else Path(args.data) / ".cache"
-    splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=data_cache, log=print if rank == 0 else None)
+    splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=data_cache, log=print if rank == 0 else None,
+                         ag_valid_fraction=args.ag_valid_fraction)
     return place, bert, plan, out, saved, splits
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train import parse_args
 
-DEFAULTS = vars(parse_args([]))
+DEFAULTS = {**vars(parse_args([])), "lr": 5e-5, "lr_decay": 0.9, "loss_norm": "batch"}  # experiments.sh's start
 IGNORED = {"data", "model", "out", "log_every", "no_data_cache", "resume", "stop_after", "no_feature_store",
            "feature_store_limit_mb"}
 

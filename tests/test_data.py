@@ -335,6 +335,15 @@ def test_ag_validation_split_is_seeded_and_disjoint():
     assert not np.array_equal(split_off(1000, 0.05, seed=4)[1], held)
 
 
+def test_a_larger_ag_validation_share_holds_out_a_superset(tokenizer):
+    """train.py --ag-valid-fraction: 0.25 of the fixture's 40 AG rows is 10, and holds the default's 2 rows."""
+    small = load_splits(DATA, tokenizer, 128, splits=("train", "valid"))["ag"]
+    large = load_splits(DATA, tokenizer, 128, splits=("train", "valid"), ag_valid_fraction=0.25)["ag"]
+    assert (len(large["train"]), len(large["valid"])) == (30, 10)
+    assert set(small["valid"].rows) < set(large["valid"].rows)
+    assert set(large["train"].rows) | set(large["valid"].rows) == set(small["train"].rows) | set(small["valid"].rows)
+
+
 def test_load_splits_and_command_line_summary(tokenizer):
     splits = load_splits(DATA, tokenizer, 128)
     sizes = {task: {s: len(part) for s, part in by.items()} for task, by in splits.items()}

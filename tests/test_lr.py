@@ -1,11 +1,14 @@
 """Layer-wise learning rates, weight-decay rules and the schedule (lr.py)."""
 
+import argparse
+
 import pytest
 from conftest import TINY_PLAIN
 
 import freeze
-from lr import format_groups, lr_factor, param_groups, part_rates
-from model import MultiTaskModel, load_pretrained
+import loop
+from lr import EMBEDDINGS_SHARE, auto_decay, auto_top_rate, format_groups, lr_factor, param_groups, part_rates
+from model import BertConfig, MultiTaskModel, load_pretrained
 
 
 def model():
@@ -18,6 +21,30 @@ def test_rates_rise_from_embeddings_through_layers_to_heads():
                      "embeddings": 6.25e-6, "pooler": 1e-4, "cls_head": 1e-3, "ner_head": 2e-3}
     order = [rates[p] for p in ("embeddings", "layer.0", "layer.1", "layer.2", "layer.3", "cls_head")]
     assert order == sorted(order) and len(set(order)) == len(order)
+
+
+def test_auto_rates_keep_to_bert_base_practice_and_scale_with_size():
+    assert auto_top_rate(768) == pytest.approx(5e-5)  # bert-base, RoBERTa-base, DistilBERT: Devlin et al.'s top
+    assert auto_top_rate(384) == pytest.approx(1e-4)  # all-MiniLM-L6-v2
+    assert auto_top_rate(1024) == pytest.approx(3.75e-5)  # bert-large: inside Devlin et al.'s 2e-5..5e-5
+    assert auto_decay(12) == pytest.approx(0.95, abs=0.002)  # Sun et al.'s decay for bert-base
+    assert auto_decay(6) == pytest.approx(0.9)
+    for layers in (2, 6, 12, 24):  # whatever the depth, the embeddings get the same share of the top rate
+        rates = part_rates(layers, auto_top_rate(768), auto_decay(layers), 1e-3)
+        assert rates["embeddings"] / rates[f"layer.{layers - 1}"] == pytest.approx(EMBEDDINGS_SHARE)
+
+
+def test_auto_flags_resolve_for_the_backbone_and_numbers_stay():
+    config = BertConfig(vocab_size=10, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                        intermediate_size=16, max_position_embeddings=8)
+    args = argparse.Namespace(lr="auto", lr_decay="auto")
+    chose = loop.resolve_auto_rates(args, config)
+    assert chose == "auto rates: --lr 0.0001 (hidden size 384), --lr-decay 0.9 (6 layers)"
+    assert (args.lr, args.lr_decay) == (pytest.approx(1e-4), pytest.approx(0.9))
+    args = argparse.Namespace(lr=3e-5, lr_decay="auto")
+    assert loop.resolve_auto_rates(args, config) == "auto rates: --lr-decay 0.9 (6 layers)" and args.lr == 3e-5
+    args = argparse.Namespace(lr=3e-5, lr_decay=1.0)
+    assert loop.resolve_auto_rates(args, config) is None and (args.lr, args.lr_decay) == (3e-5, 1.0)
 
 
 def test_every_group_gets_its_formula_rate_and_decay_rule():

@@ -380,6 +380,55 @@ def test_too_few_ag_rows_for_a_validation_split_are_refused(tmp_path, capsys):
     (data / "ag_news" / "train.csv").write_text("\n".join(rows[:11]) + "\n")
     assert train.main(argv) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ag_accuracy"] in (0.0, 1.0)  # 1 row
+    argv[argv.index("--out") + 1] = str(tmp_path / "all-held")
+    assert train.main(argv + ["--ag-valid-fraction", "0.97"]) == 2
+    assert capsys.readouterr().err.endswith(f"11 rows leave no training rows (97% of train are held out for "
+                                            "validation); give it at least 17 rows\n")
+
+
+def test_fixed_loss_norm_divides_every_batch_of_a_task_by_the_same_count(tmp_path, monkeypatch):
+    calls = {}
+    for norm in ("batch", "fixed"):
+        calls[norm] = []
+
+        def recording(logits, labels, task, normalizer=None, seen=calls[norm]):
+            loss = TASK_LOSS(logits, labels, task, normalizer)
+            seen.append((task, int((labels != -100).sum()), normalizer, loss.item()))
+            return loss
+
+        monkeypatch.setattr(train, "task_loss", recording)
+        assert train.main(flags(tmp_path / norm, "--epochs", 1, "--lr", "1e-3", "--loss-norm", norm)) == 0
+    splits = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64, splits=("train",))
+    mean_labels = {"ag": 1.0, "ner": sum(int((torch.tensor(x) != -100).sum()) for x in splits["ner"]["train"].labels)
+                   / len(splits["ner"]["train"])}
+    assert mean_labels["ner"] > 3  # the fixture's sentences hold several words
+    for task, labels, normalizer, _ in calls["batch"]:
+        assert normalizer == labels  # the batch's own mean
+    for task, labels, normalizer, _ in calls["fixed"]:
+        assert normalizer == pytest.approx(4 * mean_labels[task])  # --batch-size 4
+    # The first step starts from the same weights: the same summed loss, divided differently.
+    (task, labels, batch_norm, batch_loss), (_, _, fixed_norm, fixed_loss) = calls["batch"][0], calls["fixed"][0]
+    assert fixed_loss * fixed_norm == pytest.approx(batch_loss * batch_norm, rel=1e-5)
+    assert [c[:2] for c in calls["batch"]] == [c[:2] for c in calls["fixed"]]  # the same batches
+
+
+def test_auto_rates_are_resolved_recorded_and_resumed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 2, "--stop-after", 1)) == 0
+    assert "auto rates: --lr 0.0012 (hidden size 32), --lr-decay 0.729 (2 layers)\n" in capsys.readouterr().out
+    assert train.main(flags(out, "--epochs", 2, "--resume")) == 0  # auto again gives the same numbers
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert (config["lr"], config["lr_decay"]) == (pytest.approx(1.2e-3), pytest.approx(0.729))
+    assert train.main(flags(out, "--epochs", 2, "--lr", "1e-3", "--resume")) == 2
+    assert capsys.readouterr().err.endswith("changed: --lr 0.0012000000000000001 -> 0.001\n")
+
+
+@pytest.mark.parametrize("share", ["0", "1", "-0.1", "nan"])
+def test_an_ag_validation_share_outside_0_1_is_refused(tmp_path, capsys, share):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--ag-valid-fraction", share)) == 2
+    assert capsys.readouterr().err == f"error: argument --ag-valid-fraction: must be in (0, 1), got {float(share)}\n"
+    assert not out.exists()
 
 
 def signal_in_evaluation(monkeypatch, split, signum):

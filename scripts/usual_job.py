@@ -1,20 +1,33 @@
-"""The multi-task job of train.py, built the usual way from transformers: the baseline for end-to-end speed.
+"""The multi-task job of train.py built the usual transformers way: the reference for its defaults.
 
-Run by hand (it is not a test), then time train.py on the same data and compare:
+Run by hand (it is not a test), next to train.py on the same data:
 
-    time python scripts/speed_vs_transformers.py --model MODEL --data DATA --epochs 2 --out runs/hf
-    time python train.py --model MODEL --data DATA --epochs 2 --out runs/ours
+    python scripts/usual_job.py --model MODEL --data DATA --epochs 2 --out runs/usual
+    python scripts/usual_job.py --model MODEL --data DATA --epochs 2 --rates ours --out runs/usual-our-rates
+    python train.py --model MODEL --data DATA --epochs 2 --out runs/ours
 
-What is the same as train.py's defaults: the data and its splits (data.py's
-readers and the fixed AG validation split), mean pooling, the two heads
-(model.Head), the loss, AdamW with the layer-wise learning rates of lr.py,
-warmup and linear decay, gradient clipping, the epoch (min(task sizes)
-examples from each task, single-task batches of 32 in random order), and the
-metrics (metrics.py). What is the usual transformers way instead:
-`BertModel.from_pretrained` and its tokenizer, and batches padded to their
-longest example (DataCollatorWithPadding / DataCollatorForTokenClassification)
-with no grouping by length. It prints validation scores per epoch, test scores
-at the end, and writes OUT/summary.json with the timings.
+The usual way, as transformers' examples build it:
+- `BertModel.from_pretrained` and its fast tokenizer;
+- batches in random order, each padded to its longest example
+  (DataCollatorWithPadding, DataCollatorForTokenClassification), no grouping by length;
+- AdamW with one flat rate for the whole encoder (--lr, 5e-5) and a higher one
+  for the freshly initialized heads (--head-lr, 5e-4), linear warmup over 10%
+  of the steps, then linear decay;
+- --freeze backbone sets requires_grad off on the encoder and runs it on every
+  step, in training mode (its dropout stays on), as a frozen BertModel usually is.
+
+`--rates ours` swaps in train.py's default rates (lr.py's layer-wise rates, head
+rates, warmup and weight decay, whatever train.py's defaults are at the time),
+so that the rates and the pipeline can be told apart.
+
+The same as train.py, so that only the above differ: the data and its splits
+(data.py's readers, the fixed 5% AG validation split), the two heads
+(model.Head) on the chosen pooling, the loss, weight decay 0.01 off biases and
+LayerNorms, clipping at 1.0, the epoch (min(task sizes) examples from each
+task, single-task batches in random order), the metrics (metrics.py) and the
+best epoch (highest mean of AG accuracy and entity F1 on valid), whose weights
+are scored on test at the end. It prints a line per 50 steps and per epoch and
+writes OUT/summary.json with every epoch's validation scores and the timings.
 """
 
 import argparse
@@ -30,11 +43,30 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import loop  # noqa: E402
+import train  # noqa: E402
 from data import AG_VALID_FRACTION, NER_ID, NER_TAGS, read_ag_news, read_conll, split_off  # noqa: E402
 from lr import lr_factor, part_rates  # noqa: E402
 from metrics import accuracy, entity_counts, scores_from_counts  # noqa: E402
-from bench import TransformersModel  # noqa: E402
-from model import BertConfig  # noqa: E402
+from model import POOLS, Head, pool_tokens  # noqa: E402
+from runtime import write_json  # noqa: E402
+
+
+class UsualModel(torch.nn.Module):
+    """transformers' BertModel with train.py's two heads on the chosen pooling."""
+
+    def __init__(self, bert, pool):
+        super().__init__()
+        self.bert, self.pool = bert, pool
+        hidden = bert.config.hidden_size
+        self.cls_head = Head(hidden, 4)
+        self.ner_head = Head(hidden, 9)
+
+    def forward(self, input_ids, attention_mask, task):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        if task == "ner":
+            return self.ner_head(out.last_hidden_state)
+        return self.cls_head(pool_tokens(out.last_hidden_state, out.pooler_output, attention_mask, self.pool))
 
 
 def part_of(name):
@@ -49,12 +81,23 @@ def part_of(name):
 def param_groups(model, rates, weight_decay):
     groups = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         part = part_of(name)
         decays = not (name.endswith(".bias") or "LayerNorm" in name or ".norm." in name)
         group = groups.setdefault((part, decays), {"params": [], "base_lr": rates[part],
                                                    "weight_decay": weight_decay if decays else 0.0})
         group["params"].append(param)
     return list(groups.values())
+
+
+def job_rates(args, config):
+    """(part -> base rate, warmup fraction, weight decay) of --rates usual or ours, for this backbone."""
+    if args.rates == "usual":
+        return part_rates(config.num_hidden_layers, args.lr, 1.0, args.head_lr), args.warmup, args.weight_decay
+    ours = train.parse_args([])
+    loop.resolve_auto_rates(ours, config)
+    return train.base_rates(ours, config.num_hidden_layers), ours.warmup, ours.weight_decay
 
 
 def tokenize_ag(tokenizer, rows, max_len):
@@ -111,17 +154,29 @@ def evaluate(model, collators, examples, gold_sentences, device, batch_size):
     return {"ag_accuracy": accuracy(gold, predicted), "ner_f1": scores["f1"]}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="pretrained BERT folder (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--data", required=True, help="data directory in download.py's layout")
+    p.add_argument("--out", required=True, help="output folder for summary.json")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--rates", choices=("usual", "ours"), default="usual",
+                   help="usual: flat --lr for the encoder, --head-lr for the heads; ours: train.py's default rates")
+    p.add_argument("--lr", type=float, default=5e-5, help="the whole encoder's rate (--rates usual)")
+    p.add_argument("--head-lr", type=float, default=5e-4, help="both heads' rate (--rates usual)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup (--rates usual)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's (--rates usual)")
+    p.add_argument("--pool", choices=POOLS, default="mean")
+    p.add_argument("--freeze", choices=("none", "backbone"), default="none")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -140,14 +195,18 @@ def main():
                  "ner": transformers.DataCollatorForTokenClassification(tokenizer, return_tensors="pt")}
 
     bert = transformers.BertModel.from_pretrained(args.model)
-    model = TransformersModel(BertConfig.from_json(Path(args.model) / "config.json"), bert).to(device).train()
-    num_layers = model.bert.config.num_hidden_layers
-    rates = part_rates(num_layers, args.lr, 0.9, 1e-3)
-    optimizer = torch.optim.AdamW(param_groups(model, rates, 0.01), fused=device.type == "cuda")
+    model = UsualModel(bert, args.pool).to(device).train()
+    if args.freeze == "backbone":
+        model.bert.requires_grad_(False)
+    rates, warmup_fraction, weight_decay = job_rates(args, bert.config)
+    optimizer = torch.optim.AdamW(param_groups(model, rates, weight_decay), fused=device.type == "cuda")
     sizes = {task: len(examples["train"][task]) for task in ("ag", "ner")}
     steps_per_epoch = len(epoch_batches(sizes, args.batch_size, np.random.default_rng(0)))
     total = args.epochs * steps_per_epoch
-    warmup = int(0.1 * total)
+    warmup = int(warmup_fraction * total)
+    print(f"{args.rates} rates: " + " ".join(f"{part} {rate:.2e}" for part, rate in rates.items())
+          + f" | warmup {warmup} of {total} steps | {torch.get_num_threads()} threads", flush=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     step, history, best, train_seconds = 0, [], None, 0.0
     for epoch in range(args.epochs):
         epoch_start = time.perf_counter()
@@ -161,7 +220,7 @@ def main():
             else:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -170,17 +229,19 @@ def main():
         train_seconds += time.perf_counter() - epoch_start
         scores = evaluate(model, collators, examples["valid"], raw["valid"][1], device, 2 * args.batch_size)
         history.append(scores)
-        print(f"epoch {epoch + 1} valid: AG accuracy {scores['ag_accuracy']:.4f} | NER F1 {scores['ner_f1']:.4f}")
-        score = scores["ag_accuracy"] + scores["ner_f1"]
+        print(f"epoch {epoch + 1} valid: AG accuracy {scores['ag_accuracy']:.4f} | NER F1 {scores['ner_f1']:.4f}",
+              flush=True)
+        score = (scores["ag_accuracy"] + scores["ner_f1"]) / 2
         if best is None or score > best[0]:
-            best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[1])
+            best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(best[2])
     test = evaluate(model, collators, examples["test"], raw["test"][1], device, 2 * args.batch_size)
-    print(f"test: AG accuracy {test['ag_accuracy']:.4f} | NER F1 {test['ner_f1']:.4f}")
-    summary = {"valid": history, "test": test, "train_seconds": round(train_seconds, 1),
+    print(f"test (epoch {best[1]}): AG accuracy {test['ag_accuracy']:.4f} | NER F1 {test['ner_f1']:.4f}")
+    summary = {"valid": history, "best_epoch": best[1], "test": test, "config": vars(args),
+               "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - started, 1)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(Path(args.out) / "summary.json", summary)
     print(f"train {train_seconds:.1f} s, total {summary['total_seconds']:.1f} s")
 
 
