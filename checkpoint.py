@@ -147,11 +147,13 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache"
                      "feature_store_limit_mb", "feature_cache_limit_mb", "device", "compile"}
 # Folders: compared by check_fingerprint, as resolved paths and by their contents, not as the text given.
 FOLDER_FLAGS = {"data", "model"}
+# Flags added after checkpoints were already written: a checkpoint without one ran as this value does.
+ADDED_FLAGS = {"loss_norm": "batch", "ag_valid_fraction": 0.05}
 
 
 def check_resume(path, progress, flags, world_size):
     """--resume continues the same run: the flags that shape it, and the number of processes, must be unchanged."""
-    saved = progress.run
+    saved = {**ADDED_FLAGS, **progress.run}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in flags.items()
                if k not in RESUME_MAY_CHANGE | FOLDER_FLAGS and saved.get(k) != v]
     if changed:

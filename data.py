@@ -23,6 +23,7 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 import shutil
@@ -683,7 +684,8 @@ def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "
         ag_train = encode_file(path, "ag", tokenizer, max_len, cache_dir, log)
         kept, held = split_off(len(ag_train), ag_valid_fraction, split_seed)
         if not len(held) or not len(kept):  # a run would pick its best epoch on no rows at all
-            fewest = next(n for n in range(2, 2**40) if 0 < round(n * ag_valid_fraction) < n)
+            fewest = next(n for n in itertools.count(int(0.5 / min(ag_valid_fraction, 1 - ag_valid_fraction)))
+                          if 0 < round(n * ag_valid_fraction) < n)
             raise DataError(f"{path}: {len(ag_train)} rows leave no {'validation' if len(kept) else 'training'} rows "
                             f"({ag_valid_fraction:.0%} of train are held out for validation); give it at least "
                             f"{fewest} rows")

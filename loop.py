@@ -113,14 +113,15 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
 
 def resolve_auto_rates(args, config):
     """--lr and --lr-decay "auto" -> numbers for this backbone (lr.auto_top_rate, lr.auto_decay);
-    returns a line that says what auto chose, or None."""
+    returns a line that says what auto chose, or None. The numbers are printed in full, so that
+    passing them back gives the same run (and --resume compares them exactly)."""
     chose = []
     if args.lr == AUTO:
         args.lr = auto_top_rate(config.hidden_size)
-        chose.append(f"--lr {args.lr:.3g} (hidden size {config.hidden_size})")
+        chose.append(f"--lr {args.lr!r} (hidden size {config.hidden_size})")
     if args.lr_decay == AUTO:
         args.lr_decay = auto_decay(config.num_hidden_layers)
-        chose.append(f"--lr-decay {args.lr_decay:.4g} ({config.num_hidden_layers} layers)")
+        chose.append(f"--lr-decay {args.lr_decay!r} ({config.num_hidden_layers} layers)")
     return "auto rates: " + ", ".join(chose) if chose else None
 
 

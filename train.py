@@ -85,7 +85,7 @@ def parse_args(argv=None):
                         "same in short and long batches")
     g.add_argument("--ag-valid-fraction", type=float, default=AG_VALID_FRACTION,
                    help="share of AG News train held out as its validation split (fixed rows; a larger share "
-                        "holds out a superset)")
+                        "holds out a superset); with fewer AG rows left, every epoch is shorter for both tasks")
     g.add_argument("--group-window", type=int, default=50,
                    help="sort by length inside windows of this many batches to cut padding (0: off)")
     g.add_argument("--compile", action="store_true",

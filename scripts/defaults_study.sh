@@ -11,7 +11,8 @@
 # Each run leaves OUT_DIR/NAME/sSEED/ (summary.json, metrics.jsonl), its log and its wall time
 # in seconds (sSEED.wall). scripts/study_table.py OUT_DIR prints the tables.
 set -euo pipefail
-model=$1 shared=$2 out=$3; shift 3
+root=$(cd "$(dirname "$0")/.." && pwd)  # the scripts run from the repository, wherever this is called from
+model=$(realpath "$1") shared=$2 out=$(realpath -m "$3"); shift 3
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(usual old window0 window10 lossfixed flat lr1e-4 lr2e-4 heads5e-4 warmup0 ag10 defaults)
 data=$out/data
@@ -19,8 +20,11 @@ mkdir -p "$data/ag_news" "$data/conll2003"
 ln -sfn "$(realpath "$shared/ag_news/train.csv")" "$data/ag_news/train.csv"
 ln -sfn "$(realpath "$shared/conll2003/train.txt")" "$data/conll2003/train.txt"
 ln -sfn "$(realpath "$shared/conll2003/valid.txt")" "$data/conll2003/valid.txt"
-head -n 200 "$shared/ag_news/train.csv" > "$data/ag_news/test.csv"
-awk '/^$/ { n++ } n < 200' "$shared/conll2003/valid.txt" > "$data/conll2003/test.txt"
+# Written once, through a temporary name: another invocation's runs may be reading them.
+[ -f "$data/ag_news/test.csv" ] || { head -n 200 "$shared/ag_news/train.csv" > "$data/ag_news/test.csv.tmp"
+  mv "$data/ag_news/test.csv.tmp" "$data/ag_news/test.csv"; }
+[ -f "$data/conll2003/test.txt" ] || { awk '/^$/ { n++ } n < 200' "$shared/conll2003/valid.txt" \
+  > "$data/conll2003/test.txt.tmp"; mv "$data/conll2003/test.txt.tmp" "$data/conll2003/test.txt"; }
 
 # The defaults before this study, spelled out so that the rows keep their meaning when the defaults change.
 old="--lr 5e-5 --lr-decay 0.9 --head-lr 1e-3 --warmup 0.1 --group-window 50 --loss-norm batch"
@@ -43,6 +47,7 @@ flags() {  # NAME -> the command after `python`, without --model/--data/--out/--
     frozen-max) echo "train.py --pool max --freeze backbone" ;;
     usual-frozen) echo "scripts/usual_job.py --freeze backbone" ;;
     usual-frozen-max) echo "scripts/usual_job.py --pool max --freeze backbone" ;;
+    usual-frozen-max-our-rates) echo "scripts/usual_job.py --pool max --freeze backbone --rates ours" ;;
     *) echo "unknown study run: $1" >&2; return 2 ;;
   esac
 }
@@ -51,18 +56,20 @@ for name in "${names[@]}"; do flags "$name" > /dev/null; done  # fail before sta
 one() {  # NAME SEED
   local name=$1 seed=$2 dir=$out/$1 start
   [ -f "$dir/s$seed/summary.json" ] && return 0
+  rm -rf "$dir/s$seed"  # a run stopped part-way starts again from nothing, so that its wall time is whole
   mkdir -p "$dir"
   start=$(date +%s.%N)
   # shellcheck disable=SC2046
-  python $(flags "$name") --model "$model" --data "$data" --epochs 2 --seed "$seed" --out "$dir/s$seed" \
+  python "$root"/$(flags "$name") --model "$model" --data "$data" --epochs 2 --seed "$seed" --out "$dir/s$seed" \
     > "$dir/s$seed.log" 2>&1 || { echo "$name seed $seed failed: see $dir/s$seed.log" >&2; return 1; }
   awk -v end="$(date +%s.%N)" -v start="$start" 'BEGIN { printf "%.1f\n", end - start }' > "$dir/s$seed.wall"
   rm -rf "$dir/s$seed/checkpoint" "$dir/s$seed/model.safetensors"  # the study keeps scores, not weights
   echo "$name seed $seed: $(cat "$dir/s$seed.wall") s"
 }
 export -f one flags
-export model data out old
+export model data out old root
 jobs=${JOBS:-2}
+[ "$jobs" -ge 1 ] || { echo "JOBS must be at least 1, got $jobs" >&2; exit 2; }
 export OMP_NUM_THREADS=${THREADS:-$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))}
 for name in "${names[@]}"; do for seed in ${SEEDS:-0 1 2}; do echo "$name $seed"; done; done |
   xargs -P "$jobs" -L 1 bash -c 'one "$@"' _

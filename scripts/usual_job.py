@@ -14,7 +14,8 @@ The usual way, as transformers' examples build it:
   for the freshly initialized heads (--head-lr, 5e-4), linear warmup over 10%
   of the steps, then linear decay;
 - --freeze backbone sets requires_grad off on the encoder and runs it on every
-  step, in training mode (its dropout stays on), as a frozen BertModel usually is.
+  step, in training mode (its dropout stays on), as a frozen BertModel usually is;
+- on a GPU, bf16 autocast where the GPU has it (as train.py's --amp auto), else fp32.
 
 `--rates ours` swaps in train.py's default rates (lr.py's layer-wise rates, head
 rates, warmup and weight decay, whatever train.py's defaults are at the time),
@@ -23,11 +24,14 @@ so that the rates and the pipeline can be told apart.
 The same as train.py, so that only the above differ: the data and its splits
 (data.py's readers, the fixed 5% AG validation split), the two heads
 (model.Head) on the chosen pooling, the loss, weight decay 0.01 off biases and
-LayerNorms, clipping at 1.0, the epoch (min(task sizes) examples from each
-task, single-task batches in random order), the metrics (metrics.py) and the
-best epoch (highest mean of AG accuracy and entity F1 on valid), whose weights
-are scored on test at the end. It prints a line per 50 steps and per epoch and
-writes OUT/summary.json with every epoch's validation scores and the timings.
+LayerNorms, clipping at 1.0, the epochs (data.MultiTaskSampler: min(task
+sizes) examples from each task, the larger task walking through all of its
+examples lap by lap, single-task batches in random order, here with no
+grouping by length), the metrics (metrics.py, each word read at its first
+piece as data.word_tags reads it) and the best epoch (highest mean of AG
+accuracy and entity F1 on valid), whose weights are scored on test at the end.
+It prints a line per 50 steps and per epoch and writes OUT/summary.json with
+every epoch's validation scores, the rates and the timings.
 """
 
 import argparse
@@ -36,7 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -45,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import loop  # noqa: E402
 import train  # noqa: E402
-from data import AG_VALID_FRACTION, NER_ID, NER_TAGS, read_ag_news, read_conll, split_off  # noqa: E402
+from data import (AG_VALID_FRACTION, NER_ID, MultiTaskSampler, read_ag_news, read_conll, split_off,  # noqa: E402
+                  word_tags)
 from lr import lr_factor, part_rates  # noqa: E402
 from metrics import accuracy, entity_counts, scores_from_counts  # noqa: E402
 from model import POOLS, Head, pool_tokens  # noqa: E402
@@ -105,50 +109,44 @@ def tokenize_ag(tokenizer, rows, max_len):
 
 
 def tokenize_ner(tokenizer, sentences, max_len):
-    """Label the first piece of each word, -100 elsewhere: the usual token-classification recipe."""
+    """Label the first piece of each word, -100 elsewhere: the usual token-classification recipe.
+    Each example also keeps, per word, the position of its first piece (-1 if none is left)."""
     examples = []
     for words, tags in sentences:
         encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_len)
-        labels, previous = [], None
-        for word in encoded.word_ids():
-            labels.append(NER_ID[tags[word]] if word is not None and word != previous else -100)
+        labels, previous, first = [], None, [-1] * len(words)
+        for position, word in enumerate(encoded.word_ids()):
+            starts = word is not None and word != previous
+            labels.append(NER_ID[tags[word]] if starts else -100)
+            if starts:
+                first[word] = position
             previous = word
-        examples.append(dict(encoded, labels=labels, words=len(words)))
+        examples.append(dict(encoded, labels=labels, first_piece=first))
     return examples
 
 
-def epoch_batches(sizes, batch_size, rng):
-    """min(task sizes) random examples per task, cut into single-task batches, in random order."""
-    n = min(sizes.values())
-    batches = []
-    for task, size in sizes.items():
-        chosen = rng.permutation(size)[:n]
-        batches += [(task, chosen[i:i + batch_size]) for i in range(0, n, batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def to_batch(collators, examples, task, indices, device):
-    rows = [{k: v for k, v in examples[task][i].items() if k != "words"} for i in indices]
+    rows = [{k: v for k, v in examples[task][i].items() if k != "first_piece"} for i in indices]
     return {k: v.to(device) for k, v in collators[task](rows).items()}
 
 
 @torch.no_grad()
-def evaluate(model, collators, examples, gold_sentences, device, batch_size):
+def evaluate(model, collators, examples, gold_sentences, device, batch_size, autocast):
     model.eval()
     predicted, gold = [], []
     for start in range(0, len(examples["ag"]), batch_size):
         batch = to_batch(collators, examples, "ag", range(start, min(start + batch_size, len(examples["ag"]))), device)
-        predicted += model(batch["input_ids"], batch["attention_mask"], "ag").argmax(-1).tolist()
+        with autocast():
+            predicted += model(batch["input_ids"], batch["attention_mask"], "ag").argmax(-1).tolist()
         gold += batch["labels"].tolist()
     tags = []
     for start in range(0, len(examples["ner"]), batch_size):
         indices = range(start, min(start + batch_size, len(examples["ner"])))
         batch = to_batch(collators, examples, "ner", indices, device)
-        pieces = model(batch["input_ids"], batch["attention_mask"], "ner").argmax(-1).tolist()
+        with autocast():
+            pieces = model(batch["input_ids"], batch["attention_mask"], "ner").argmax(-1).tolist()
         for row, i in enumerate(indices):
-            firsts = [p for p, label in zip(pieces[row], batch["labels"][row].tolist()) if label != -100]
-            words = examples["ner"][i]["words"]
-            tags.append([NER_TAGS[p] for p in firsts] + ["O"] * (words - len(firsts)))  # truncated words: O
+            tags.append(word_tags(pieces[row], examples["ner"][i]["first_piece"]))  # a word with no piece: O
     scores = scores_from_counts(entity_counts([t for _, t in gold_sentences], tags))
     model.train()
     return {"ag_accuracy": accuracy(gold, predicted), "ner_f1": scores["f1"]}
@@ -179,9 +177,21 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # As train.py --amp auto: bf16 autocast on a GPU that has it, fp32 on the CPU (fp16 would need a scaler).
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     data = Path(args.data)
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    problem = None
+    if config.get("model_type", "bert") != "bert":
+        problem = f"{args.model}: a {config['model_type']} model; this reference job builds BertModel only"
+    elif args.max_len > config["max_position_embeddings"]:
+        problem = (f"argument --max-len: {args.max_len} is more than the model's "
+                   f"{config['max_position_embeddings']} positions")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     tokenizer = transformers.BertTokenizerFast.from_pretrained(args.model)
     ag_rows = read_ag_news(data / "ag_news" / "train.csv")
@@ -189,8 +199,8 @@ def main(argv=None):
     raw = {"train": ([ag_rows[i] for i in kept], read_conll(data / "conll2003" / "train.txt")),
            "valid": ([ag_rows[i] for i in held], read_conll(data / "conll2003" / "valid.txt")),
            "test": (read_ag_news(data / "ag_news" / "test.csv"), read_conll(data / "conll2003" / "test.txt"))}
-    examples = {split: {"ag": tokenize_ag(tokenizer, ag, args.max_len), "ner": tokenize_ner(tokenizer, ner, args.max_len)}
-                for split, (ag, ner) in raw.items()}
+    examples = {split: {"ag": tokenize_ag(tokenizer, ag, args.max_len),
+                        "ner": tokenize_ner(tokenizer, ner, args.max_len)} for split, (ag, ner) in raw.items()}
     collators = {"ag": transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt"),
                  "ner": transformers.DataCollatorForTokenClassification(tokenizer, return_tensors="pt")}
 
@@ -200,9 +210,11 @@ def main(argv=None):
         model.bert.requires_grad_(False)
     rates, warmup_fraction, weight_decay = job_rates(args, bert.config)
     optimizer = torch.optim.AdamW(param_groups(model, rates, weight_decay), fused=device.type == "cuda")
-    sizes = {task: len(examples["train"][task]) for task in ("ag", "ner")}
-    steps_per_epoch = len(epoch_batches(sizes, args.batch_size, np.random.default_rng(0)))
-    total = args.epochs * steps_per_epoch
+    # train.py's epochs (min(task sizes) examples per task; the larger task walks through all its
+    # examples lap by lap), in random batches with no grouping by length.
+    lengths = {task: [len(x["input_ids"]) for x in examples["train"][task]] for task in ("ag", "ner")}
+    sampler = MultiTaskSampler(lengths, args.batch_size, args.seed, group_window=0)
+    total = sum(len(sampler.epoch(e)) for e in range(args.epochs))
     warmup = int(warmup_fraction * total)
     print(f"{args.rates} rates: " + " ".join(f"{part} {rate:.2e}" for part, rate in rates.items())
           + f" | warmup {warmup} of {total} steps | {torch.get_num_threads()} threads", flush=True)
@@ -210,11 +222,12 @@ def main(argv=None):
     step, history, best, train_seconds = 0, [], None, 0.0
     for epoch in range(args.epochs):
         epoch_start = time.perf_counter()
-        for task, indices in epoch_batches(sizes, args.batch_size, rng):
+        for task, indices in sampler.epoch(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total, warmup)
             batch = to_batch(collators, examples["train"], task, indices, device)
-            logits = model(batch["input_ids"], batch["attention_mask"], task)
+            with autocast():
+                logits = model(batch["input_ids"], batch["attention_mask"], task)
             if task == "ag":
                 loss = F.cross_entropy(logits.float(), batch["labels"])
             else:
@@ -227,7 +240,7 @@ def main(argv=None):
             if step % 50 == 0:
                 print(f"step {step}/{total} | loss {task} {loss.item():.4f}", flush=True)
         train_seconds += time.perf_counter() - epoch_start
-        scores = evaluate(model, collators, examples["valid"], raw["valid"][1], device, 2 * args.batch_size)
+        scores = evaluate(model, collators, examples["valid"], raw["valid"][1], device, 2 * args.batch_size, autocast)
         history.append(scores)
         print(f"epoch {epoch + 1} valid: AG accuracy {scores['ag_accuracy']:.4f} | NER F1 {scores['ner_f1']:.4f}",
               flush=True)
@@ -235,9 +248,10 @@ def main(argv=None):
         if best is None or score > best[0]:
             best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[2])
-    test = evaluate(model, collators, examples["test"], raw["test"][1], device, 2 * args.batch_size)
+    test = evaluate(model, collators, examples["test"], raw["test"][1], device, 2 * args.batch_size, autocast)
     print(f"test (epoch {best[1]}): AG accuracy {test['ag_accuracy']:.4f} | NER F1 {test['ner_f1']:.4f}")
-    summary = {"valid": history, "best_epoch": best[1], "test": test, "config": vars(args),
+    summary = {"valid": history, "best_epoch": best[1], "test": test, "config": vars(args), "rates": rates,
+               "warmup": warmup_fraction, "weight_decay": weight_decay, "bf16": bf16,
                "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - started, 1)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -246,4 +260,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

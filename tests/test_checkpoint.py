@@ -172,3 +172,13 @@ def test_the_same_folders_by_other_paths_resume(stopped_run, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert train.main(run_flags(out, Path("link"), Path("model") / ".." / "model", "--resume")) == 0
     assert json.loads((out / "summary.json").read_text())["best_epoch"] in (1, 2)
+
+
+def test_a_checkpoint_written_before_a_flag_existed_resumes_with_that_flags_old_behaviour():
+    from types import SimpleNamespace
+
+    from checkpoint import ADDED_FLAGS, check_resume
+    saved = SimpleNamespace(run={"epochs": 2, "lr": 5e-5}, world_size=1)  # written before --loss-norm existed
+    check_resume("OUT/checkpoint", saved, {"epochs": 2, "lr": 5e-5, **ADDED_FLAGS}, world_size=1)
+    with pytest.raises(CheckpointError, match="changed: --loss-norm batch -> fixed$"):
+        check_resume("OUT/checkpoint", saved, {"epochs": 2, "lr": 5e-5, **ADDED_FLAGS, "loss_norm": "fixed"}, 1)
