@@ -45,6 +45,10 @@ flags() {  # NAME -> the command after `python`, without --model/--data/--out/--
     usual-our-rates) echo "scripts/usual_job.py --rates ours" ;;
     frozen) echo "train.py --freeze backbone" ;;
     frozen-max) echo "train.py --pool max --freeze backbone" ;;
+    frozen-max-heads5e-4) echo "train.py --pool max --freeze backbone --head-lr 5e-4" ;;
+    frozen-max-heads3e-3) echo "train.py --pool max --freeze backbone --head-lr 3e-3" ;;
+    frozen-max-heads1e-2) echo "train.py --pool max --freeze backbone --head-lr 1e-2" ;;
+    frozen-heads1e-2) echo "train.py --freeze backbone --head-lr 1e-2" ;;
     usual-frozen) echo "scripts/usual_job.py --freeze backbone" ;;
     usual-frozen-max) echo "scripts/usual_job.py --pool max --freeze backbone" ;;
     usual-frozen-max-our-rates) echo "scripts/usual_job.py --pool max --freeze backbone --rates ours" ;;

@@ -37,8 +37,8 @@ def runs_of(folder):
 
 
 def mean_sd(values):
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.4f} ({sd:.4f})"
+    sd = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "one seed"
+    return f"{statistics.mean(values):.4f} ({sd})"
 
 
 def main():
@@ -46,7 +46,7 @@ def main():
     p.add_argument("out", type=Path)
     p.add_argument("names", nargs="*")
     p.add_argument("--runs", action="store_true", help="one row per run")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     names = args.names or sorted(d.name for d in args.out.iterdir() if any(d.glob("s*/summary.json")))
     if args.runs:
         print("| run | seed | entity F1 | AG accuracy | epoch picked | last-epoch F1 | last-epoch accuracy | wall s |")
