@@ -3,6 +3,7 @@
     python bench.py --config minilm --batch-size 32 --seq-len 64
     python bench.py --config bert-base --precision fp32 bf16 --freeze none backbone --vs-transformers
     python bench.py --model DIR --json results.json
+    python bench.py --config bert-base --precision bf16 --vs-transformers --compile ours --profile 5
 
 Each setting runs a few warm-up steps, then times several steps and reports
 the median: ms per step, samples/s, tokens/s and peak memory (on the CPU,
@@ -10,7 +11,10 @@ the process's largest resident size so far, so it only grows from row to
 row). --vs-transformers also times transformers' model of the same family
 (BertModel, RobertaModel, DistilBertModel) with the same heads, shapes and precision in the same process, and prints the ratio (ours /
 theirs, below 1 is faster). The two models take turns step by step, so a
-drift of the machine's speed affects both alike. Output: a markdown table,
+drift of the machine's speed affects both alike. --compile compiles both
+models; --compile ours leaves transformers' eager, the usual way to run it.
+--profile N then runs N more steps of our model under torch.profiler and
+prints the kernels that took the most device time. Output: a markdown table,
 and JSON with --json.
 """
 
@@ -151,12 +155,15 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--precision", nargs="+", choices=tuple(DTYPES), default=["fp32"])
     p.add_argument("--freeze", nargs="+", choices=("none", "backbone"), default=["none"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="both", choices=("both", "ours"),
+                   help="torch.compile both models, or only ours (transformers' then runs eager)")
     p.add_argument("--vs-transformers", action="store_true", help="also time transformers.BertModel")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N steps of our model and print its top kernels")
     return p.parse_args(argv)
 
 
@@ -187,7 +194,7 @@ def measure(args, config, device, precision, freeze, peak_tflops):
         model = build().to(device)
         if name == "ours":
             result["parameters"] = sum(p.numel() for p in model.bert.parameters())
-        if args.compile:
+        if args.compile == "both" or (args.compile and name == "ours"):
             model = torch.compile(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -204,14 +211,38 @@ def measure(args, config, device, precision, freeze, peak_tflops):
             result[name]["mfu"] = flops / seconds[name] / 1e12 / peak_tflops
     if args.vs_transformers:
         result["ratio"] = result["ours"]["ms"] / result["transformers"]["ms"]
+    if args.profile:
+        profile(steps["ours"], device, args.profile, f"{precision}, freeze {freeze}")
     return result
+
+
+def profile(step, device, n, label, top=15):
+    """Print the kernels (or CPU operators) of n steps that took the most time, and their share."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    if device.type == "cuda":  # kernels and copies only: the operators that launch them count the same time again
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, attr) for e in events)
+    print(f"profile of our model, {label}, {n} steps: {total / 1e3 / n:.2f} ms of "
+          f"{'device' if device.type == 'cuda' else 'CPU'} time per step, top {top}:")
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+        print(f"  {getattr(e, attr) / total:6.1%} {getattr(e, attr) / 1e3 / n:8.3f} ms/step  {e.count // n:5d}x  "
+              f"{e.key[:110]}")
 
 
 def print_table(args, rows, device, peak_tflops):
     print(f"{args.model or args.config} ({rows[0]['parameters'] / 1e6:.1f} M parameters), {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.steps} steps"
-          + (f", bf16 matmul {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))
+          + (f", bf16 matmul {peak_tflops:.0f} TFLOP/s" if peak_tflops else "")
+          + {None: "", "ours": ", our model compiled", "both": ", both models compiled"}[args.compile])
     head = "| precision | freeze | B | S | ms/step | samples/s | tokens/s | peak MB |"
     head += " MFU |" if peak_tflops else ""
     head += " transformers ms/step | ours / transformers |" if args.vs_transformers else ""
@@ -248,7 +279,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.model or args.config, "device": str(device), "torch": torch.__version__,
-                       "rows": rows}, f, indent=2)
+                       "compile": args.compile, "rows": rows}, f, indent=2)
     return 0
 
 
