@@ -226,8 +226,9 @@ def profile(step, device, n, label, top=15):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
-    if device.type == "cuda":  # kernels and copies only: the operators that launch them count the same time again
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0 and not e.is_user_annotation]
+    if device.type == "cuda":  # kernels and copies only: the operators and annotations (such as
+        # "Optimizer.step#AdamW.step") that launch them would count the same time again
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(getattr(e, attr) for e in events)
     print(f"profile of our model, {label}, {n} steps: {total / 1e3 / n:.2f} ms of "

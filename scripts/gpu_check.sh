@@ -13,10 +13,14 @@
 #   4. torchrun with one process (NCCL): one epoch, stop, resume, finish;
 #   5. the headline flags, --pool max --freeze backbone: the feature build and the steps;
 #   6. compiled: bench.py at both shapes with our model compiled (transformers' eager), and one
-#      epoch of train.py --compile in bf16 (the compiled path with padding masks).
+#      epoch of train.py --compile in bf16 (the compiled path with padding masks);
+#   7. one epoch in bf16 with cuDNN's attention kernels switched off.
 # Then a table of the training runs. Exit status: the number of steps that failed.
 # STEPS="name ..." runs only the steps named (see the === lines); TRAIN_FLAGS are added to every
-# train.py run (e.g. "--limit 200" for a quick try); PYTHON is the interpreter (default python3).
+# train.py run (e.g. "--limit 200" for a quick try); PYTHON is the interpreter (default python3);
+# DEADLINE_S skips every step whose time limit would end past that many seconds from the start, so
+# that the script ends by itself within a lease (a `timeout` around it would stop the script but
+# not the step it is running).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=$(realpath "$1") data=$(realpath "$2") out=$(realpath -m "$3")
@@ -29,6 +33,10 @@ failed=0
 step() {  # LIMIT_S NAME COMMAND...: run it, report its wall time and exit status
   local limit=$1 name=$2 start rc; shift 2
   [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $name "* ]] || return 0
+  if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS + limit)) -gt "$DEADLINE_S" ]; then
+    echo; echo "=== $name: skipped, its limit of $limit s would end past DEADLINE_S ($SECONDS s gone)"
+    failed=$((failed + 1)); return 0
+  fi
   echo; echo "=== $name: $*"
   start=$(date +%s.%N)
   timeout "$limit" "$@"; rc=$?
@@ -38,7 +46,6 @@ step() {  # LIMIT_S NAME COMMAND...: run it, report its wall time and exit statu
 $py -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
   'CUDA', torch.version.cuda, 'transformers', transformers.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader || true
-git log -1 --format='commit %H' 2>/dev/null || true
 
 step 90 cuda_check $py scripts/cuda_check.py
 bench=($py bench.py --config bert-base --vs-transformers)
@@ -58,9 +65,15 @@ step 90 headline "${train[@]}" --pool max --freeze backbone --out "$out/headline
 # The compiled steps last: compiling takes the longest, and its time is the least certain.
 step 150 bench-b32-compiled "${bench[@]}" --precision bf16 --batch-size 32 --seq-len 64 --steps 20 --compile ours \
   --profile 5 --json "$out/bench-b32-compiled.json"
-step 150 train-bf16-compiled "${train[@]}" --amp bf16 --compile --out "$out/train-bf16-compiled"
+step 240 train-bf16-compiled "${train[@]}" --amp bf16 --compile --out "$out/train-bf16-compiled"
 step 150 bench-b256-compiled "${bench[@]}" --precision bf16 --batch-size 256 --seq-len 128 --steps 10 --compile ours \
   --profile 3 --json "$out/bench-b256-compiled.json"
+# bf16 without cuDNN's attention: cuDNN builds a plan for every new batch shape, and length-grouped
+# batches come in many shapes (compare its time with train-bf16's).
+step 90 train-bf16-no-cudnn-attention $py -c 'import runpy, sys, torch
+torch.backends.cuda.enable_cudnn_sdp(False)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")' "${train[@]:1}" --amp bf16 --out "$out/train-bf16-no-cudnn-attention"
 rm -rf "$out"/*/model.safetensors "$out"/*/checkpoint  # scores and logs come back, not weights
 
 echo; echo "=== training runs: validation scores of the epoch kept, times, memory"

@@ -36,3 +36,26 @@ def test_transformers_twin_has_the_same_shape():
     ours = bench.MultiTaskModel(bench.Bert(bench.SHAPES["minilm"]))
     theirs = bench.TransformersModel(bench.SHAPES["minilm"])
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 23_015_437
+
+
+def test_profile_lists_the_costliest_operators_first(capsys):
+    argv = ["--model", str(TINY_PLAIN), "--batch-size", "4", "--seq-len", "16", "--warmup", "1", "--steps", "1",
+            "--profile", "2"]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("profile of our model, fp32, freeze none, 2 steps:"))
+    rows = [line.split() for line in lines[start + 1:] if line.startswith("  ")]
+    shares = [float(r[0].rstrip("%")) for r in rows]
+    assert 5 <= len(rows) <= 15 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.05
+    names = [r[4] for r in rows]
+    assert "aten::addmm" in names and not any("#" in n for n in names), names  # no annotations (Optimizer.step#...)
+    per_step = [float(r[1]) for r in rows]
+    assert per_step == sorted(per_step, reverse=True) and per_step[0] > 0
+
+
+def test_compile_flag_names_which_models():
+    assert bench.parse_args([]).compile is None
+    assert bench.parse_args(["--compile"]).compile == "both"
+    assert bench.parse_args(["--compile", "ours"]).compile == "ours"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compile", "theirs"])
