@@ -32,6 +32,7 @@ flags() {  # NAME -> the command after `python`, without --model/--data/--out/--
   case $1 in
     defaults) echo "train.py" ;;
     defaults-window0) echo "train.py --group-window 0" ;;
+    defaults-window10) echo "train.py --group-window 10" ;;
     old) echo "train.py $old" ;;
     window0) echo "train.py $old --group-window 0" ;;
     window10) echo "train.py $old --group-window 10" ;;
