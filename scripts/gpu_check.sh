@@ -19,7 +19,7 @@
 # STEPS="name ..." runs only the steps named (see the === lines); TRAIN_FLAGS are added to every
 # train.py run (e.g. "--limit 200" for a quick try); PYTHON is the interpreter (default python3);
 # DEADLINE_S skips every step whose time limit would end past that many seconds from the start, so
-# that the script ends by itself within a lease (a `timeout` around it would stop the script but
+# that the script ends by itself within a time budget (a `timeout` around it would stop the script but
 # not the step it is running).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
