@@ -58,6 +58,11 @@ def close():
         dist.destroy_process_group()
 
 
+def describe(place):
+    """', process group nccl, world size 2' for the log line of the set-up; '' in a single process."""
+    return f", process group {dist.get_backend()}, world size {place.world_size}" if dist.is_initialized() else ""
+
+
 def control_group(place):
     """A gloo group for small host-side decisions: agreeing on one number needs no GPU sync."""
     if place.world_size == 1:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import distributed
@@ -297,8 +296,7 @@ def build_model(args, bert, plan, place, log):
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))
-    group = f", process group {dist.get_backend()}, world size {place.world_size}" if dist.is_initialized() else ""
-    log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}{group}"
+    log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}{distributed.describe(place)}"
         + (", torch.compile on the encoder" if args.compile else ""))
     if args.compile:
         model.bert.compile()  # in place: parameter names, checkpoints and model.features stay as they are

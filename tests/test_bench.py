@@ -53,9 +53,15 @@ def test_profile_lists_the_costliest_operators_first(capsys):
     assert per_step == sorted(per_step, reverse=True) and per_step[0] > 0
 
 
-def test_compile_flag_names_which_models():
-    assert bench.parse_args([]).compile is None
-    assert bench.parse_args(["--compile"]).compile == "both"
-    assert bench.parse_args(["--compile", "ours"]).compile == "ours"
+@pytest.mark.parametrize("flag, compiled", [([], []), (["--compile"], ["MultiTaskModel", "TransformersModel"]),
+                                             (["--compile", "ours"], ["MultiTaskModel"])])
+def test_compile_flag_compiles_the_models_it_names(monkeypatch, flag, compiled):
+    pytest.importorskip("transformers")
+    seen = []
+    monkeypatch.setattr(bench.torch, "compile", lambda model: seen.append(type(model).__name__) or model)
+    argv = ["--model", str(TINY_PLAIN), "--batch-size", "2", "--seq-len", "8", "--warmup", "1", "--steps", "1",
+            "--vs-transformers", *flag]
+    assert bench.main(argv) == 0
+    assert seen == compiled
     with pytest.raises(SystemExit):
         bench.parse_args(["--compile", "theirs"])

@@ -99,10 +99,11 @@ def run_ranks(tmp_path, argv, world_size=2, expect=0, signal_at=None):
     return results
 
 
-def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path):
+def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path, capfd):
     out = tmp_path / "run"
     (weights0, writes0), (weights1, writes1) = run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2,
                                                                          "--batch-size", 2))
+    assert capfd.readouterr().out.count("device cpu, fp32, process group gloo, world size 2\n") == 1  # rank 0 says it
     assert len(weights0) == len(weights1) == 3  # validation after epochs 1 and 2, then test
     for a, b in zip(weights0, weights1):  # DDP keeps the ranks bit-identical
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
