@@ -110,3 +110,19 @@ def test_model_dropout_modules_use_the_cpu_dropout(p):
     layer = model_module.Dropout(p).train()
     y = layer(torch.ones(100_000))
     assert abs((y == 0).float().mean().item() - p) < 0.01
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_a_cuda_device_switches_off_cudnn_attention_and_a_cpu_leaves_it(monkeypatch, name):
+    # cuDNN plans each new attention shape again; our batches come in many widths.
+    from runtime import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert pick_device("cpu") == torch.device("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert pick_device(name) == torch.device("cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
