@@ -12,8 +12,8 @@
 #   3. one epoch of train.py on MiniLM in fp16 (GradScaler), bf16 and fp32;
 #   4. torchrun with one process (NCCL): one epoch, stop, resume, finish;
 #   5. the headline flags, --pool max --freeze backbone: the feature build and the steps;
-#   6. one epoch in bf16 with cuDNN's attention kernels switched off, and one with every batch
-#      padded to a multiple of 8 tokens;
+#   6. one epoch in bf16 with cuDNN's attention kernels switched back on, as it is and with every
+#      batch padded to a multiple of 8 tokens;
 #   7. compiled: bench.py at both shapes with our model compiled (transformers' eager), and one
 #      epoch of train.py --compile in bf16 (the compiled path with padding masks).
 # Then a table of the training runs. Exit status: the number of steps that failed.
@@ -63,20 +63,27 @@ tr=($py -m torch.distributed.run --standalone --nproc_per_node=1 train.py --mode
 step 90 torchrun-stop "${tr[@]}" --stop-after 1
 step 90 torchrun-resume "${tr[@]}" --resume
 step 90 headline "${train[@]}" --pool max --freeze backbone --out "$out/headline"
-# bf16 without cuDNN's attention: cuDNN builds a plan for every new batch shape, and length-grouped
-# batches come in many shapes (compare its time with train-bf16's).
-step 90 train-bf16-no-cudnn-attention $py -c 'import runpy, sys, torch
-torch.backends.cuda.enable_cudnn_sdp(False)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")' "${train[@]:1}" --amp bf16 --out "$out/train-bf16-no-cudnn-attention"
-# bf16 with every batch padded to a multiple of 8 tokens (as --compile does): 8 times fewer shapes.
-step 90 train-bf16-pad8 $py -c 'import sys, train
-init = train.MultiTask.__init__
-def padded(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    self.pad_multiple = 8
-train.MultiTask.__init__ = padded
-sys.exit(train.main(sys.argv[2:]))' "${train[@]:1}" --amp bf16 --out "$out/train-bf16-pad8"
+# bf16 with cuDNN's attention switched back on (runtime.pick_device switches it off on CUDA: it plans
+# every new batch shape again, and length-grouped batches come in many shapes), as it is, and with every
+# batch padded to a multiple of 8 tokens (8 times fewer shapes). Compare their times with train-bf16's.
+variant='import sys, torch, distributed, train
+pick = distributed.pick_device
+def with_cudnn(name):
+    device = pick(name)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    return device
+distributed.pick_device = with_cudnn
+if sys.argv[1] == "pad8":
+    init = train.MultiTask.__init__
+    def padded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.pad_multiple = 8
+    train.MultiTask.__init__ = padded
+sys.exit(train.main(sys.argv[3:]))'
+step 90 train-bf16-cudnn-attention $py -c "$variant" as-is "${train[@]:1}" --amp bf16 \
+  --out "$out/train-bf16-cudnn-attention"
+step 90 train-bf16-cudnn-attention-pad8 $py -c "$variant" pad8 "${train[@]:1}" --amp bf16 \
+  --out "$out/train-bf16-cudnn-attention-pad8"
 # The compiled steps last: compiling takes the longest, and its time is the least certain.
 step 150 bench-b32-compiled "${bench[@]}" --precision bf16 --batch-size 32 --seq-len 64 --steps 20 --compile ours \
   --profile 5 --json "$out/bench-b32-compiled.json"
