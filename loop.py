@@ -81,8 +81,8 @@ def number_or_auto(text):
 
 def add_rate_flags(group, lr=AUTO, lr_decay=AUTO, head_lr=1e-3, warmup=0.1, weight_decay=0.01):
     group.add_argument("--lr", type=number_or_auto, default=lr,
-                       help="learning rate of the top encoder layer; auto: 5e-5 x 768 / hidden size (5e-5 for "
-                            "bert-base, 1e-4 for all-MiniLM-L6-v2)")
+                       help="learning rate of the top encoder layer; auto: 5e-5 x (768 / hidden size)^2, at most 3e-4 "
+                            "(5e-5 for bert-base, 2e-4 for all-MiniLM-L6-v2)")
     group.add_argument("--lr-decay", type=number_or_auto, default=lr_decay,
                        help="each lower layer gets this times the one above; auto: the decay that leaves the "
                             f"embeddings {EMBEDDINGS_SHARE:.2f} of --lr (0.949 for 12 layers, 0.9 for 6)")

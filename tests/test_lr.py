@@ -25,8 +25,10 @@ def test_rates_rise_from_embeddings_through_layers_to_heads():
 
 def test_auto_rates_keep_to_bert_base_practice_and_scale_with_size():
     assert auto_top_rate(768) == pytest.approx(5e-5)  # bert-base, RoBERTa-base, DistilBERT: Devlin et al.'s top
-    assert auto_top_rate(384) == pytest.approx(1e-4)  # all-MiniLM-L6-v2
-    assert auto_top_rate(1024) == pytest.approx(3.75e-5)  # bert-large: inside Devlin et al.'s 2e-5..5e-5
+    assert auto_top_rate(384) == pytest.approx(2e-4)  # all-MiniLM-L6-v2: docs/defaults.md
+    assert auto_top_rate(1024) == pytest.approx(2.8125e-5)  # bert-large: inside Devlin et al.'s 2e-5..5e-5
+    assert auto_top_rate(256) == pytest.approx(3e-4)  # ELECTRA-small's rate: the cap, not 4.5e-4
+    assert auto_top_rate(32) == pytest.approx(3e-4)
     assert auto_decay(12) == pytest.approx(0.95, abs=0.002)  # Sun et al.'s decay for bert-base
     assert auto_decay(6) == pytest.approx(0.9)
     for layers in (2, 6, 12, 24):  # whatever the depth, the embeddings get the same share of the top rate
@@ -39,8 +41,8 @@ def test_auto_flags_resolve_for_the_backbone_and_numbers_stay():
                         intermediate_size=16, max_position_embeddings=8)
     args = argparse.Namespace(lr="auto", lr_decay="auto")
     chose = loop.resolve_auto_rates(args, config)
-    assert chose == "auto rates: --lr 0.0001 (hidden size 384), --lr-decay 0.9 (6 layers)"
-    assert (args.lr, args.lr_decay) == (pytest.approx(1e-4), pytest.approx(0.9))
+    assert chose == "auto rates: --lr 0.0002 (hidden size 384), --lr-decay 0.9 (6 layers)"
+    assert (args.lr, args.lr_decay) == (pytest.approx(2e-4), pytest.approx(0.9))
     args = argparse.Namespace(lr=3e-5, lr_decay="auto")
     assert loop.resolve_auto_rates(args, config) == "auto rates: --lr-decay 0.9 (6 layers)" and args.lr == 3e-5
     args = argparse.Namespace(lr=3e-5, lr_decay=1.0)

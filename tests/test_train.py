@@ -415,13 +415,13 @@ def test_fixed_loss_norm_divides_every_batch_of_a_task_by_the_same_count(tmp_pat
 def test_auto_rates_are_resolved_recorded_and_resumed(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 2, "--stop-after", 1)) == 0
-    expected = "auto rates: --lr 0.0012000000000000001 (hidden size 32), --lr-decay 0.729 (2 layers)\n"
+    expected = "auto rates: --lr 0.0003 (hidden size 32), --lr-decay 0.729 (2 layers)\n"
     assert expected in capsys.readouterr().out  # in full: passing them back gives the same run
     assert train.main(flags(out, "--epochs", 2, "--resume")) == 0  # auto again gives the same numbers
     config = json.loads((out / "summary.json").read_text())["config"]
-    assert (config["lr"], config["lr_decay"]) == (pytest.approx(1.2e-3), pytest.approx(0.729))
+    assert (config["lr"], config["lr_decay"]) == (pytest.approx(3e-4), pytest.approx(0.729))
     assert train.main(flags(out, "--epochs", 2, "--lr", "1e-3", "--resume")) == 2
-    assert capsys.readouterr().err.endswith("changed: --lr 0.0012000000000000001 -> 0.001\n")
+    assert capsys.readouterr().err.endswith("changed: --lr 0.0003 -> 0.001\n")
 
 
 @pytest.mark.parametrize("share", ["0", "1", "-0.1", "nan"])
