@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data import DataError, check_fits, load_tokenizer
-from runtime import UsageError, run_tool
+from runtime import UsageError, pick_device, run_tool
 from model import (NORMS, POOLS, CheckpointError, SentenceEncoder, load_pairs, load_pretrained, pooling_note,
                    trained_settings)
 
@@ -115,9 +115,7 @@ def sentence_encoder(args, bert):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)  # on CUDA also without cuDNN's attention (runtime.pick_device)
     torch.manual_seed(args.seed)
     try:
         sentences = args.sentences or read_stdin()

@@ -40,12 +40,13 @@ flags() {  # NAME -> the command after `python`, without --model/--data/--out/--
     flat) echo "train.py $old --lr-decay 1.0" ;;
     lr1e-4) echo "train.py $old --lr 1e-4" ;;
     lr2e-4) echo "train.py $old --lr 2e-4" ;;
+    lr3e-4) echo "train.py $old --lr 3e-4" ;;
     heads5e-4) echo "train.py $old --head-lr 5e-4" ;;
     warmup0) echo "train.py $old --warmup 0" ;;
     ag10) echo "train.py $old --ag-valid-fraction 0.1" ;;
     lossfixed) echo "train.py $old --loss-norm fixed" ;;
     usual) echo "scripts/usual_job.py" ;;
-    usual-our-rates) echo "scripts/usual_job.py --rates ours" ;;
+    usual-our-rates) echo "scripts/usual_job.py --rates ours" ;;  # docs/defaults.md: run when ours meant --lr 1e-4
     frozen) echo "train.py --freeze backbone" ;;
     frozen-max) echo "train.py --pool max --freeze backbone" ;;
     frozen-max-heads5e-4) echo "train.py --pool max --freeze backbone --head-lr 5e-4" ;;
