@@ -16,8 +16,9 @@ decides what is in the optimizer and this file decides how fast it moves.
 
 train.py's default rates follow the backbone's size (auto_top_rate,
 auto_decay; the study behind them is docs/defaults.md): the top rate scales
-with 1 / hidden size squared from bert-base's 5e-5 (up to 3e-4), and the decay per layer is the one
-that leaves the embeddings the same share of the top rate at any depth.
+with 1 / hidden size squared from bert-base's 5e-5 (up to 3e-4), and the decay
+per layer is the one that leaves the embeddings the same share of the top rate
+at any depth.
 """
 
 from torch import nn
@@ -26,7 +27,7 @@ from model import parameter_part
 
 AUTO = "auto"
 BERT_BASE_WIDTH, BERT_BASE_TOP_RATE = 768, 5e-5  # the top of Devlin et al.'s (2019) range for bert-base
-# The most auto gives a narrow model: ELECTRA-small's rate, and the largest Turc et al. (2019) searched for compact BERTs.
+# The most auto gives a narrow model: ELECTRA-small's rate, the largest Turc et al. (2019) searched.
 NARROW_TOP_RATE = 3e-4
 EMBEDDINGS_SHARE = 0.9 ** 6  # embeddings' rate / top rate: 0.53, near Sun et al.'s 0.95 ** 12 = 0.54 (bert-base)
 
