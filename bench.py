@@ -27,8 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import Bert, BertConfig, CheckpointError, Head, MultiTaskModel, config_json, load_pretrained
-from runtime import Place, UsageError, pick_device, run_tool
+from model import Bert, BertConfig, Head, MultiTaskModel, SentenceEncoder
+from model_folder import config_json, load_pretrained
+from runtime import CheckpointError, Place, UsageError, exit_status_of, pick_device
 
 SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
     # for RoBERTa and DistilBERT, so neither has one here)
@@ -183,7 +184,7 @@ def pick_device_for(args):
 
 def measure(args, config, device, precision, freeze, peak_tflops):
     """One table row: our model's step, and transformers' with --vs-transformers, taking turns."""
-    builders = [("ours", lambda: MultiTaskModel(load_pretrained(args.model) if args.model else Bert(config)))]
+    builders = [("ours", lambda: MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model else Bert(config))))]
     if args.vs_transformers:
         builders.append(("transformers", lambda: TransformersModel(config)))
     result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
@@ -285,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(exit_status_of(main))

@@ -1,7 +1,8 @@
 """What --resume needs: the checkpoint's contents, writing it atomically, reading it back, and the resume checks.
 
 A run keeps one file, OUT/checkpoint/checkpoint.safetensors, rewritten
-after every epoch and when a signal stops the run:
+after every epoch and when a signal stops the run (rank 0 writes it, through
+run_folder.RunFolder.save_checkpoint):
 
   tensors   model.<name>            the model's state dict (MultiTaskModel, or pairs.py's PairModel)
             optim.<index>.<key>     AdamW's state per parameter (step, exp_avg, exp_avg_sq)
@@ -33,20 +34,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import CheckpointError
-from runtime import atomic_write
+from runtime import CheckpointError, atomic_write
 
 
 @dataclass
 class Progress:
     """Where a run stands: the counters the loop updates, saved as JSON in every checkpoint."""
-    run: dict  # the run's flags (vars(args))
+    flags: dict  # the run's flags (vars(args)); "run" in the file
     world_size: int = 1  # processes that wrote it; a resume needs as many, so the global batches stay the same
     epoch: int = 0  # epochs finished
     batch: int = 0  # batches of the current epoch done; 0 between epochs
     step: int = 0  # training steps taken, over all epochs
-    best: dict = None  # {"score": the job's score on validation, "epoch": its epoch}; train.py's score is the
-    #                    mean of AG accuracy and entity F1, pairs.py's the dev Spearman
+    best: dict = None  # {"score": the best epoch's validation score, "epoch": its epoch}; train.py's score is
+    #                    the mean of AG accuracy and entity F1, pairs.py's the dev Spearman
     history: list = field(default_factory=list)  # one record per validation pass, as in metrics.jsonl
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped for inf/NaN gradients
     train_seconds: float = 0.0
@@ -95,7 +95,8 @@ def save(path, ckpt):
     for rank, states in enumerate(ckpt.rng):
         for kind, value in states.items():
             tensors[f"rng.{kind}" + (f".{rank}" if rank else "")] = value
-    metadata = {"state": json.dumps(asdict(ckpt.progress)), "param_groups": json.dumps(ckpt.optimizer["param_groups"]),
+    state = {"run" if k == "flags" else k: v for k, v in asdict(ckpt.progress).items()}  # its name in format 2
+    metadata = {"state": json.dumps(state), "param_groups": json.dumps(ckpt.optimizer["param_groups"]),
                 "scaler": json.dumps(ckpt.scaler), "fingerprint": json.dumps(ckpt.fingerprint), "format": FORMAT}
     metadata["sha256"] = checksum(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,8 @@ def read(path):
 
 def _unpack(metadata, tensors):
     """The Checkpoint in a verified file's metadata and tensors."""
-    progress = Progress(**json.loads(metadata["state"]))
+    state = json.loads(metadata["state"])
+    progress = Progress(flags=state.pop("run"), **state)
     groups, scaler = json.loads(metadata["param_groups"]), json.loads(metadata["scaler"])
     state, rng = {}, [{} for _ in range(progress.world_size)]
     for key, value in tensors.items():
@@ -153,7 +155,7 @@ ADDED_FLAGS = {"loss_norm": "batch", "ag_valid_fraction": 0.05}
 
 def check_resume(path, progress, flags, world_size):
     """--resume continues the same run: the flags that shape it, and the number of processes, must be unchanged."""
-    saved = {**ADDED_FLAGS, **progress.run}
+    saved = {**ADDED_FLAGS, **progress.flags}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in flags.items()
                if k not in RESUME_MAY_CHANGE | FOLDER_FLAGS and saved.get(k) != v]
     if changed:
@@ -164,8 +166,10 @@ def check_resume(path, progress, flags, world_size):
                               "stay the same")
 
 
-def fingerprint(data_dir, data_sha256, model_dir, model_sha256):
-    """What a run is made from: each folder, resolved, with a sha256 of what was read from it."""
+def fingerprint(data_dir, sources, model_dir, model_sha256):
+    """What a run is made from: each folder, resolved, with a sha256 of what was read from it. sources:
+    {split name: the fingerprint of its file and tokenization (TaskData.source)}."""
+    data_sha256 = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
     return {"data": {"path": str(Path(data_dir).resolve()), "sha256": data_sha256},
             "model": {"path": str(Path(model_dir).resolve()), "sha256": model_sha256}}
 

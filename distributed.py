@@ -8,16 +8,21 @@ A collective is a call that every rank must make, at the same point of the
 run and in the same order; a rank that skips one leaves the others waiting
 forever. So none of these calls may sit under a rank-dependent branch such
 as `if rank == 0`: gather first on every rank, then let rank 0 write. The
-collectives here, and where the loop calls them:
+collectives here, and where the scripts call them:
 
   wrap          building DistributedDataParallel (it broadcasts rank 0's weights);
-                at set-up and after each gradual release
-  agree         after every training step: did any rank get a stop signal? is a log line due?
+                before the first epoch and after each gradual release
+  agree         after every training step (step_log.py): did any rank get a stop
+                signal? is a log line due? And after each epoch's checkpoint
   mean          at each log line: the global batch's losses
   sum_counts    at the end of each evaluation: correct predictions, entity counts
   rng_states    before each checkpoint: every rank's random-number state
 
 DDP's own all-reduce of the gradients runs inside backward().
+
+Which process writes files: rank 0 writes the run folder (run_folder.py);
+every rank may write the shared caches under DATA/.cache (the tokenized
+files and the frozen-backbone features), each file atomically.
 """
 
 import gc
@@ -27,20 +32,25 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from runtime import pick_device
+from runtime import Place, pick_amp, pick_device
+
+_CONTROL = None  # a gloo group for small host-side decisions (agree): agreeing on one number needs no GPU sync
 
 
-def init(device_name):
-    """(rank, world_size, device). Under torchrun, join the process group first:
-    NCCL with one GPU per process (GPU number LOCAL_RANK), or gloo on CPUs."""
+def init(device_name, amp):
+    """The Place of this process: device, precision (--amp), rank and world size. Under torchrun, join the
+    process group first: NCCL with one GPU per process (GPU number LOCAL_RANK), or gloo on CPUs."""
+    global _CONTROL
     device = pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
+        return Place(device, pick_amp(amp, device))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    if dist.get_world_size() > 1:
+        _CONTROL = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return Place(device, pick_amp(amp, device), dist.get_rank(), dist.get_world_size())
 
 
 def close():
@@ -53,6 +63,8 @@ def close():
     sometimes aborted the process ("terminate called without an active
     exception") when gloo's threads were torn down.
     """
+    global _CONTROL
+    _CONTROL = None
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
@@ -61,13 +73,6 @@ def close():
 def describe(place):
     """', process group nccl, world size 2' for the log line of the set-up; '' in a single process."""
     return f", process group {dist.get_backend()}, world size {place.world_size}" if dist.is_initialized() else ""
-
-
-def control_group(place):
-    """A gloo group for small host-side decisions: agreeing on one number needs no GPU sync."""
-    if place.world_size == 1:
-        return None
-    return dist.new_group(backend="gloo") if place.device.type == "cuda" else dist.group.WORLD
 
 
 def wrap(module, place):
@@ -86,12 +91,12 @@ def wrap(module, place):
                                    find_unused_parameters=True)
 
 
-def agree(numbers, group, place):
+def agree(numbers, place):
     """Per position, the largest of the ranks' numbers (a signal number, 0 for none; 1 if a log line is due), on every rank."""
     if place.world_size == 1:
         return numbers
     t = torch.tensor(numbers)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)
     return t.tolist()
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, check_fits, load_tokenizer
-from runtime import UsageError, pick_device, run_tool
-from model import (NORMS, POOLS, CheckpointError, SentenceEncoder, load_pairs, load_pretrained, pooling_note,
-                   trained_settings)
+from data import load_tokenizer
+from model import NORMS, POOLS, SentenceEncoder
+from model_folder import check_fits, load_pretrained, pooling_note, trained_settings
+from runtime import CheckpointError, DataError, UsageError, exit_status_of, pick_device
+from sentence_pairs import load_pairs
 
 
 def at_least(low):
@@ -143,4 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(exit_status_of(main))

@@ -4,14 +4,15 @@ With the whole backbone frozen for the whole run (freeze.Plan.backbone_fixed),
 the encoder is a fixed function in eval mode: what a head reads from it
 (MultiTaskModel.features: the pooled vector for AG, the token states for
 CoNLL) cannot change. So the run computes it once per example, and the heads
-train and evaluate on it (freeze.Runner, train.evaluate).
+train and evaluate on it (train.py's loop and evaluate read FeatureStore.batch).
 
 Which examples: the training rows that the planned epochs draw (the sampler
 depends only on the seed and the epoch: MultiTaskSampler.reads), and every
 validation and test row; nothing else. Under torchrun each rank encodes only
 the rows it reads itself (its shares of the training batches, its
-evaluation batches): no collectives, at the price of encoding twice a row
-that two ranks read in different epochs.
+evaluation batches): no collectives but one (the memory check), at the price
+of encoding twice a row that two ranks read in different epochs. Every rank
+may write chunks to the folder below, each file atomically.
 
 On disk, in the data cache folder (DATA/.cache/features/), the features
 outlive the run:
@@ -48,8 +49,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import distributed
 from data import length_batches, pad
-from runtime import Report, atomic_write, duration
+from runtime import Report, atomic_write, duration, log
 
 FORMAT = 2  # bump when what a feature is, or the file layout, changes
 CHUNK_MB = 256
@@ -69,6 +71,18 @@ def feature_key(weights, part, pool, dtype, device):
     fields = [f"format={FORMAT}", weights, f"data={part.source}", f"task={part.task}", f"dtype={dtype}",
               f"device={device.type}"] + ([f"pool={pool}"] if part.task == "ag" else [])
     return hashlib.sha256(";".join(fields).encode()).hexdigest()[:24]
+
+
+def rows_wanted(splits, train_rows, evaluated, batch_size, place):
+    """What FeatureStore.build takes: {(task, split): (TaskData, example indices)}. The training rows
+    given ({task: rows}, MultiTaskSampler.reads), and in each evaluated split the rows of this rank's
+    evaluation batches, cut as evaluate cuts them (data.length_batches)."""
+    wanted = {(task, "train"): (splits[task]["train"], rows) for task, rows in train_rows.items()}
+    for split in evaluated:
+        for task, by in splits.items():
+            batches = length_batches(by[split].lengths(), batch_size, place.rank, place.world_size)
+            wanted[(task, split)] = (by[split], [i for batch in batches for i in batch])
+    return wanted
 
 
 class Features:
@@ -100,8 +114,8 @@ def _checksum(tensors):
 class DiskCache:
     """The features folder: chunks under each key, checked when read, capped in size."""
 
-    def __init__(self, folder, limit_mb, log):
-        self.folder, self.limit_mb, self.log = Path(folder), limit_mb, log
+    def __init__(self, folder, limit_mb):
+        self.folder, self.limit_mb = Path(folder), limit_mb
         self.in_use = set()  # the keys of this run (FeatureStore.build sets them): never evicted by it
         self.stored_bytes = 0
         self.writable = True
@@ -125,7 +139,7 @@ class DiskCache:
             if any(row in wanted and wanted[row] != n for row, n in zip(rows, pieces)):
                 problem = "its rows do not match the data's word pieces"
             if problem:
-                self.log(f"warning: {path}: {problem}; deleted, its features are encoded again", flush=True)
+                log(f"warning: {path}: {problem}; deleted, its features are encoded again", flush=True)
                 self._remove(path)
                 continue
             offsets = tensors["offsets"].tolist()
@@ -139,7 +153,7 @@ class DiskCache:
         try:
             path.unlink(missing_ok=True)
         except OSError as e:  # a read-only cache shared with others: use what is sound, leave the rest
-            self.log(f"warning: cannot delete {path} ({e.strerror})")
+            log(f"warning: cannot delete {path} ({e.strerror})")
 
     def _tidy(self, folder):
         """Mark the key as just used (for eviction), and remove what killed writers left over an hour ago."""
@@ -165,7 +179,7 @@ class DiskCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: save_file(tensors, tmp, {"key": key, "sha256": _checksum(tensors)}))
         except (OSError, SafetensorError) as e:  # a full disk or read-only folder: run on without it
-            self.log(f"warning: cannot write {path} ({e}); new features are not stored", flush=True)
+            log(f"warning: cannot write {path} ({e}); new features are not stored", flush=True)
             self.writable = False
             return
         self.stored_bytes += size
@@ -191,9 +205,9 @@ class DiskCache:
                 shutil.rmtree(folder, ignore_errors=True)
                 if not folder.exists():
                     total -= sizes[folder]
-                    self.log(f"feature cache: removed {folder} ({sizes[folder] / 2**20:,.0f} MB, least recently used)")
+                    log(f"feature cache: removed {folder} ({sizes[folder] / 2**20:,.0f} MB, least recently used)")
         if total + size > self.limit_mb * 2**20:
-            self.log(f"feature cache: {self.folder} would pass --feature-cache-limit-mb {self.limit_mb}; "
+            log(f"feature cache: {self.folder} would pass --feature-cache-limit-mb {self.limit_mb}; "
                      "new features are not stored", flush=True)
             self.writable = False
             return False
@@ -210,16 +224,19 @@ class FeatureStore:
         self.stats = stats  # what build() did, for the log and summary.json
 
     def of(self, split):
-        """{task: Features} of one split, what evaluate and the Runner take."""
+        """{task: Features} of one split, what evaluate takes."""
         return {task: f for (task, s), f in self.splits.items() if s == split}
+
+    def batch(self, split, task, indices, width):
+        """The stored features of a batch of examples of (split, task), as Features.batch gives them."""
+        return self.splits[(task, split)].batch(indices, width)
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, wanted, place, batch_size, pad_id, multiple, memory_limit_mb, cache, log, agree=None):
+    def build(cls, model, wanted, place, batching, memory_limit_mb, cache=None):
         """Features for wanted = {(task, split): (TaskData, example indices)}, from the disk cache
-        (a DiskCache, or None) and the encoder. None, with a log line, if they would pass memory_limit_mb.
-
-        agree(n) -> the largest n over ranks (distributed.agree), so that all ranks decide alike."""
+        (a DiskCache, or None) and the encoder, in batches as `batching` says (data.Batching). None,
+        with a log line, if they would pass memory_limit_mb on any rank (all ranks decide alike)."""
         start = time.perf_counter()
         dtype = place.amp_dtype or torch.float32
         weights = weights_hash(model)
@@ -232,8 +249,7 @@ class FeatureStore:
                 where.setdefault((key, part.rows[i]), []).append(((task, split), i))
         width = model.bert.config.hidden_size * torch.finfo(dtype).bits // 8
         need = sum(1 if task == "ag" else len(ids) for task, ids in unique.values()) * width / 2**20
-        if agree is not None:
-            need = agree(math.ceil(need))
+        need = distributed.agree([math.ceil(need)], place)[0]  # whole MB, the largest over ranks
         if need > memory_limit_mb:
             log(f"frozen-backbone features: would need {need:,.0f} MB, over --feature-store-limit-mb "
                 f"{memory_limit_mb}; the steps and evaluations run the backbone instead")
@@ -251,7 +267,7 @@ class FeatureStore:
         log(f"frozen-backbone features: {len(unique):,} examples ({counts}); {len(found):,} found on disk, "
             f"{len(missing):,} to encode", flush=True)
         model.eval()
-        encoded = _encode(model, missing, unique, place, dtype, batch_size, pad_id, multiple, cache, log)
+        encoded = _encode(model, missing, unique, place, batching, cache)
         splits = {name: Features(name[0]) for name in wanted}
         for item, x in {**found, **encoded}.items():
             x = x.to(place.device, dtype)
@@ -270,19 +286,19 @@ class FeatureStore:
         return cls(splits, stats)
 
 
-def _encode(model, missing, unique, place, dtype, batch_size, pad_id, multiple, cache, log):
+def _encode(model, missing, unique, place, batching, cache):
     """Run the encoder over the missing (key, row) items, in batches of similar length, one task per
     batch; saves them to the cache every CHUNK_MB. Returns {item: features (T, H)}."""
     out, pending, pending_bytes, last_save = {}, {}, 0, time.perf_counter()
-    report = Report("encoding features", len(missing), log,
-                    total_cost=sum(len(unique[item][1]) for item in missing))
-    for task in ("ag", "ner"):
+    dtype = place.amp_dtype or torch.float32
+    report = Report("encoding features", len(missing), total_cost=sum(len(unique[item][1]) for item in missing))
+    for task in dict.fromkeys(task for task, _ in unique.values()):  # one task per batch
         items = [item for item in missing if unique[item][0] == task]
-        batches = length_batches([len(unique[item][1]) for item in items], batch_size)  # longest first
+        batches = length_batches([len(unique[item][1]) for item in items], batching.size)  # longest first
         for b, indices in enumerate(batches):
             batch = [items[i] for i in indices]
             rows = [unique[item][1] for item in batch]
-            input_ids, attention_mask = (t.to(place.device) for t in pad(rows, pad_id, multiple))
+            input_ids, attention_mask = (t.to(place.device) for t in pad(rows, batching.pad_id, batching.multiple))
             with place.autocast():
                 features = model.features(input_ids, attention_mask, task).to(dtype)
             host = features.cpu() if cache is not None else None  # one copy per batch, not one per row

@@ -1,9 +1,10 @@
-"""Which parameters train (Task 3): freezing strategies, gradual unfreezing, and what a training step calls.
+"""Which parameters train (Task 3): freezing strategies, and gradual unfreezing epoch by epoch.
 
 A frozen parameter has requires_grad = False: it gets no gradient, the
 optimizer never holds it (lr.py builds groups from trainable parameters
-only), and it stays bit-identical. Strategies name parts of the model (see
-model.parameter_part):
+only), and it stays bit-identical. Strategies name parts of the model
+(model.parameter_part): the encoder's embeddings, layer.{i} and pooler, and
+the model's heads (MultiTaskModel.heads: cls_head, ner_head).
 
   none        everything trains
   all         nothing trains: the run only evaluates
@@ -11,30 +12,24 @@ model.parameter_part):
               train on fixed features
   embeddings  the embedding tables and their LayerNorm
   lower:N     the embeddings and the N lowest layers (selective freezing)
-  cls-head    the classification head (and the sentence projection)
-  ner-head    the NER head
+  cls-head    a head by its name: the classification head (with the
+  ner-head    sentence projection it reads), the NER head
 
 Strategies combine with commas: "embeddings,ner-head". Gradual unfreezing
 (Howard & Ruder, 2018, ULMFiT) starts with the backbone frozen and releases
-one layer per epoch from the top down, the embeddings last.
+one layer per epoch from the top down, the embeddings last. A backbone frozen
+for the whole run is a fixed function: features.py computes its outputs once.
 
-Reading order: the strategies (parse_freeze, gradual_frozen) -> Plan, the
-run's schedule -> apply_freeze / release (requires_grad, and the optimizer
-groups of released parameters) -> Runner, what a training step calls (the
-model, or its heads on a frozen backbone's stored features, features.py;
-wrapped in DDP under torchrun, rebuilt after a release).
+Reading order: parse_freeze, gradual_frozen -> Plan, the run's schedule ->
+apply_freeze / release -> what a step asks (set_train_mode, task_trains).
 """
 
 from dataclasses import dataclass
 
-import torch
-
-import distributed
 from lr import param_groups
 from model import parameter_part
 
-STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N", "cls-head", "ner-head")
-TASK_HEADS = {"ag": "cls_head", "ner": "ner_head"}
+STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N")  # and one "<name>-head" per head
 
 
 def backbone_parts(num_layers, pooler=True):
@@ -42,20 +37,21 @@ def backbone_parts(num_layers, pooler=True):
     return {"embeddings", *(["pooler"] if pooler else []), *(f"layer.{i}" for i in range(num_layers))}
 
 
-def parse_freeze(spec, num_layers):
-    """"backbone,ner-head" -> the set of frozen parts; ValueError names a bad item."""
+def parse_freeze(spec, num_layers, heads):
+    """"backbone,ner-head" -> the set of frozen parts; heads: the model's head parts, e.g. ("cls_head",
+    "ner_head"), which "all" includes and "cls-head" names. ValueError names a bad item."""
     frozen = set()
     for item in spec.split(","):
         item = item.strip()
         if item == "none":
             continue
         if item == "all":
-            frozen |= backbone_parts(num_layers) | set(TASK_HEADS.values())
+            frozen |= backbone_parts(num_layers) | set(heads)
         elif item == "backbone":
             frozen |= backbone_parts(num_layers)
         elif item == "embeddings":
             frozen.add("embeddings")
-        elif item in ("cls-head", "ner-head"):
+        elif item.replace("-", "_") in heads:
             frozen.add(item.replace("-", "_"))
         elif item.startswith("lower:"):
             n = item.removeprefix("lower:")
@@ -63,7 +59,8 @@ def parse_freeze(spec, num_layers):
                 raise ValueError(f"{item!r}: N must be a whole number from 1 to {num_layers}, the model's layer count")
             frozen |= {"embeddings", *(f"layer.{i}" for i in range(int(n)))}
         else:
-            raise ValueError(f"unknown strategy {item!r}; choose from {', '.join(STRATEGIES)}, joined by commas")
+            choices = ", ".join([*STRATEGIES, *(head.replace("_", "-") for head in heads)])
+            raise ValueError(f"unknown strategy {item!r}; choose from {choices}, joined by commas")
     return frozen
 
 
@@ -87,13 +84,13 @@ class Plan:
     """--freeze and --unfreeze as a schedule: the frozen parts of every epoch."""
     base: set  # frozen throughout (--freeze)
     num_layers: int
+    heads: tuple  # the model's parts beyond the backbone (a bi-encoder may have none)
     gradual: bool = False  # --unfreeze gradual
     pooler: bool = True  # does the model have a pooler?
-    heads: tuple = tuple(TASK_HEADS.values())  # the model's parts beyond the backbone (a bi-encoder may have none)
 
     @classmethod
-    def from_flags(cls, freeze, unfreeze, num_layers, pooler=True, heads=tuple(TASK_HEADS.values())):
-        return cls(parse_freeze(freeze, num_layers), num_layers, unfreeze == "gradual", pooler, heads)
+    def from_flags(cls, freeze, unfreeze, num_layers, heads, pooler=True):
+        return cls(parse_freeze(freeze, num_layers, heads), num_layers, tuple(heads), unfreeze == "gradual", pooler)
 
     def frozen_at(self, epoch):
         return gradual_frozen(epoch, self.num_layers, self.base) if self.gradual else self.base
@@ -121,30 +118,26 @@ def apply_freeze(model, frozen):
 
 def release(model, optimizer, frozen, rates, weight_decay):
     """Gradual unfreezing's step: unfreeze down to `frozen`, and give the released parameters their
-    optimizer groups (lr.py's rates). Returns their names. A Runner must rebuild() after this."""
+    optimizer groups (lr.py's rates). Returns their names. Under torchrun, wrap the model in DDP again
+    afterwards: DDP fixes the parameters it synchronizes when it is built (distributed.wrap)."""
     released = apply_freeze(model, frozen)
     for group in param_groups(model, rates, weight_decay, names=set(released)):
         optimizer.add_param_group(group)
     return released
 
 
-def set_train_mode(model, frozen, num_layers):
+def set_train_mode(model, frozen):
     """Train mode, except that a fully frozen backbone runs in eval mode (no dropout): a fixed feature extractor."""
     model.train()
-    if backbone_parts(num_layers, model.bert.pooler is not None) <= frozen:
+    if backbone_parts(model.bert.config.num_hidden_layers, model.bert.pooler is not None) <= frozen:
         model.bert.eval()
 
 
 def task_trains(model, task):
-    """Does a step of this task update anything? Not when all of its path is frozen.
-
-    The path: embeddings, layers, the task's head, and the pooler only for
-    classification with pool "cls" (no other step reads it).
-    """
-    skip = {"cls_head", "ner_head", "pooler"} - {TASK_HEADS[task]}
-    if task == "ag" and model.encoder.pool == "cls":
-        skip -= {"pooler"}
-    return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) not in skip)
+    """Does a step of this task update anything? Not when all of its path is frozen: the encoder's
+    parts it reads, and its head (model.unread_parts says which parts a task never reads)."""
+    unread = model.unread_parts(task)
+    return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) not in unread)
 
 
 def trainable_summary(model):
@@ -162,43 +155,3 @@ def trainable_summary(model):
     n_total = sum(t for _, t in counts.values())
     lines.append(f"  {'trainable':<12} {n_train:>12,}  of {n_total:,} ({n_train / n_total:.1%})")
     return "\n".join(lines)
-
-
-# --- What a training step calls ------------------------------------------------------
-
-class _Heads(torch.nn.Module):
-    """The heads alone, fed from stored features: a module of its own, so that DDP can wrap it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, features, task):
-        return self.model.head(features, task)
-
-
-class Runner:
-    """What a training step calls, given what is frozen: logits for a batch.
-
-    Without stored features it is the model; with them ({task: features.Features}
-    of the training split), the heads alone. Under torchrun the module is wrapped in DDP
-    (distributed.wrap); a step of a task whose whole path is frozen calls the
-    unwrapped module, because DDP would wait for gradients that never come.
-    DDP fixes its parameters when built, so call rebuild() after release().
-    """
-
-    def __init__(self, model, place, features=None):
-        self.model, self.place, self.features = model, place, features
-        self.rebuild()
-
-    def rebuild(self):
-        self.plain = self.model if self.features is None else _Heads(self.model)
-        self.wrapped = None  # free the old DDP and its gradient hooks before building the next
-        self.wrapped = distributed.wrap(self.plain, self.place)
-        self.trains = {task: task_trains(self.model, task) for task in TASK_HEADS}
-
-    def __call__(self, task, batch, indices):
-        module = self.wrapped if self.trains[task] else self.plain
-        if self.features is None:
-            return module(batch["input_ids"], batch["attention_mask"], task)
-        return module(self.features[task].batch(indices, batch["input_ids"].shape[1]), task)

@@ -47,28 +47,21 @@ def auto_decay(num_layers):
     return EMBEDDINGS_SHARE ** (1 / num_layers)
 
 
-def part_rates(num_layers, lr, lr_decay, head_lr, cls_lr=None, ner_lr=None):
-    """The base learning rate of every part of the model."""
-    rates = {f"layer.{i}": lr * lr_decay ** (num_layers - 1 - i) for i in range(num_layers)}
-    rates["embeddings"] = lr * lr_decay ** num_layers
+def part_rates(num_layers, lr, lr_decay, head_rates):
+    """The base learning rate of every part of the model, bottom to top: the embeddings, each layer,
+    the pooler, then the heads in the order of head_rates ({head part: its rate})."""
+    rates = {"embeddings": lr * lr_decay ** num_layers}
+    rates |= {f"layer.{i}": lr * lr_decay ** (num_layers - 1 - i) for i in range(num_layers)}
     rates["pooler"] = lr  # it sits on the top layer
-    rates["cls_head"] = head_lr if cls_lr is None else cls_lr
-    rates["ner_head"] = head_lr if ner_lr is None else ner_lr
-    return rates
-
-
-def _order(part):
-    """Bottom to top: embeddings, layer.0 .. layer.L-1, pooler, cls_head, ner_head."""
-    if part.startswith("layer."):
-        return (1, int(part.split(".")[1]))
-    return ({"embeddings": 0, "pooler": 2, "cls_head": 3, "ner_head": 4}[part], 0)
+    return rates | head_rates
 
 
 def param_groups(model, rates, weight_decay, names=None):
     """Optimizer groups for the trainable parameters (only those in `names`, if given).
 
-    One group per (part, decay or not). Each group carries its "name" and its
-    "base_lr"; the training loop sets "lr" = base_lr x schedule factor.
+    One group per (part, decay or not), in the order of `rates` (part_rates:
+    bottom to top). Each group carries its "name" and its "base_lr"; the
+    training loop sets "lr" = base_lr x schedule factor.
     """
     no_decay = {f"{module_name}.{p}" if module_name else p
                 for module_name, module in model.named_modules() if isinstance(module, nn.LayerNorm)
@@ -83,7 +76,8 @@ def param_groups(model, rates, weight_decay, names=None):
             "name": part if decays else f"{part} (no decay)", "params": [], "base_lr": rates[part],
             "lr": rates[part], "weight_decay": weight_decay if decays else 0.0})
         group["params"].append(param)
-    return [groups[key] for key in sorted(groups, key=lambda k: (_order(k[0]), not k[1]))]
+    order = list(rates)
+    return [groups[key] for key in sorted(groups, key=lambda k: (order.index(k[0]), not k[1]))]
 
 
 def lr_factor(step, total_steps, warmup_steps):

@@ -1,42 +1,49 @@
-"""The BERT encoder, written out in full, and sentence embeddings on top of it.
+"""The BERT encoder, written out in full, and what Tasks 1 and 2 put on top of it.
 
 Follows Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers
 for Language Understanding" (2019), and matches the numerics of Hugging Face
 `transformers.BertModel` (tests/test_model.py proves it to 1e-5 in fp32).
 RoBERTa (Liu et al., 2019) and DistilBERT (Sanh et al., 2019) are the same
-post-LN encoder with other names, other position numbers, no token types or
-no pooler: FAMILIES holds those differences as data, and one class runs all
-three (tests/test_families.py matches RobertaModel and DistilBertModel).
+post-LN encoder with other position numbers, no token types or no pooler:
+FAMILIES holds those differences as data, and one class runs all three
+(tests/test_families.py matches RobertaModel and DistilBertModel).
 
 Reading order:
-  the encoder   BertConfig -> Embeddings -> SelfAttention -> Layer -> Bert
-                (encoder + pooler), then the CPU dropout they use
-  loading       FAMILIES (what each model_type names differently) ->
-                read_config (config.json, checked) -> the rename tables ->
-                load_pretrained (weights from a safetensors file)
+  the encoder   FAMILIES, BertConfig -> Embeddings -> SelfAttention -> Layer
+                -> Bert (encoder + pooler); their Dropout is nn.Dropout's, drawn
+                faster on the CPU (cpu_dropout.py)
   Task 1        pool_tokens / SentenceEncoder: one vector per sentence
   Task 2        Head / MultiTaskModel: one encoder, two task heads, and
-                save_trained / load_multitask for a trained model folder
-  pairs         PairModel: a bi-encoder or a cross-encoder (pairs.py), and load_pairs
+                parameter_part, the names freezing and learning rates use
 
-Masks follow the Hugging Face convention everywhere: attention_mask is (B, T)
+The weights come from a model folder: model_folder.py reads config.json and
+model.safetensors in through each family's rename table, and writes trained
+models back in the same layout. Masks follow the Hugging Face convention everywhere: attention_mask is (B, T)
 with 1 = a real token, 0 = padding.
 """
 
-import json
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime import atomic_write
+from cpu_dropout import Dropout, dropout
 
 
 # --- The encoder --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Family:
+    """What one model_type changes in the computation (the names its files use: model_folder.NAMES)."""
+    positions_after_padding: bool = False  # position ids start at pad_token_id + 1 (RoBERTa)
+    attention_output_dropout: bool = True  # DistilBERT has no dropout on the attention block's output
+
+
+# DistilBERT's lack of token types and of a pooler is data too: type_vocab_size 0, has_pooler False.
+FAMILIES = {"bert": Family(), "roberta": Family(positions_after_padding=True),
+            "distilbert": Family(attention_output_dropout=False)}
+
 
 @dataclass
 class BertConfig:
@@ -55,7 +62,7 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1  # dropout on attention weights
     pad_token_id: int = 0  # id of the padding token: [PAD] (BERT), <pad> (RoBERTa)
     # Set by the model family and the checkpoint, not read from config.json's keys:
-    model_type: str = "bert"  # bert | roberta | distilbert: which names the checkpoint uses (FAMILIES)
+    model_type: str = "bert"  # bert | roberta | distilbert (FAMILIES)
     has_pooler: bool = True  # False when the checkpoint holds no pooler (the hub's RoBERTa and DistilBERT)
 
     @property
@@ -64,19 +71,9 @@ class BertConfig:
         return self.pad_token_id + 1 if FAMILIES[self.model_type].positions_after_padding else 0
 
     @property
-    def attention_output_dropout(self):
-        """False for DistilBERT, whose attention output goes to LayerNorm as it is."""
-        return FAMILIES[self.model_type].attention_output_dropout
-
-    @property
     def max_len(self):
         """The longest input in word pieces: the position table, less the ids RoBERTa skips."""
         return self.max_position_embeddings - self.position_start
-
-    @classmethod
-    def from_json(cls, path):
-        """Read and check a Hugging Face config.json (read_config, with the loading code below)."""
-        return read_config(path)
 
 
 class Embeddings(nn.Module):
@@ -115,8 +112,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.num_attention_heads
         # Query, key and value projections stacked in one (3H, H) matrix: one
-        # matrix product instead of three. load_pretrained stacks the
-        # checkpoint's three matrices; save_trained splits them again.
+        # matrix product instead of three. model_folder.py stacks the
+        # checkpoint's three matrices as it loads them, and splits them as it saves.
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
@@ -163,7 +160,8 @@ class Layer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
-        self.attn_dropout = Dropout(config.hidden_dropout_prob if config.attention_output_dropout else 0.0)
+        attention_dropout = FAMILIES[config.model_type].attention_output_dropout
+        self.attn_dropout = Dropout(config.hidden_dropout_prob if attention_dropout else 0.0)
 
     def forward(self, x, keep):
         x = self.attn_norm(x + self.attn_dropout(self.attn(x, keep)))  # (B, T, H)
@@ -208,281 +206,10 @@ class Bert(nn.Module):
         return x, pooled
 
 
-# --- Dropout on the CPU ------------------------------------------------------------
-
-def dropout(x, p, training):
-    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
-
-    The same distribution as F.dropout. On the CPU, F.dropout draws its mask
-    with bernoulli_, which costs about twice as much as drawing uniform numbers
-    and comparing them with p; forward and backward together, this version takes
-    ~0.7x the time (bench.py shows the effect on a whole step). On a GPU,
-    F.dropout's fused kernel is faster.
-    """
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    # fp32 uniforms whatever x's dtype, so p is exact to 2^-24; mask is 0 or 1 / (1 - p)
-    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
-    return x * mask
-
-
-class Dropout(nn.Module):
-    """nn.Dropout through dropout() above."""
-
-    def __init__(self, p):
-        super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-
-# --- Loading pretrained weights -------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded; the message is one line naming the file."""
-
-
-@dataclass(frozen=True)
-class Family:
-    """What one model_type changes around the same encoder: names, and a few facts."""
-    prefix: str  # the masked-LM file the hub serves puts every encoder tensor under this
-    heads: tuple  # prefixes of that file's pre-training heads, which are dropped
-    config_keys: dict  # config.json key -> BertConfig field, where the names differ
-    layer_prefix: str  # where layer i sits: f"{layer_prefix}.{i}"
-    top_names: dict  # our modules outside the layers -> the checkpoint's
-    layer_names: dict  # our modules inside a layer -> the checkpoint's (a tuple: stacked into one)
-    positions_after_padding: bool = False  # position ids start at pad_token_id + 1 (RoBERTa)
-    attention_output_dropout: bool = True  # DistilBERT has no dropout on the attention block's output
-    defaults: dict = None  # BertConfig fields whose default (as transformers has it) differs for this family
-
-
-# Linear weights need no transpose anywhere: all store (out_features, in_features).
-_BERT_TOP = {"embeddings.word": "embeddings.word_embeddings", "embeddings.position": "embeddings.position_embeddings",
-             "embeddings.token_type": "embeddings.token_type_embeddings", "embeddings.norm": "embeddings.LayerNorm",
-             "pooler": "pooler.dense"}
-_BERT_LAYER = {
-    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),  # stacked
-    "attn.out": "attention.output.dense",
-    "attn_norm": "attention.output.LayerNorm",
-    "ffn_in": "intermediate.dense",
-    "ffn_out": "output.dense",
-    "ffn_norm": "output.LayerNorm",
-}
-FAMILIES = {
-    "bert": Family(prefix="bert.", heads=("cls.",), config_keys={}, layer_prefix="encoder.layer",
-                   top_names=_BERT_TOP, layer_names=_BERT_LAYER),
-    # RoBERTa: BERT's names and config keys; positions counted after the padding id; one token type.
-    "roberta": Family(prefix="roberta.", heads=("lm_head.",), config_keys={}, layer_prefix="encoder.layer",
-                      top_names=_BERT_TOP, layer_names=_BERT_LAYER, positions_after_padding=True,
-                      defaults={"pad_token_id": 1}),
-    # DistilBERT: its own names and config keys; no token types and no pooler.
-    "distilbert": Family(
-        prefix="distilbert.", heads=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
-        config_keys={"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-                     "hidden_dim": "intermediate_size", "dropout": "hidden_dropout_prob",
-                     "attention_dropout": "attention_probs_dropout_prob", "activation": "hidden_act"},
-        layer_prefix="transformer.layer",
-        top_names={k: v for k, v in _BERT_TOP.items() if k in ("embeddings.word", "embeddings.position",
-                                                                 "embeddings.norm")},
-        layer_names={"attn.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-                     "attn.out": "attention.out_lin", "attn_norm": "sa_layer_norm", "ffn_in": "ffn.lin1",
-                     "ffn_out": "ffn.lin2", "ffn_norm": "output_layer_norm"},
-        attention_output_dropout=False,
-        defaults={"type_vocab_size": 0, "num_hidden_layers": 6, "layer_norm_eps": 1e-12}),  # eps: fixed in its code
-}
-FAMILY_FIELDS = ("model_type", "has_pooler")  # not config.json keys
-JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in FAMILY_FIELDS]
-
-
-def config_json(config):
-    """A BertConfig as its family's config.json keys (the inverse of read_config), e.g. for save_trained."""
-    theirs = {ours: key for key, ours in FAMILIES[config.model_type].config_keys.items()}
-    values = {theirs.get(f.name, f.name): getattr(config, f.name) for f in JSON_FIELDS}
-    return {"model_type": config.model_type, theirs.get("hidden_act", "hidden_act"): "gelu", **values}
-
-
-DOWNLOAD_HINT = "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone"
-
-
-def read_config(path):
-    """A BertConfig from a Hugging Face config.json of a supported model_type: the fields BertConfig
-    has (under the family's key names), each checked; the rest ignored."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (a model folder needs config.json{DOWNLOAD_HINT})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    model_type = raw.get("model_type", "bert")
-    if model_type not in FAMILIES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; "
-                              f"this encoder reads {', '.join(FAMILIES)}")
-    family = FAMILIES[model_type]
-    raw = {family.config_keys.get(k, k): v for k, v in raw.items()}
-    # BERT uses the exact, erf-based GELU. The tanh approximation
-    # ("gelu_new") differs by up to ~1e-3 and would break parity.
-    if raw.get("hidden_act", "gelu") != "gelu":
-        key = next((k for k, v in family.config_keys.items() if v == "hidden_act"), "hidden_act")
-        raise CheckpointError(f"{path}: {key} {raw['hidden_act']!r} is not supported (only 'gelu')")
-    if raw.get("position_embedding_type", "absolute") != "absolute" or raw.get("sinusoidal_pos_embds"):
-        raise CheckpointError(f"{path}: {model_type} with positions other than learned absolute ones is not "
-                              "supported (position_embedding_type, sinusoidal_pos_embds)")
-    values = {}
-    for f in JSON_FIELDS:  # check every value: a bad one would fail later, far from its cause
-        value = raw.get(f.name, (family.defaults or {}).get(f.name, f.default))
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if f.type is int:
-            lowest = 0 if f.name in ("pad_token_id", "type_vocab_size") else 1
-            if not (is_number and isinstance(value, int) and value >= lowest):
-                raise CheckpointError(f"{path}: {f.name} must be a whole number >= {lowest}, found {value!r}")
-        elif not (is_number and 0 <= value < 1):
-            raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
-        values[f.name] = value
-    config = BertConfig(**values, model_type=model_type)
-    if config.hidden_size % config.num_attention_heads:
-        raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
-                              f"by num_attention_heads {config.num_attention_heads}")
-    if config.pad_token_id >= config.vocab_size:
-        raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is outside the vocabulary "
-                              f"of {config.vocab_size}")
-    if config.max_len < 2:
-        raise CheckpointError(f"{path}: max_position_embeddings {config.max_position_embeddings} leaves no room "
-                              f"for positions that start at {config.position_start}")
-    return config
-
-
-def checkpoint_names(ours, family="bert"):
-    """The checkpoint tensors behind one of our parameters, in stacking order (plain layout).
-
-    'layers.0.ffn_norm.bias' -> ['encoder.layer.0.output.LayerNorm.bias'];
-    'layers.3.attn.qkv.weight' -> the query, key and value weights of
-    encoder.layer.3, which our fused projection stacks along dim 0.
-    """
-    family = FAMILIES[family]
-    module, _, suffix = ours.rpartition(".")
-    if module.startswith("layers."):
-        _, i, inner = module.split(".", 2)
-        theirs = family.layer_names[inner]
-        return [f"{family.layer_prefix}.{i}.{t}.{suffix}" for t in ((theirs,) if isinstance(theirs, str) else theirs)]
-    return [f"{family.top_names[module]}.{suffix}"]
-
-
-def to_checkpoint(ours, tensor, family="bert"):
-    """Our parameter -> {checkpoint name: tensor}, unstacking the fused projection."""
-    names = checkpoint_names(ours, family)
-    return dict(zip(names, tensor.chunk(len(names))))
-
-
-def _plain_name(key, family):
-    """Rewrite a key of a model file into the plain layout of its family.
-
-    The masked-LM files the hub serves put every encoder tensor under a
-    prefix (`bert.`, `roberta.`, `distilbert.`) next to their pre-training
-    heads; the original bert-base-uncased file, converted from TensorFlow,
-    also calls LayerNorm parameters gamma/beta. Returns None for tensors the
-    encoder does not use: the pre-training heads and the constant
-    `position_ids` / `token_type_ids` buffers some exports include.
-    """
-    key = key.removeprefix(family.prefix)
-    if key.startswith(family.heads) or key in ("embeddings.position_ids", "embeddings.token_type_ids"):
-        return None
-    if ".LayerNorm." in key:
-        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
-    return key
-
-
-def _list_keys(keys, limit=5):
-    keys = sorted(keys)
-    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_pretrained(model_dir, device="cpu"):
-    """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors.
-
-    The file may be in its family's plain (base-model) layout or in the
-    masked-LM layout the hub serves. Every weight must be present with the
-    shape config.json implies, and no tensor may be left unexplained;
-    otherwise CheckpointError names the keys. Only the pooler may be absent:
-    then the model has none (Bert explains what "pooled" is then).
-    """
-    model_dir = Path(model_dir)
-    config = BertConfig.from_json(model_dir / "config.json")
-    family = FAMILIES[config.model_type]
-    path = model_dir / "model.safetensors"
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found{DOWNLOAD_HINT}") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-    # A model trained by train.py or pairs.py (save_trained) also holds its heads; they are not BERT's.
-    sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in json.loads((model_dir / "config.json").read_text()))
-    renamed = {}
-    for key, tensor in tensors.items():
-        if sections and key.startswith(sections):
-            continue
-        name = _plain_name(key, family)
-        if name is None:
-            continue
-        if name in renamed:
-            raise CheckpointError(f"{path}: two tensors are named {name} once legacy names are read")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: {key} holds {tensor.dtype}, not floating-point weights")
-        if not torch.isfinite(tensor).all():  # a damaged or diverged file: every output would be NaN
-            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
-        renamed[name] = tensor
-    model = Bert(replace(config, has_pooler=any(name.startswith("pooler.") for name in renamed)))
-    params = dict(model.named_parameters())
-    names = {ours: checkpoint_names(ours, config.model_type) for ours in params}  # ours -> theirs
-    wanted = {theirs: (ours, len(group)) for ours, group in names.items() for theirs in group}
-    missing = wanted.keys() - renamed.keys()
-    unexpected = renamed.keys() - wanted.keys()
-    if missing:
-        raise CheckpointError(f"{path}: missing keys: {_list_keys(missing)}")
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected keys: {_list_keys(unexpected)}")
-
-    def expected_shape(ours, parts):  # one of `parts` stacked tensors has 1/parts of the rows
-        shape = params[ours].shape
-        return (shape[0] // parts, *shape[1:])
-
-    wrong = [f"{theirs} is {tuple(renamed[theirs].shape)}, config.json implies {expected_shape(ours, parts)}"
-             for theirs, (ours, parts) in sorted(wanted.items())
-             if tuple(renamed[theirs].shape) != expected_shape(ours, parts)]
-    if wrong:
-        raise CheckpointError(f"{path}: shape mismatch: {'; '.join(wrong[:3])}"
-                              + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
-    with torch.no_grad():
-        for ours, group in names.items():
-            # copy_ also casts, e.g. fp16 files to fp32
-            params[ours].copy_(torch.cat([renamed[theirs] for theirs in group]))
-    return model.to(device)
-
-
 # --- Sentence embeddings (Task 1) ----------------------------------------------
 
 POOLS = ("mean", "cls", "max")
 NORMS = ("none", "l1", "l2")
-
-
-def pooling_note(config, pool):
-    """The one line a tool prints when --pool cls meets a checkpoint without a pooler, else None."""
-    if pool == "cls" and not config.has_pooler:
-        return (f"--pool cls: this {config.model_type} checkpoint has no pooler weights, so cls pooling reads the "
-                "first token's final state as it is (no dense + tanh)")
-    return None
 
 
 def pool_tokens(hidden, pooled, attention_mask, pool):
@@ -600,37 +327,52 @@ class MultiTaskModel(nn.Module):
     NER head reads every token state, because pooling would blur the words
     it has to tag. A batch holds one task, and forward runs only that head.
     """
-    SECTION, WRITTEN_BY = "multitask", "train.py"  # save_trained / load_trained: config.json's section
+    heads = {"ag": "cls_head", "ner": "ner_head"}  # each task's head; the parts beyond the encoder
+    SECTION, WRITTEN_BY = "multitask", "train.py"  # its settings' and heads' name in a model folder (model_folder.py)
 
-    def __init__(self, bert, pool="mean", embed_dim=None, normalize="none", n_classes=4, n_tags=9,
-                 head_dropout=0.1):
+    def __init__(self, encoder, n_classes=4, n_tags=9, head_dropout=0.1):
+        """encoder: the SentenceEncoder of Task 1 (BERT, pooling, projection, normalization)."""
         super().__init__()
-        self.encoder = SentenceEncoder(bert, pool, embed_dim, normalize)
-        eps = bert.config.layer_norm_eps
-        self.cls_head = Head(self.encoder.embed_dim, n_classes, head_dropout, eps)
-        self.ner_head = Head(bert.config.hidden_size, n_tags, head_dropout, eps)
+        self.encoder = encoder
+        config = encoder.bert.config
+        self.cls_head = Head(encoder.embed_dim, n_classes, head_dropout, config.layer_norm_eps)
+        self.ner_head = Head(config.hidden_size, n_tags, head_dropout, config.layer_norm_eps)
+
+    @classmethod
+    def from_settings(cls, bert, settings):
+        """The model that settings() describes (config.json keeps them), on this bert."""
+        sentence = {k: settings[k] for k in ("pool", "embed_dim", "normalize")}
+        return cls(SentenceEncoder(bert, **sentence), **{k: v for k, v in settings.items() if k not in sentence})
 
     @property
     def bert(self):
         return self.encoder.bert
 
-    def forward(self, input_ids, attention_mask, task):
-        """task "ag": logits (B, n_classes); task "ner": logits (B, T, n_tags)."""
-        return self.head(self.features(input_ids, attention_mask, task), task)
+    def forward(self, input_ids, attention_mask, task, features=None):
+        """task "ag": logits (B, n_classes); task "ner": logits (B, T, n_tags).
+
+        features: what the head reads, if it was computed already (a frozen
+        backbone's stored outputs, features.py); then the encoder does not run.
+        """
+        if features is None:
+            features = self.features(input_ids, attention_mask, task)
+        return self.head(features, task)
 
     def features(self, input_ids, attention_mask, task):
-        """What a task's head reads from the encoder: pooled vectors (B, H) for ag, token states (B, T, H) for ner.
-
-        With the backbone frozen these never change, so features.py computes them once per example.
-        """
+        """What a task's head reads from the encoder: pooled vectors (B, H) for ag, token states (B, T, H) for ner."""
         hidden, pooled = self.bert(input_ids, attention_mask)
         return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool) if task == "ag" else hidden
 
     def head(self, features, task):
-        """The trainable rest: projection + normalization + classification head, or the NER head."""
+        """The rest of the step: projection + normalization + classification head, or the NER head."""
         if task == "ag":
             return self.cls_head(self.encoder.finish(features))
         return self.ner_head(features)
+
+    def unread_parts(self, task):
+        """Parts a step of this task never reads: the other head, and the pooler unless --pool cls reads it."""
+        unread = set(self.heads.values()) - {self.heads[task]}
+        return unread if task == "ag" and self.encoder.pool == "cls" else unread | {"pooler"}
 
     def settings(self):
         """What, beyond the BERT config, rebuilds this model (stored in config.json)."""
@@ -641,163 +383,16 @@ class MultiTaskModel(nn.Module):
 
 
 def parameter_part(name):
-    """Which part of a MultiTaskModel a parameter belongs to, for freezing and learning rates.
+    """The part a parameter belongs to, which freezing (freeze.py) and learning rates (lr.py) act on.
 
-    Returns "embeddings", "layer.{i}", "pooler", "cls_head" (with the
-    sentence-embedding projection) or "ner_head".
+    The encoder's parts are "embeddings", "layer.{i}" and "pooler"; anything
+    else belongs to the head it sits in, named by the model's attribute
+    ("cls_head", "ner_head"). The sentence projection (encoder.project) trains
+    with the head that reads the sentence embedding: "cls_head".
     """
-    if name.startswith(("cls_head.", "encoder.project.")):
+    if name.startswith("encoder.project."):
         return "cls_head"
-    if name.startswith("ner_head."):
-        return "ner_head"
+    if not name.startswith("encoder.bert."):
+        return name.split(".")[0]
     inner = name.removeprefix("encoder.bert.")
-    if inner.startswith("layers."):
-        return "layer." + inner.split(".")[1]
-    return inner.split(".")[0]  # "embeddings" or "pooler"
-
-
-TRAINED_SECTIONS = ("multitask", "pairs")  # config.json's settings, and the tensors' prefix, of a trained model
-
-
-def save_trained(model, out_dir, extra=None):
-    """Write out_dir/model.safetensors and config.json, atomically, for a MultiTaskModel or a PairModel.
-
-    The encoder's tensors and config.json keep the names of its family's
-    plain layout, so load_pretrained (and transformers) read the folder as
-    that model; the rest of the model (heads, projection) sits under the
-    model's SECTION ("multitask." or "pairs."), and config.json holds its
-    settings under the same name.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors, bert = {}, model.bert.config
-    for name, tensor in model.state_dict().items():
-        inner = name.removeprefix("encoder.bert.")
-        tensor = tensor.detach().to("cpu", torch.float32)
-        parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {f"{model.SECTION}.{name}": tensor}
-        tensors.update((key, t.contiguous()) for key, t in parts.items())
-    config = {**config_json(bert), model.SECTION: model.settings(), **(extra or {})}
-    # The weights first: a folder gets its config.json only once its weights are whole, so a write
-    # that fails (a full disk) never leaves a config.json that promises a missing model.safetensors.
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-
-
-save_multitask = save_trained
-
-
-def trained_settings(model_dir, section):
-    """The settings config.json holds under section ("multitask" or "pairs"), or None for a plain model folder."""
-    path = Path(model_dir) / "config.json"
-    try:
-        settings = json.loads(path.read_text()).get(section)
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON object ({e})") from None
-    return settings if isinstance(settings, dict) else None
-
-
-def load_trained(model_dir, cls, device="cpu"):
-    """A MultiTaskModel or PairModel (cls) from a folder written by save_trained."""
-    model_dir = Path(model_dir)
-    bert = load_pretrained(model_dir)  # also checks config.json
-    settings = trained_settings(model_dir, cls.SECTION)
-    if settings is None:
-        raise CheckpointError(f"{model_dir / 'config.json'}: has no '{cls.SECTION}' settings; it is a plain BERT "
-                              f"folder, or another script's, not a model trained by {cls.WRITTEN_BY}")
-    try:
-        model = cls(bert, **settings)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{model_dir / 'config.json'}: bad '{cls.SECTION}' settings ({e})") from None
-    prefix = cls.SECTION + "."
-    rest = {k.removeprefix(prefix): v for k, v in load_file(model_dir / "model.safetensors").items()
-            if k.startswith(prefix)}
-    expected = {n for n in model.state_dict() if not n.startswith("encoder.bert.")}
-    if rest.keys() != expected:
-        raise CheckpointError(f"{model_dir / 'model.safetensors'}: {cls.SECTION} tensors do not match config.json: "
-                              f"missing {_list_keys(expected - rest.keys()) or 'none'}, "
-                              f"unexpected {_list_keys(rest.keys() - expected) or 'none'}")
-    model.load_state_dict(rest, strict=False)
-    return model.to(device)
-
-
-def load_multitask(model_dir, device="cpu"):
-    """A MultiTaskModel from a folder written by train.py."""
-    return load_trained(model_dir, MultiTaskModel, device)
-
-
-# --- Sentence pairs (pairs.py) ---------------------------------------------------------
-
-PAIR_KINDS = ("bi", "cross")
-
-
-class ScoreHead(nn.Module):
-    """Dropout -> one logit, on the pooler's output: BERT's own sequence-classification head (Devlin
-    et al., 2019). The pooler is pre-trained (dense + tanh), so one new linear layer is all that starts
-    from random, where a Task 2 Head adds a random dense + LayerNorm + GELU (docs/pairs.md compares them)."""
-
-    def __init__(self, in_dim, dropout=0.1):
-        super().__init__()
-        self.dropout = Dropout(dropout)
-        self.out = nn.Linear(in_dim, 1)
-
-    def forward(self, x):
-        return self.out(self.dropout(x))  # (B, H) -> (B, 1)
-
-
-class PairModel(nn.Module):
-    """How alike two sentences are, scored two ways (Reimers & Gurevych, 2019, Sentence-BERT).
-
-    bi:    each sentence goes through the SentenceEncoder on its own, and the
-           score is the cosine of the two embeddings. A sentence is embedded
-           once and compared with any number of others (search at scale).
-    cross: both sentences go through the encoder together, in the tokenizer's
-           pair template ([CLS] a [SEP] b [SEP], segment ids 0 then 1), so every
-           word of one attends to every word of the other; a head on the first
-           token's pooled state gives one logit, whose sigmoid is the score.
-           Each pair needs a pass of its own.
-    """
-    SECTION, WRITTEN_BY = "pairs", "pairs.py"
-
-    def __init__(self, bert, kind, pool="mean", embed_dim=None, normalize="none", head_dropout=0.1):
-        super().__init__()
-        if kind not in PAIR_KINDS:
-            raise ValueError(f"kind must be one of {PAIR_KINDS}, got {kind!r}")
-        self.kind = kind
-        if kind == "bi":
-            self.encoder = SentenceEncoder(bert, pool, embed_dim, normalize)
-        else:  # the pooler (dense + tanh on the first token, or that token's state without one), then a logit
-            self.encoder = SentenceEncoder(bert, "cls")
-            self.cls_head = ScoreHead(bert.config.hidden_size, head_dropout)
-
-    @property
-    def bert(self):
-        return self.encoder.bert
-
-    def forward(self, batch):
-        """bi: cosine similarities (B,) of batch's a_ids/a_mask and b_ids/b_mask rows;
-        cross: logits (B,) of its input_ids, attention_mask and token_type_ids rows."""
-        if self.kind == "bi":
-            a = self.encoder(batch["a_ids"], batch["a_mask"])  # (B, D)
-            b = self.encoder(batch["b_ids"], batch["b_mask"])  # (B, D)
-            return cosine(a, b)
-        hidden, pooled = self.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return self.cls_head(pooled).squeeze(-1)  # (B, H) -> (B, 1) -> (B,)
-
-    def settings(self):
-        """What, beyond the BERT config, rebuilds this model (stored in config.json)."""
-        if self.kind == "cross":
-            return {"kind": "cross", "head_dropout": self.cls_head.dropout.p}
-        embed_dim = None if self.encoder.project is None else self.encoder.embed_dim
-        return {"kind": "bi", "pool": self.encoder.pool, "embed_dim": embed_dim, "normalize": self.encoder.norm}
-
-
-def cosine(a, b):
-    """Row-wise cosine similarity of (B, D) tensors, in fp32: a.b / (|a| |b|), and 0 for a zero row."""
-    a, b = a.float(), b.float()
-    norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=torch.finfo(torch.float32).tiny)
-    return (a * b).sum(-1) / norms
-
-
-def load_pairs(model_dir, device="cpu"):
-    """A PairModel from a folder written by pairs.py."""
-    return load_trained(model_dir, PairModel, device)
+    return "layer." + inner.split(".")[1] if inner.startswith("layers.") else inner.split(".")[0]

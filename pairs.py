@@ -1,4 +1,4 @@
-"""Sentence pairs (STS-B): a bi-encoder and a cross-encoder, trained on the loop train.py uses.
+"""Sentence pairs (STS-B): train a bi-encoder or a cross-encoder, with a loop of its own like train.py's.
 
     python pairs.py --encoder bi --model DIR --epochs 1 --batch-size 16 --out runs/bi
     python pairs.py --encoder cross --model DIR --epochs 1 --batch-size 16 --out runs/cross
@@ -15,29 +15,37 @@ Both are scored by Spearman's rank correlation between predicted and gold
 scores on dev, the usual STS-B figure; test too where DATA/stsb/sts-test.csv
 is there. docs/pairs.md compares them on quality and cost.
 
-Reading order: the flags; pair_loss and evaluate; Pairs, the job this script
-gives the loop (loop.py: the step, the epochs, checkpoints, resume, the final
-evaluation); set_up. The model is model.PairModel.
+Reading order: the flags; pair_loss and evaluate; set_up; train, the loop
+(the shape of train.py's: forward, loss, backward, optimizer step; evaluate,
+keep the best, checkpoint); test. The data and the model are in
+sentence_pairs.py; the rest is the same plain helpers train.py calls.
 """
 
 import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import distributed
+import flags
 import freeze
-import loop
-from data import (MultiTaskSampler, check_fits, collate_pairs, copy_tokenizer, length_batches, limit_split,
-                  load_stsb, load_tokenizer)
-from lr import part_rates
+import run_folder
+from checkpoint import Progress
+from data import Batching, MultiTaskSampler, length_batches, limit_split, load_tokenizer
+from features import weights_hash
+from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import pearson, spearman
-from model import NORMS, PAIR_KINDS, POOLS, PairModel, load_pairs, load_pretrained, pooling_note, save_trained
-from runtime import PRECISION_NAMES, Place, Report, UsageError, pick_amp
+from model import NORMS, POOLS
+from model_folder import check_fits, load_pretrained, pooling_note
+from runtime import PRECISION_NAMES, Place, Report, UsageError, log, optimizer_step
+from sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_pairs, load_stsb
+from step_log import StepLog, Work
 
 
 def parse_args(argv=None):
@@ -55,20 +63,20 @@ def parse_args(argv=None):
                                                                     "the cosine is the same either way)")
     g.add_argument("--head-dropout", type=float, default=0.1, help="cross: dropout before the head")
     g = p.add_argument_group("freezing")
-    loop.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head (the cross-encoder's "
-                             "head, or the bi-encoder's --embed-dim projection)")
+    flags.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head (the cross-encoder's "
+                              "head, or the bi-encoder's --embed-dim projection)")
     g = p.add_argument_group("learning rates (default: sentence-transformers' trainer defaults, one flat rate)")
-    loop.add_rate_flags(g, lr=5e-5, lr_decay=1.0, head_lr=5e-5, warmup=0.0, weight_decay=0.0)
+    flags.add_rate_flags(g, lr=5e-5, lr_decay=1.0, head_lr=5e-5, warmup=0.0, weight_decay=0.0)
     g = p.add_argument_group("run")
-    loop.add_run_flags(g, epochs=1, batch_size=16, data_cache=False)
+    flags.add_run_flags(g, epochs=1, batch_size=16, data_cache=False)
     g.add_argument("--group-window", type=int, default=0,
                    help="sort by length inside windows of this many batches to cut padding (0: random batches)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """Flag problems a parser cannot see; raises UsageError naming the flag."""
-    loop.check_flags(args, at_least=(("epochs", 0), ("embed_dim", 1), ("group_window", 0)))
+    """Flag problems a parser cannot see; raises UsageError naming the flag. Returns the model's heads."""
+    flags.check_flags(args, at_least=(("epochs", 0), ("embed_dim", 1), ("group_window", 0)))
     if not 0 <= args.head_dropout < 1:
         raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
     if args.encoder == "cross":
@@ -78,6 +86,14 @@ def check_args(args):
                              "scores the pair from its first token")
     else:
         args.pool, args.normalize = args.pool or "mean", args.normalize or "none"
+    heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()  # the head, or the projection
+    if any(item.strip() in ("ner-head", *([] if heads else ["cls-head"])) for item in args.freeze.split(",")):
+        raise UsageError(f"argument --freeze: this {args.encoder}-encoder has no "
+                         f"{'NER head' if 'ner-head' in args.freeze else 'head (give --embed-dim for a projection)'}")
+    if args.unfreeze == "gradual" and not heads:
+        raise UsageError("argument --unfreeze: gradual starts by training the heads alone, and this bi-encoder has "
+                         "none; give --embed-dim for a projection to train first, or leave --unfreeze out")
+    return heads
 
 
 # --- The loss and evaluation -----------------------------------------------------------
@@ -100,7 +116,7 @@ def pair_loss(outputs, scores, kind, normalizer=None):
 
 
 @torch.no_grad()
-def evaluate(model, data, place, batch_size, pad_id, log=None, what="evaluation"):
+def evaluate(model, data, place, batching):
     """Spearman and Pearson between predicted and gold scores on one split, and the rate.
 
     Predicted: the cosine (bi) or the sigmoid of the logit (cross); a rank
@@ -109,142 +125,236 @@ def evaluate(model, data, place, batch_size, pad_id, log=None, what="evaluation"
     encoder ran on: sentences (bi, two per pair) or pairs (cross) per second.
     """
     model.eval()
-    report = Report(f"{what} pass", len(data), log, unit="pairs", total_cost=int(data.lengths().sum())) if log else None
+    report = Report("evaluation pass", len(data), unit="pairs", total_cost=int(data.lengths().sum()))
     predicted = np.zeros(len(data))
     start = time.perf_counter()
-    for indices in length_batches(data.lengths(), batch_size):
-        batch = place.to_device(collate_pairs(data, indices, pad_id))
+    for indices in length_batches(data.lengths(), batching.size):
+        batch = place.to_device(collate_pairs(data, indices, batching.pad_id))
         with place.autocast():
             outputs = model(batch).float()
         predicted[indices] = (outputs if model.kind == "bi" else torch.sigmoid(outputs)).cpu().numpy()
-        if report:
-            report.update(len(indices), int(data.lengths()[indices].sum()))
+        report.update(len(indices), int(data.lengths()[indices].sum()))
     seconds = time.perf_counter() - start
     unit, count = ("sentences", 2 * len(data)) if model.kind == "bi" else ("pairs", len(data))
     return {"spearman": spearman(predicted, data.scores), "pearson": pearson(predicted, data.scores),
             f"{unit}_per_s": round(count / seconds, 1)}
 
 
-# --- The job the loop runs ------------------------------------------------------------------
+def dev_score(metrics):
+    """What picks the best epoch: dev Spearman; -inf where it is undefined (constant predictions), so
+    that any later epoch beats it."""
+    return -math.inf if math.isnan(metrics["spearman"]) else metrics["spearman"]
 
-class Pairs:
-    """STS-B pairs for a PairModel: what loop.py needs to train and score it."""
-    tasks = ("sts",)
 
-    def __init__(self, args, model, splits, place, rates, pad_id):
-        self.model, self.splits, self.place, self.rates, self.pad_id = model, splits, place, rates, pad_id
-        self.kind = model.kind
-        self.eval_batch_size = 2 * args.batch_size  # no activations are kept for backward
-        self.final_splits = ("valid", "test") if "test" in splits else ("valid",)
-        self.sampler = MultiTaskSampler({"sts": splits["train"].lengths()}, args.batch_size, args.seed,
-                                        args.group_window, place.rank, place.world_size)
-        self.batch_size = self.sampler.batch_size
-        self.forward = None  # what a step calls: set by rebuild(), once loop.start has replayed any releases
-
-    def epoch(self, epoch):
-        return self.sampler.epoch(epoch)
-
-    def loss(self, task, global_batch):
-        indices = self.sampler.share(global_batch)  # this rank's part of the global batch
-        batch = self.place.to_device(collate_pairs(self.splits["train"], indices, self.pad_id))
-        with self.place.autocast():
-            outputs = self.forward(batch)  # (B,): cosines (bi) or logits (cross)
-        return pair_loss(outputs, batch["scores"], self.kind, len(global_batch) / self.place.world_size)
-
-    def evaluate(self, split, log):
-        return evaluate(self.model, self.splits[split], self.place, self.eval_batch_size, self.pad_id, log, split)
-
-    def size(self, split):
-        return len(self.splits[split])
-
-    def sources(self):
-        """Every split's fingerprint (its file's bytes, the tokenizer, max_len): what the checkpoint pins."""
-        return {split: data.source for split, data in self.splits.items()}
-
-    def record(self, metrics):
-        return {"spearman": metrics["spearman"], "pearson": metrics["pearson"]}
-
-    def describe(self, metrics):
-        rate = next(f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in metrics.items() if k.endswith("_per_s"))
-        return f"Spearman {100 * metrics['spearman']:.2f} | Pearson {100 * metrics['pearson']:.2f} | {rate}"
-
-    def score(self, metrics):
-        """Dev Spearman; -inf where it is undefined (constant predictions), so any later epoch beats it."""
-        return -math.inf if math.isnan(metrics["spearman"]) else metrics["spearman"]
-
-    def summary(self, results):
-        """Spearman and Pearson of the best model on dev (and test), and the inference rate on dev."""
-        named = {"valid": "dev", "test": "test"}
-        out = {"encoder": self.kind, **{named[s]: self.record(m) for s, m in results.items()}}
-        rate = {k: v for k, v in results["valid"].items() if k.endswith("_per_s")}
-        out["inference"] = {**rate, "batch_size": self.eval_batch_size, "split": "dev"}
-        return out
-
-    def save(self, out, extra):
-        save_trained(self.model, out, extra=extra)
-
-    def saved(self, out):
-        return load_pairs(out).state_dict()
-
-    def rebuild(self):
-        """What a step calls: the model, in DDP under torchrun; rebuilt after gradual unfreezing."""
-        self.forward = None  # free the old DDP and its gradient hooks before building the next
-        self.forward = distributed.wrap(self.model, self.place)
+def describe(metrics):
+    rate = next(f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in metrics.items() if k.endswith("_per_s"))
+    return f"Spearman {100 * metrics['spearman']:.2f} | Pearson {100 * metrics['pearson']:.2f} | {rate}"
 
 
 # --- Set-up ----------------------------------------------------------------------------
 
+@dataclass
+class Setup:
+    """What set_up builds: everything the loop reads, and `progress`, which it moves on (as in train.py)."""
+    args: argparse.Namespace
+    place: Place
+    folder: run_folder.RunFolder
+    model: PairModel
+    splits: dict  # {split: sentence_pairs.PairData}: train, valid (STS-B's dev), and test where it is there
+    sampler: MultiTaskSampler  # one task, "sts": which pairs form each batch
+    plan: freeze.Plan
+    rates: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    progress: Progress
+    fingerprint: dict
+    started: float
+    data_seconds: float
+    best_weights: dict = None
+
+
 def set_up(args):
-    """Flags checked, inputs read, the model built and frozen; returns the loop's Run."""
+    """Check the flags; read the model and the pairs; build the model, its optimizer and the sampler; with
+    --resume, restore all of it from the checkpoint. Returns the Setup."""
     started = time.perf_counter()
-    check_args(args)
-    rank, world_size, device = distributed.init(args.device)
-    place = Place(device, pick_amp(args.amp, device), rank, world_size)
-    log = print if rank == 0 else (lambda *_, **__: None)  # only rank 0 speaks, and only rank 0 writes
-    tokenizer = load_tokenizer(args.model)
-    bert = load_pretrained(args.model)
+    heads = check_args(args)
+    place = distributed.init(args.device, args.amp)
+    tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
-    if note := loop.resolve_auto_rates(args, bert.config):
+    if note := flags.resolve_auto_rates(args, bert.config):
         log(note)
-    heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()
-    if any(item.strip() in ("ner-head", *([] if heads else ["cls-head"])) for item in args.freeze.split(",")):
-        raise UsageError(f"argument --freeze: this {args.encoder}-encoder has no "
-                         f"{'NER head' if 'ner-head' in args.freeze else 'head (give --embed-dim for a projection)'}")
-    if args.unfreeze == "gradual" and not heads:
-        raise UsageError("argument --unfreeze: gradual starts by training the heads alone, and this bi-encoder has "
-                         "none; give --embed-dim for a projection to train first, or leave --unfreeze out")
-    plan = loop.freeze_plan(args, bert.config, heads)
-    plan.base.discard("ner_head")  # --freeze all: there is none to freeze
-    out, saved = loop.open_out(args, world_size, rank)
+    plan = flags.freeze_plan(args, bert.config, heads)
+    folder, saved = run_folder.claim(args, place)
     splits = load_stsb(args.data, tokenizer, args.max_len, args.encoder)
     splits = {split: limit_split(data, args.limit) for split, data in splits.items()}
     data_seconds = time.perf_counter() - started
     log("stsb: " + ", ".join(f"{s} {len(d):,} pairs ({sum(d.truncated)} truncated)" for s, d in splits.items()))
 
     torch.manual_seed(args.seed)  # the same initial head on every rank
-    model = PairModel(bert, args.encoder, args.pool, args.embed_dim, args.normalize, args.head_dropout).to(device)
+    model = PairModel(bert, args.encoder, args.pool, args.embed_dim, args.normalize, args.head_dropout)
+    model = model.to(place.device)
     if args.encoder == "bi" and (note := pooling_note(bert.config, args.pool)):
         log(note)
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"{args.encoder}-encoder parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))
     log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}")
-    rates = part_rates(plan.num_layers, args.lr, args.lr_decay, args.head_lr)
-    job = Pairs(args, model, splits, place, rates, bert.config.pad_token_id)
-    run = loop.start(args, job, plan, place, out, saved, log, started, data_seconds)
-    job.rebuild()  # after a resume's replayed releases: DDP must hold every parameter that trains now
-    loop.on_rank0(run, copy_tokenizer, args.model, out)  # so that OUT is a complete model folder (embed.py)
-    if not plan.trains(args.epochs):
+    sampler = MultiTaskSampler({"sts": splits["train"].lengths()}, args.batch_size, args.seed, args.group_window,
+                               place.rank, place.world_size)
+
+    rates = part_rates(plan.num_layers, args.lr, args.lr_decay, {"cls_head": args.head_lr})
+    groups = param_groups(model, rates, args.weight_decay)
+    optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
+                                  fused=place.device.type == "cuda")
+    if plan.trains(args.epochs):
+        log("optimizer groups:\n" + format_groups(groups))
+    scaler = place.scaler()
+    if place.world_size > 1:
+        torch.manual_seed(args.seed + 1_000_003 * place.rank)  # different dropout on each rank
+    progress = Progress(flags=vars(args), world_size=place.world_size)
+    sources = {split: data.source for split, data in splits.items()}
+    fingerprint = checkpoint.fingerprint(args.data, sources, args.model, weights_hash(model))
+    if saved is not None:  # --resume: the same model, data and flags, restored where they stood
+        checkpoint.check_fingerprint(folder.checkpoint, saved.fingerprint, fingerprint)
+        for epoch in range(1, saved.progress.epoch + (saved.progress.batch > 0)) if plan.gradual else ():
+            freeze.release(model, optimizer, plan.frozen_at(epoch), rates, args.weight_decay)
+        progress = checkpoint.restore(saved, folder.checkpoint, model, optimizer, scaler, place.rank)
+        progress.flags = vars(args)
+        log(f"resumed from {folder.checkpoint}: epoch {progress.epoch + 1}, batch {progress.batch}, "
+            f"step {progress.step}")
+    folder.copy_tokenizer(args.model)  # so that OUT is a complete model folder (embed.py)
+    return Setup(args, place, folder, model, splits, sampler, plan, rates, optimizer, scaler, progress, fingerprint,
+                 started, data_seconds)
+
+
+# --- The loop ---------------------------------------------------------------------------
+
+def train(s):
+    """The run: for each epoch, for each batch: forward, loss, backward, optimizer step, log; at the
+    epoch's end: evaluate on dev, keep the best, checkpoint; then the best model on dev and test. Returns
+    the exit status."""
+    args, model, place, progress, optimizer, scaler = s.args, s.model, s.place, s.progress, s.optimizer, s.scaler
+    epochs = run_folder.epochs_to_run(progress, args) if s.plan.trains(args.epochs) else range(0)
+    steps_per_epoch = len(s.sampler.epoch(0))
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup * total_steps)
+    batching = Batching(2 * args.batch_size, model.bert.config.pad_token_id)  # evaluation: no activations kept
+    final = [len(s.splits[split]) for split in ("valid", "test") if split in s.splits]
+    steps = StepLog(("sts",), place, args.log_every, Work(total_steps, s.sampler.batch_size, args.epochs,
+                                                          len(s.splits["valid"]), sum(final)))
+    if not s.plan.trains(args.epochs):
         log(f"nothing trains (--epochs {args.epochs}, --freeze {args.freeze}): scoring the model as it is")
     else:
-        log(f"training: {args.epochs} epochs x {run.steps_per_epoch} steps of {job.batch_size} pairs; "
-            f"warmup {run.warmup_steps} steps")
-    return run
+        log(f"training: {args.epochs} epochs x {steps_per_epoch} steps of {s.sampler.batch_size} pairs; "
+            f"warmup {warmup_steps} steps")
+    ddp = distributed.wrap(model, place)  # DDP under torchrun, else the model itself
+    with run_folder.StopSignals() as stop:  # SIGINT, SIGTERM: the step finishes, a checkpoint is saved
+        for epoch in epochs:
+            if s.plan.gradual and epoch > 0 and progress.batch == 0:  # gradual unfreezing: release a layer
+                released = freeze.release(model, optimizer, s.plan.frozen_at(epoch), s.rates, args.weight_decay)
+                ddp = distributed.wrap(model, place)  # DDP fixes its parameters when it is built
+                log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
+            freeze.set_train_mode(model, s.plan.frozen_at(epoch))
+            batches = s.sampler.epoch(epoch)
+            steps.start_epoch()
+            for b in range(progress.batch, len(batches)):
+                _, global_batch = batches[b]
+                indices = s.sampler.share(global_batch)  # this rank's part of the global batch
+                batch = place.to_device(collate_pairs(s.splits["train"], indices, batching.pad_id))
+                for group in optimizer.param_groups:  # each part's rate (lr.py) x warmup, then linear decay
+                    group["lr"] = group["base_lr"] * lr_factor(progress.step, total_steps, warmup_steps)
+                with place.autocast():
+                    outputs = ddp(batch)  # (B,): cosines (bi) or logits (cross)
+                loss = pair_loss(outputs, batch["scores"], model.kind, len(global_batch) / place.world_size)
+                if loss.requires_grad:  # False when everything is frozen
+                    scaler.scale(loss).backward()
+                    progress.skipped_steps += optimizer_step(optimizer, scaler, args.clip)  # unscale, clip, step
+                progress.step, progress.batch = progress.step + 1, b + 1
+                steps.add("sts", loss.detach(), len(global_batch))
+                if signum := steps.after_step(progress, stop.signum, optimizer, last=b + 1 == len(batches)):
+                    return stop_mid_epoch(s, steps, signum)
+
+            # The epoch's end: evaluate on dev, keep the best model, save a checkpoint.
+            progress.train_seconds += steps.end_epoch()
+            metrics = evaluate_split(s, "valid", batching)
+            progress.history.append({"epoch": epoch + 1, "step": progress.step, "split": "valid",
+                                     "spearman": metrics["spearman"], "pearson": metrics["pearson"],
+                                     **steps.epoch_record(progress, time.perf_counter() - s.started)})
+            s.folder.write_json("metrics.jsonl", progress.history, lines=True)
+            log(f"epoch {epoch + 1} valid: {describe(metrics)}")
+            score = dev_score(metrics)
+            if progress.best is None or score > progress.best["score"]:
+                progress.best = {"score": score, "epoch": epoch + 1}
+                s.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                s.folder.save_model(model)
+                log(f"  best so far: saved {s.folder.path / 'model.safetensors'}")
+            progress.epoch, progress.batch = epoch + 1, 0
+            s.folder.save_checkpoint(progress, model, optimizer, scaler, s.fingerprint)  # all that --resume needs
+            if signum := distributed.agree([stop.signum], place)[0]:  # one came during evaluation or saving
+                log(f"stopped by signal {signum} after epoch {epoch + 1}: checkpoint saved; "
+                    f"continue with --out {s.folder.path} --resume", file=sys.stderr)
+                return 128 + signum
+    if epochs and epochs.stop < args.epochs:
+        log(f"stopping after epoch {epochs.stop} (--stop-after); continue with --out {s.folder.path} --resume")
+        return 0
+    return evaluate_best(s, batching)
+
+
+def stop_mid_epoch(s, steps, signum):
+    """After a stop signal: save a checkpoint in the middle of the epoch; returns 128 + the signal number."""
+    steps.drain(s.progress)
+    s.progress.train_seconds += steps.end_epoch()
+    s.folder.save_checkpoint(s.progress, s.model, s.optimizer, s.scaler, s.fingerprint)
+    log(f"stopped by signal {signum} at step {s.progress.step}: checkpoint saved; "
+        f"continue with --out {s.folder.path} --resume", file=sys.stderr)
+    return 128 + signum
+
+
+def evaluate_split(s, split, batching):
+    """evaluate() on one split, timed into progress (the ETA's evaluation rate)."""
+    start = time.perf_counter()
+    metrics = evaluate(s.model, s.splits[split], s.place, batching)
+    s.progress.eval_seconds += time.perf_counter() - start
+    s.progress.eval_examples += len(s.splits[split])
+    return metrics
+
+
+def evaluate_best(s, batching):
+    """The best model by dev Spearman, scored on dev (and test, where it is there); writes summary.json."""
+    model, progress = s.model, s.progress
+    if progress.best is None:  # nothing trained: keep the model as it is
+        s.folder.save_model(model)
+    elif s.best_weights is not None:
+        model.load_state_dict(s.best_weights)
+    else:  # resumed after the best epoch: its weights are on disk (every rank reads OUT)
+        model.load_state_dict(load_pairs(s.folder.path).state_dict())
+    results = {}
+    for split in ("valid", "test") if "test" in s.splits else ("valid",):
+        results[split] = evaluate_split(s, split, batching)
+        log(f"{split}: {describe(results[split])}")
+    rate = {k: v for k, v in results["valid"].items() if k.endswith("_per_s")}
+    summary = {"encoder": model.kind,
+               **{{"valid": "dev", "test": "test"}[split]: {"spearman": m["spearman"], "pearson": m["pearson"]}
+                  for split, m in results.items()},
+               "inference": {**rate, "batch_size": batching.size, "split": "dev"},
+               **run_folder.summary(progress, vars(s.args), s.place, model, s.started, s.data_seconds)}
+    s.folder.write_json("summary.json", summary)
+    log(f"wrote {s.folder.path / 'summary.json'}, {s.folder.path / 'metrics.jsonl'}, "
+        f"{s.folder.path / 'model.safetensors'}")
+    return 0
 
 
 def main(argv=None):
-    """The whole run (loop.run_script: set_up, each epoch and its end, the final evaluation); the exit status."""
-    return loop.run_script(set_up, parse_args(argv))
+    """The whole run; the exit status: 0, 2 for bad input, 128 + n after signal n (run_folder.exit_status)."""
+    args = parse_args(argv)
+    try:
+        with run_folder.signals_raise_stopped():  # outside the loop, SIGINT and SIGTERM raise run_folder.Stopped
+            return train(set_up(args))
+    except Exception as error:
+        return run_folder.exit_status(error, args.out)  # one line; a bug in this code keeps its traceback
+    finally:
+        run_folder.release()
+        distributed.close()
 
 
 if __name__ == "__main__":

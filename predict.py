@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from data import (AG_CLASSES, DataError, batches_by_length, check_fits, encode_classification, encode_ner,
-                  load_tokenizer, word_tags)
+from data import AG_CLASSES, collate, encode_classification, encode_ner, length_batches, load_tokenizer, word_tags
 from metrics import chunks
-from model import CheckpointError, load_multitask
-from runtime import UsageError, pick_device, run_tool
+from model_folder import check_fits, load_multitask
+from runtime import CheckpointError, DataError, UsageError, exit_status_of, pick_device
 
 
 ABBREVIATION = re.compile(r"(?:[^\W\d_]\.){2,}")  # U.S., e.g.
@@ -64,19 +63,19 @@ def split_words(text):
 def head_outputs(model, part, device, batch_size, pad_id):
     """Per example of a TaskData, its logits on the CPU: (n_classes,) for ag, (T, n_tags) for ner."""
     out = [None] * len(part)
-    for indices, batch in batches_by_length(part, batch_size, pad_id):
+    for indices in length_batches(part.lengths(), batch_size):
+        batch = collate(part, indices, pad_id)
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), part.task).float().cpu()
         for row, i in enumerate(indices):
             out[i] = logits[row]
     return out
 
 
-def predict(model, tokenizer, texts, max_len, device, batch_size=32, warn=None):
-    """[{"text", "topic", "topic_scores", "entities": [{"text", "type", "start", "end"}]}] per text.
-
-    warn(message) is told about each text cut at max_len word pieces.
-    """
+def predict(model, tokenizer, texts, max_len, batch_size=32, warn=None):
+    """[{"text", "topic", "topic_scores", "entities": [{"text", "type", "start", "end"}]}] per text, on the
+    model's device. warn(message) is told about each text cut at max_len word pieces."""
     model.eval()
+    device = next(model.parameters()).device
     pad_id = model.bert.config.pad_token_id
     words = [split_words(text) for text in texts]
     topics = encode_classification([(text, 0) for text in texts], tokenizer, max_len)
@@ -153,7 +152,7 @@ def main(argv=None):
     except (UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = predict(model, tokenizer, texts, max_len, device, args.batch_size,
+    results = predict(model, tokenizer, texts, max_len, args.batch_size,
                       warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     for result in results:
         print(json.dumps(result, ensure_ascii=False) if args.json else show(result))
@@ -161,4 +160,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(exit_status_of(main))

@@ -1,11 +1,12 @@
 """What every script needs at run time: one-line errors, the device and precision, the optimizer step, output.
 
-train.py, bench.py (and any later script) import these from here, never
-from each other; model.py, data.py and checkpoint.py write files through
-atomic_write. Reading order: UsageError -> Place (device, autocast dtype,
-this process's rank) -> optimizer_step (the one AMP path: unscale, clip,
-step, update) -> small output helpers, and Report, the progress line of
-every long stage.
+The scripts import these from here, never from each other; every module
+that writes a file (weights, checkpoints, caches, JSON) writes it through
+atomic_write. Reading order: the errors a user can cause, and read_text ->
+Place (device, autocast dtype, this process's rank) -> optimizer_step (the
+one AMP path: unscale, clip, step, update) -> output: atomic_write, log
+(print on the first process only), and Report, the progress line of every
+long stage.
 """
 
 import json
@@ -22,6 +23,37 @@ import torch
 
 class UsageError(Exception):
     """A bad flag or input; a script prints it as one line and exits with status 2."""
+
+
+class DataError(ValueError):
+    """An input file that cannot be used; the message is one line naming the file (and line)."""
+
+
+class CheckpointError(ValueError):
+    """A model folder or checkpoint that cannot be loaded; the message is one line naming the file."""
+
+
+def read_text(path):
+    """The whole file as text, without a leading byte-order mark; a missing, binary or non-UTF-8 file is a
+    DataError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run `python download.py` first") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if b"\x00" in raw:
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: binary data (a NUL byte), not a text file")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheets write one) is not part of the text
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    return text
 
 
 def pick_device(name):
@@ -120,11 +152,11 @@ def os_error_line(e):
     return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
 
 
-def run_tool(main):
+def exit_status_of(main):
     """A command-line tool's main() as an exit status, for what happens around the code rather than in it:
     the reader of its output going away (`| head`) is not an error (0); the environment failing (a full
     disk, a permission, a folder gone) is one line and 2; Ctrl-C is one line and 130. Anything else is
-    a bug in this code and keeps its traceback. (train.py and pairs.py use loop.run_script.)"""
+    a bug in this code and keeps its traceback. (train.py and pairs.py use run_folder.exit_status.)"""
     try:
         return main()
     except BrokenPipeError:
@@ -156,6 +188,12 @@ def write_json(path, data, lines=False):
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def log(*args, **kwargs):
+    """print(), on the first process only: under torchrun every process runs the same code, and one speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs)
+
+
 def duration(seconds):
     """12m05s, or 1h02m past an hour."""
     seconds = int(seconds)
@@ -175,8 +213,8 @@ class Report:
 
     every = 10.0  # seconds between lines
 
-    def __init__(self, what, total, log=print, unit="examples", total_cost=None):
-        self.what, self.total, self.log, self.unit = what, total, log, unit
+    def __init__(self, what, total, unit="examples", total_cost=None):
+        self.what, self.total, self.unit = what, total, unit
         self.total_cost = total_cost if total_cost is not None else total
         self.done = self.cost = 0
         self.start = self.last = time.perf_counter()
@@ -189,7 +227,7 @@ class Report:
             self.last = now
             seconds = now - self.start
             eta = seconds * max(self.total_cost - self.cost, 0) / max(self.cost, 1)
-            self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}) | "
+            log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}) | "
                      f"{self.done / seconds:,.0f} {self.unit}/s | ETA {duration(eta)}", flush=True)
 
     def seconds(self):

@@ -5,49 +5,44 @@
     python train.py --out runs/NAME --resume          # continue an interrupted run
     python predict.py --model runs/NAME "Apple opened a store in London."   # then use it
 
-Reading order: the flags; task_loss and evaluate, what the two tasks are
-scored by; MultiTask, the job this script gives the loop (loop.py: the
-step, the epochs, checkpoints, the final test); set_up, which reads the
-data, builds the model and returns the loop's Run. Freezing lives in
-freeze.py, a frozen backbone's features in features.py, learning rates in
-lr.py, the checkpoint in checkpoint.py, the collectives of a torchrun job in
-distributed.py, and the device and precision in runtime.py. What a run
-writes to --out is listed in README.md.
+Reading order: the flags; task_loss and evaluate; set_up, which reads the
+data and builds the model and its optimizer; train, the loop: for each
+epoch, for each batch, forward, loss, backward, optimizer step, and at each
+epoch's end evaluate, keep the best, checkpoint; test; main. The rest is
+one-line calls to modules named for what they hold: freeze.py and lr.py
+(Tasks 3 and 4), features.py (a frozen backbone's outputs, computed once),
+run_folder.py (the --out folder, stop signals, exit status), step_log.py,
+checkpoint.py, distributed.py (torchrun), runtime.py (device, precision).
+Only rank 0 prints and writes the run folder (README.md lists its files).
 """
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import distributed
+import flags
 import freeze
-import loop
-from data import (AG_CLASSES, AG_VALID_FRACTION, IGNORE_INDEX, NER_TAGS, MultiTaskSampler, batches_by_length,
-                  check_fits, collate, copy_tokenizer, length_batches, limit_split, load_splits, load_tokenizer,
-                  word_tags)
-from features import DiskCache, FeatureStore
-from lr import part_rates
+import run_folder
+from checkpoint import Progress
+from data import (AG_CLASSES, AG_VALID_FRACTION, IGNORE_INDEX, NER_TAGS, Batching, MultiTaskSampler, collate,
+                  length_batches, limit_split, load_splits, load_tokenizer, word_tags)
+from features import DiskCache, FeatureStore, rows_wanted, weights_hash
+from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import entity_counts, scores_from_counts
-from model import (NORMS, POOLS, MultiTaskModel, load_multitask, load_pretrained, pooling_note,
-                   save_multitask)
-from runtime import PRECISION_NAMES, Place, Report, UsageError, pick_amp
+from model import NORMS, POOLS, MultiTaskModel, SentenceEncoder
+from model_folder import check_fits, load_multitask, load_pretrained, pooling_note
+from runtime import PRECISION_NAMES, Place, Report, UsageError, log, optimizer_step
+from step_log import StepLog, Work
 
-
-class Renamed(argparse.Action):
-    """A flag that was renamed: refuse it with one line that names its successor."""
-
-    def __init__(self, option_strings, dest, hint, **kwargs):
-        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        self.hint = hint
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"error: argument {option_string}: renamed; {self.hint}", file=sys.stderr)
-        raise SystemExit(2)
+TASKS = tuple(MultiTaskModel.heads)  # ("ag", "ner"): one loss, one log column, one head each
 
 
 def parse_args(argv=None):
@@ -62,23 +57,14 @@ def parse_args(argv=None):
     g.add_argument("--normalize", choices=NORMS, default="none", help="normalize the sentence embedding")
     g.add_argument("--head-dropout", type=float, default=0.1, help="dropout before each head")
     g = p.add_argument_group("freezing (Task 3)")
-    loop.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head | ner-head")
-    g.add_argument("--no-feature-store", action="store_true",
-                   help="with the whole backbone frozen, run it on every step instead of computing its outputs once")
-    g.add_argument("--feature-store-limit-mb", type=int, default=4096,
-                   help="largest frozen-backbone feature store to keep on the training device; past it, none")
-    g.add_argument("--feature-cache-limit-mb", type=int, default=10240,
-                   help="disk space for frozen-backbone features kept in DATA/.cache/features for later runs "
-                        "(least recently used go first; 0: store none)")
-    g.add_argument("--no-cache", action=Renamed,
-                   hint="use --no-feature-store (the frozen backbone's outputs) or --no-data-cache (tokenized data)")
-    g.add_argument("--cache-limit-mb", action=Renamed, hint="use --feature-store-limit-mb")
+    flags.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head | ner-head")
+    flags.add_feature_store_flags(g)  # a frozen backbone's outputs, computed once (features.py)
     g = p.add_argument_group("learning rates (Task 4)")
-    loop.add_rate_flags(g)
+    flags.add_rate_flags(g)
     g.add_argument("--cls-lr", type=float, default=None, help="learning rate of the classification head")
     g.add_argument("--ner-lr", type=float, default=None, help="learning rate of the NER head")
     g = p.add_argument_group("run")
-    loop.add_run_flags(g)
+    flags.add_run_flags(g)
     g.add_argument("--loss-norm", choices=("batch", "fixed"), default="batch",
                    help="what divides a batch's summed loss: batch: its own label count (the mean); fixed: the "
                         "label count of an average batch of the task, so that every labelled word weighs the "
@@ -96,9 +82,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Flag problems a parser cannot see; raises UsageError naming the flag."""
-    loop.check_flags(args, rates=("cls_lr", "ner_lr"),
-                     at_least=(("embed_dim", 1), ("group_window", 0), ("feature_store_limit_mb", 0),
-                               ("feature_cache_limit_mb", 0)))
+    flags.check_flags(args, rates=("cls_lr", "ner_lr"),
+                      at_least=(("embed_dim", 1), ("group_window", 0), ("feature_store_limit_mb", 0),
+                                ("feature_cache_limit_mb", 0)))
     if not 0 <= args.head_dropout < 1:
         raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
     if not 0 < args.ag_valid_fraction < 1:
@@ -140,40 +126,32 @@ ENTITY_TYPES = sorted({tag[2:] for tag in NER_TAGS if tag != "O"})
 
 
 @torch.no_grad()
-def evaluate(model, ag, ner, place, batch_size, pad_id, multiple=1, features=None, log=None, what="evaluation"):
-    """AG accuracy and CoNLL entity scores on one split (ag and ner: TaskData).
+def evaluate(model, data, place, batching, features=None):
+    """AG accuracy and CoNLL entity scores on one split: data = {"ag": TaskData, "ner": TaskData}.
 
     features: {task: features.Features} of this split, from a frozen backbone;
     then only the heads run. With several ranks, batch b goes to rank b %
     world_size, and the counts (correct, and true positives, predictions and
     gold entities per type) are summed over ranks: every rank gets exactly the
-    scores of a single process. log: progress lines every 10 s.
+    scores of a single process.
     """
     model.eval()
-    cost = sum(len(ids) for part in (ag, ner) for ids in part.input_ids)  # word pieces: the ETA follows them
-    report = Report(f"{what} pass", len(ag) + len(ner), log, total_cost=cost) if log else None
-
-    def predictions(part):
-        """(example indices, argmax per row) for this rank's batches."""
-        for indices, batch in batches_by_length(part, batch_size, pad_id, multiple, place.rank, place.world_size):
-            batch = place.to_device(batch)
+    cost = sum(len(ids) for part in data.values() for ids in part.input_ids)  # word pieces: the ETA follows them
+    report = Report("evaluation pass", sum(map(len, data.values())), total_cost=cost)
+    predicted = {task: {} for task in data}  # example index -> argmax per row: a class, or a tag per piece
+    for task, part in data.items():
+        for indices in length_batches(part.lengths(), batching.size, place.rank, place.world_size):
+            batch = place.to_device(collate(part, indices, batching.pad_id, batching.multiple))
             with place.autocast():
-                if features is None:
-                    logits = model(batch["input_ids"], batch["attention_mask"], part.task)
-                else:
-                    logits = model.head(features[part.task].batch(indices, batch["input_ids"].shape[1]), part.task)
-            if report:  # this rank's count, times the ranks: about the global count
-                pieces = sum(len(part.input_ids[i]) for i in indices)
-                report.update(len(indices) * place.world_size, pieces * place.world_size)
-            yield indices, logits.argmax(-1).tolist()
-
-    correct = sum(p == ag.labels[i] for indices, predicted in predictions(ag) for p, i in zip(predicted, indices))
-    gold, tags = [], []
-    for indices, pieces in predictions(ner):
-        for row, i in enumerate(indices):
-            gold.append(ner.word_tags[i])
-            tags.append(word_tags(pieces[row], ner.first_piece[i]))
-    counts = entity_counts(gold, tags)
+                stored = features and features[task].batch(indices, batch["input_ids"].shape[1])
+                logits = model(batch["input_ids"], batch["attention_mask"], task, stored)
+            predicted[task].update(zip(indices, logits.argmax(-1).tolist()))
+            pieces = sum(len(part.input_ids[i]) for i in indices)  # this rank's count, times the ranks: about
+            report.update(len(indices) * place.world_size, pieces * place.world_size)  # the global count
+    ag, ner = data["ag"], data["ner"]
+    correct = sum(p == ag.labels[i] for i, p in predicted["ag"].items())
+    counts = entity_counts([ner.word_tags[i] for i in predicted["ner"]],
+                           [word_tags(p, ner.first_piece[i]) for i, p in predicted["ner"].items()])
     flat = [correct] + [n for kind in ENTITY_TYPES for n in counts.get(kind, (0, 0, 0))]
     correct, *flat = distributed.sum_counts(flat, place)
     counts = {kind: flat[3 * k:3 * k + 3] for k, kind in enumerate(ENTITY_TYPES) if any(flat[3 * k:3 * k + 3])}
@@ -183,114 +161,100 @@ def evaluate(model, ag, ner, place, batch_size, pad_id, multiple=1, features=Non
             "ner_per_type": scores["per_type"]}
 
 
-# --- The job the loop runs ------------------------------------------------------------------
-
-class MultiTask:
-    """AG News and CoNLL-2003 on one encoder: what loop.py needs to train and score them."""
-    tasks = ("ag", "ner")
-    final_splits = ("test",)
-
-    def __init__(self, args, model, splits, place, rates, pad_id):
-        self.model, self.splits, self.place, self.rates = model, splits, place, rates
-        self.pad_id, self.pad_multiple = pad_id, 8 if args.compile else 1  # [PAD], or RoBERTa's <pad>
-        self.eval_batch_size = 2 * args.batch_size  # no activations are kept for backward
-        train = {task: by["train"] for task, by in splits.items()}
-        self.sampler = MultiTaskSampler({t: part.lengths() for t, part in train.items()}, args.batch_size,
-                                        args.seed, args.group_window, place.rank, place.world_size)
-        self.batch_size = self.sampler.batch_size
-        self.n_labels = {task: label_counts(part) for task, part in train.items()}  # task_loss's normalizer
-        self.loss_norm = args.loss_norm
-        # --loss-norm fixed: one divisor per task, the labels an average global batch holds
-        self.fixed_norm = {task: self.batch_size * float(counts.mean()) for task, counts in self.n_labels.items()}
-        self.features = None  # a frozen backbone's features of every example the run reads (set_up)
-        self.runner = None  # what a step calls: freeze.Runner, once the features are known (set_up)
-
-    def epoch(self, epoch):
-        return self.sampler.epoch(epoch)
-
-    def loss(self, task, global_batch):
-        indices = self.sampler.share(global_batch)  # this rank's part of the global batch
-        batch = self.place.to_device(collate(self.splits[task]["train"], indices, self.pad_id, self.pad_multiple))
-        with self.place.autocast():  # the model, or only its heads on stored features (freeze.Runner)
-            logits = self.runner(task, batch, indices)
-        if self.loss_norm == "fixed":
-            normalizer = self.fixed_norm[task] / self.place.world_size
-        else:
-            normalizer = float(self.n_labels[task][global_batch].sum()) / self.place.world_size
-        return task_loss(logits, batch["labels"], task, normalizer)
-
-    def evaluate(self, split, log):
-        """evaluate() on a split with the run's batching (on stored features with a frozen backbone)."""
-        return evaluate(self.model, self.splits["ag"][split], self.splits["ner"][split], self.place,
-                        self.eval_batch_size, self.pad_id, self.pad_multiple,
-                        features=self.features and self.features.of(split), log=log, what=split)
-
-    def size(self, split):
-        return sum(len(by[split]) for by in self.splits.values())
-
-    def sources(self):
-        """Every split's fingerprint (its file's bytes, the tokenizer, max_len): what the checkpoint pins."""
-        return {f"{task}/{split}": part.source for task, by in self.splits.items() for split, part in by.items()}
-
-    def record(self, metrics):
-        return {k: metrics[k] for k in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall")}
-
-    def describe(self, metrics):
-        return (f"AG accuracy {metrics['ag_accuracy']:.4f} | NER F1 {metrics['ner_f1']:.4f} "
-                f"(P {metrics['ner_precision']:.4f} R {metrics['ner_recall']:.4f})")
-
-    def score(self, metrics):
-        return (metrics["ag_accuracy"] + metrics["ner_f1"]) / 2
-
-    def summary(self, results):
-        return {"split": "test", **results["test"], "feature_store": self.features and self.features.stats}
-
-    def save(self, out, extra):
-        save_multitask(self.model, out, extra=extra)
-
-    def saved(self, out):
-        return load_multitask(out).state_dict()
-
-    def rebuild(self):
-        self.runner.rebuild()
+def describe(metrics):
+    return (f"AG accuracy {metrics['ag_accuracy']:.4f} | NER F1 {metrics['ner_f1']:.4f} "
+            f"(P {metrics['ner_precision']:.4f} R {metrics['ner_recall']:.4f})")
 
 
 # --- Set-up ----------------------------------------------------------------------------
 
-def base_rates(args, num_layers):
-    """part -> base learning rate, from the flags of Task 4 (lr.part_rates)."""
-    return part_rates(num_layers, args.lr, args.lr_decay, args.head_lr, args.cls_lr, args.ner_lr)
+@dataclass
+class Setup:
+    """What set_up builds: everything the loop reads, and `progress`, which it moves on."""
+    args: argparse.Namespace  # the flags, with --lr and --lr-decay auto resolved
+    place: Place  # device, autocast dtype, and this process's rank of world_size
+    folder: run_folder.RunFolder  # where rank 0 writes the metrics, the best model and the checkpoint
+    model: MultiTaskModel
+    splits: dict  # {task: {split: TaskData}}
+    sampler: MultiTaskSampler  # which examples form each training batch, epoch by epoch
+    plan: freeze.Plan  # the frozen parts of every epoch
+    rates: dict  # part -> base learning rate (lr.part_rates)
+    optimizer: torch.optim.Optimizer  # AdamW over lr.py's groups
+    scaler: torch.amp.GradScaler  # loss scaling, on only for fp16
+    progress: Progress  # where the run stands: every checkpoint saves it
+    fingerprint: dict  # the data and pretrained model the run is made from (checkpoint.fingerprint)
+    started: float  # time.perf_counter() when this invocation started
+    data_seconds: float  # of which reading and tokenizing
+    best_weights: dict = None  # the best epoch's weights, kept in memory on every rank
+
+    @property
+    def batching(self):
+        """Evaluation batches, twice the training size (no activations are kept for backward); under
+        --compile every batch is padded to a multiple of 8 tokens."""
+        return Batching(2 * self.args.batch_size, self.model.bert.config.pad_token_id, 8 if self.args.compile else 1)
 
 
-def open_inputs(args):
-    """Check and read everything a run starts from; any problem raises a one-line error.
-
-    Returns (place, bert, plan, out, saved checkpoint or None, splits).
-    """
+def set_up(args):
+    """Check the flags; read the model and the data; build the model, its optimizer and the sampler; with
+    --resume, restore all of it from the checkpoint. Returns the Setup."""
+    started = time.perf_counter()
     check_args(args)
-    rank, world_size, device = distributed.init(args.device)
-    place = Place(device, pick_amp(args.amp, device), rank, world_size)
-    tokenizer = load_tokenizer(args.model)
-    bert = load_pretrained(args.model)
+    place = distributed.init(args.device, args.amp)  # under torchrun, after joining the process group
+    tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
-    if (note := loop.resolve_auto_rates(args, bert.config)) and rank == 0:
-        print(note)  # before open_out, so that the run records (and --resume compares) the numbers
-    widest = -(-args.max_len // 8) * 8  # --compile pads to a multiple of 8
-    if args.compile and widest > bert.config.max_len:
-        raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
-                         f"the model's {bert.config.max_len} positions")
-    plan = loop.freeze_plan(args, bert.config)
-    out, saved = loop.open_out(args, world_size, rank)
-    data_cache = None if args.no_data_cache else Path(args.data) / ".cache"
-    splits = load_splits(args.data, tokenizer, args.max_len, cache_dir=data_cache, log=print if rank == 0 else None,
-                         ag_valid_fraction=args.ag_valid_fraction)
-    return place, bert, plan, out, saved, splits
+    if note := flags.resolve_auto_rates(args, bert.config):
+        log(note)  # before the folder records the flags, so that --resume compares the numbers
+    flags.check_compile(args, bert.config)
+    plan = flags.freeze_plan(args, bert.config, tuple(MultiTaskModel.heads.values()))
+    folder, saved = run_folder.claim(args, place)  # with --resume, the checkpoint read and checked
+    cache = None if args.no_data_cache else Path(args.data) / ".cache"
+    splits = load_splits(args.data, tokenizer, args.max_len, cache, ag_valid_fraction=args.ag_valid_fraction)
+    torch.manual_seed(args.seed)  # the same initial heads on every rank
+    splits = {task: {name: limit_split(part, args.limit) for name, part in by.items()} for task, by in splits.items()}
+    data_seconds = time.perf_counter() - started
+    for task, by in splits.items():
+        log(f"{task}: " + ", ".join(f"{s} {len(p):,} ({sum(p.truncated)} truncated)" for s, p in by.items()))
+    model = build_model(args, bert, plan, place)
+    sampler = MultiTaskSampler({task: by["train"].lengths() for task, by in splits.items()}, args.batch_size,
+                               args.seed, args.group_window, place.rank, place.world_size)
+
+    # The optimizer holds what trains in epoch 0, one group per part and rate (lr.py); fp16 scales the loss.
+    rates = base_rates(args, plan.num_layers)
+    groups = param_groups(model, rates, args.weight_decay)
+    optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
+                                  fused=place.device.type == "cuda")
+    if plan.trains(args.epochs):
+        log("optimizer groups:\n" + format_groups(groups))
+    scaler = place.scaler()
+    if place.world_size > 1:
+        torch.manual_seed(args.seed + 1_000_003 * place.rank)  # different dropout on each rank
+    progress = Progress(flags=vars(args), world_size=place.world_size)
+    sources = {f"{task}/{split}": part.source for task, by in splits.items() for split, part in by.items()}
+    fingerprint = checkpoint.fingerprint(args.data, sources, args.model, weights_hash(model))  # before any step
+    if saved is not None:  # --resume: the same model, data and flags, restored where they stood
+        checkpoint.check_fingerprint(folder.checkpoint, saved.fingerprint, fingerprint)
+        for epoch in range(1, saved.progress.epoch + (saved.progress.batch > 0)) if plan.gradual else ():
+            freeze.release(model, optimizer, plan.frozen_at(epoch), rates, args.weight_decay)  # the same groups
+        progress = checkpoint.restore(saved, folder.checkpoint, model, optimizer, scaler, place.rank)
+        progress.flags = vars(args)
+        log(f"resumed from {folder.checkpoint}: epoch {progress.epoch + 1}, batch {progress.batch}, "
+            f"step {progress.step}")
+    folder.copy_tokenizer(args.model)  # so that OUT is a complete model folder (predict.py, embed.py)
+    return Setup(args, place, folder, model, splits, sampler, plan, rates, optimizer, scaler, progress, fingerprint,
+                 started, data_seconds)
 
 
-def build_model(args, bert, plan, place, log):
-    """The two-head model, frozen as the plan says for epoch 0."""
-    model = MultiTaskModel(bert, args.pool, args.embed_dim, args.normalize, n_classes=len(AG_CLASSES),
-                           n_tags=len(NER_TAGS), head_dropout=args.head_dropout).to(place.device)
+def base_rates(args, num_layers):
+    """part -> base learning rate, from the flags of Task 4 (lr.part_rates): --cls-lr and --ner-lr, or --head-lr."""
+    heads = {"cls_head": args.head_lr if args.cls_lr is None else args.cls_lr,
+             "ner_head": args.head_lr if args.ner_lr is None else args.ner_lr}
+    return part_rates(num_layers, args.lr, args.lr_decay, heads)
+
+
+def build_model(args, bert, plan, place):
+    """The two-head model on the device, frozen as the plan says for epoch 0, compiled with --compile."""
+    encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize)  # Task 1's, shared by both heads
+    model = MultiTaskModel(encoder, len(AG_CLASSES), len(NER_TAGS), args.head_dropout).to(place.device)
     if note := pooling_note(bert.config, args.pool):
         log(note)
     freeze.apply_freeze(model, plan.frozen_at(0))
@@ -303,62 +267,159 @@ def build_model(args, bert, plan, place, log):
     return model
 
 
-def set_up(args):
-    """Everything the loop needs, as a loop.Run."""
-    started = time.perf_counter()
-    place, bert, plan, out, saved, splits = open_inputs(args)
-    log = print if place.rank == 0 else (lambda *_, **__: None)  # only rank 0 speaks, and only rank 0 writes
-    torch.manual_seed(args.seed)  # the same initial heads on every rank
-    splits = {task: {s: limit_split(part, args.limit) for s, part in by.items()} for task, by in splits.items()}
-    data_seconds = time.perf_counter() - started
-    for task, by in splits.items():
-        log(f"{task}: " + ", ".join(f"{s} {len(p):,} ({sum(p.truncated)} truncated)" for s, p in by.items()))
+# --- The loop ---------------------------------------------------------------------------
 
-    model = build_model(args, bert, plan, place, log)
-    job = MultiTask(args, model, splits, place, base_rates(args, plan.num_layers), bert.config.pad_token_id)
-    run = loop.start(args, job, plan, place, out, saved, log, started, data_seconds)
-    loop.on_rank0(run, copy_tokenizer, args.model, out)  # so that OUT is a complete model folder (predict.py)
-    job.features = frozen_features(run)
-    job.runner = freeze.Runner(model, place, job.features and job.features.of("train"))
-    if not plan.trains(args.epochs):
+def train(s):
+    """The run: for each epoch, for each batch: forward, loss, backward, optimizer step, log; at the
+    epoch's end: evaluate, keep the best, checkpoint; then test. Returns the exit status."""
+    args, model, place, progress, optimizer, scaler = s.args, s.model, s.place, s.progress, s.optimizer, s.scaler
+    epochs = run_folder.epochs_to_run(progress, args) if s.plan.trains(args.epochs) else range(0)
+    steps_per_epoch = len(s.sampler.epoch(0))
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup * total_steps)
+    n_labels = {task: label_counts(by["train"]) for task, by in s.splits.items()}  # what each example's loss counts
+    fixed_norm = {task: s.sampler.batch_size * float(n.mean()) for task, n in n_labels.items()}  # --loss-norm fixed
+    features = frozen_features(s, epochs)  # a backbone frozen all run: its outputs, computed once; else None
+    ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in TASKS}
+    steps = StepLog(TASKS, place, args.log_every, Work(total_steps, s.sampler.batch_size, args.epochs,
+                                                      sum(len(by["valid"]) for by in s.splits.values()),
+                                                      sum(len(by["test"]) for by in s.splits.values())))
+    log_plan(s, steps_per_epoch, warmup_steps)
+    with run_folder.StopSignals() as stop:  # SIGINT, SIGTERM: the step finishes, a checkpoint is saved
+        for epoch in epochs:
+            if s.plan.gradual and epoch > 0 and progress.batch == 0:  # gradual unfreezing: release a layer
+                released = freeze.release(model, optimizer, s.plan.frozen_at(epoch), s.rates, args.weight_decay)
+                ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in TASKS}
+                log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
+            freeze.set_train_mode(model, s.plan.frozen_at(epoch))
+            batches = s.sampler.epoch(epoch)  # [(task, example indices)]: one task per batch
+            steps.start_epoch()
+            for b in range(progress.batch, len(batches)):
+                task, global_batch = batches[b]
+                indices = s.sampler.share(global_batch)  # this rank's part of the global batch
+                batch = place.to_device(collate(s.splits[task]["train"], indices, s.batching.pad_id,
+                                                s.batching.multiple))
+                for group in optimizer.param_groups:  # each part's rate (lr.py) x warmup, then linear decay
+                    group["lr"] = group["base_lr"] * lr_factor(progress.step, total_steps, warmup_steps)
+                net = ddp if trains[task] else model  # DDP would wait for gradients that a frozen task never has
+                with place.autocast():  # the forward pass; a frozen backbone's outputs come from the store
+                    stored = features and features.batch("train", task, indices, batch["input_ids"].shape[1])
+                    logits = net(batch["input_ids"], batch["attention_mask"], task, stored)
+                divisor = fixed_norm[task] if args.loss_norm == "fixed" else float(n_labels[task][global_batch].sum())
+                loss = task_loss(logits, batch["labels"], task, divisor / place.world_size)  # in fp32
+                if loss.requires_grad:  # False when all of this task's path is frozen: nothing to update
+                    scaler.scale(loss).backward()
+                    progress.skipped_steps += optimizer_step(optimizer, scaler, args.clip)  # unscale, clip, step
+                progress.step, progress.batch = progress.step + 1, b + 1
+                steps.add(task, loss.detach(), len(global_batch))
+                if signum := steps.after_step(progress, stop.signum, optimizer, last=b + 1 == len(batches)):
+                    return stop_mid_epoch(s, steps, signum)
+
+            # The epoch's end: evaluate on validation, keep the best model, save a checkpoint.
+            progress.train_seconds += steps.end_epoch()
+            metrics = evaluate_split(s, "valid", features)
+            scores = {k: metrics[k] for k in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall")}
+            progress.history.append({"epoch": epoch + 1, "step": progress.step, "split": "valid", **scores,
+                                     **steps.epoch_record(progress, time.perf_counter() - s.started)})
+            s.folder.write_json("metrics.jsonl", progress.history, lines=True)
+            log(f"epoch {epoch + 1} valid: {describe(metrics)}")
+            score = (metrics["ag_accuracy"] + metrics["ner_f1"]) / 2
+            if progress.best is None or score > progress.best["score"]:
+                progress.best = {"score": score, "epoch": epoch + 1}
+                s.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                s.folder.save_model(model)
+                log(f"  best so far: saved {s.folder.path / 'model.safetensors'}")
+            progress.epoch, progress.batch = epoch + 1, 0
+            s.folder.save_checkpoint(progress, model, optimizer, scaler, s.fingerprint)  # all that --resume needs
+            if signum := distributed.agree([stop.signum], place)[0]:  # one came during evaluation or saving
+                log(f"stopped by signal {signum} after epoch {epoch + 1}: checkpoint saved; "
+                    f"continue with --out {s.folder.path} --resume", file=sys.stderr)
+                return 128 + signum
+    if epochs and epochs.stop < args.epochs:
+        log(f"stopping after epoch {epochs.stop} (--stop-after); continue with --out {s.folder.path} --resume")
+        return 0
+    return evaluate_best(s, features)
+
+
+def log_plan(s, steps_per_epoch, warmup_steps):
+    """The line that says what the run will do."""
+    args, world_size = s.args, s.place.world_size
+    if not s.plan.trains(args.epochs):
         log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is, on the test split only")
-        return run
-    shown = (f"global batch {job.batch_size} = {args.batch_size} per rank x {place.world_size} ranks"
-             if place.world_size > 1 else f"batch {args.batch_size}")
-    log(f"training: {args.epochs} epochs x {run.steps_per_epoch} steps ({job.sampler.per_task:,} examples per task "
-        f"per epoch, {shown}); warmup {run.warmup_steps} steps")
-    return run
+        return
+    shown = (f"global batch {s.sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
+             if world_size > 1 else f"batch {args.batch_size}")
+    log(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({s.sampler.per_task:,} examples per task "
+        f"per epoch, {shown}); warmup {warmup_steps} steps")
 
 
-def frozen_features(run):
-    """With the whole backbone frozen for the whole run, the features of every example the run
-    will read (features.py): the training rows of the epochs still to run, and this rank's
-    validation and test batches. None otherwise, or with --no-feature-store."""
-    args, place, progress, job = run.args, run.place, run.progress, run.job
-    if not run.plan.backbone_fixed() or args.no_feature_store:
+def frozen_features(s, epochs):
+    """With the whole backbone frozen for the whole run, its outputs for every example the run will read
+    (features.py). None otherwise, with --no-feature-store, or where they would not fit in memory."""
+    args = s.args
+    if not s.plan.backbone_fixed() or args.no_feature_store:
         return None
-    wanted, epochs = {}, run.epochs_to_run
-    if epochs:  # the rows these epochs draw, from where a resumed run stands
-        for task, rows in job.sampler.reads(epochs.start, progress.batch, epochs.stop).items():
-            wanted[(task, "train")] = (job.splits[task]["train"], rows)
-    passes = (["valid"] if epochs else []) + (["test"] if run.ends_with_test else [])  # evaluations to come
-    for split in passes:
-        for task, by in job.splits.items():
-            batches = length_batches(by[split].lengths(), job.eval_batch_size, place.rank, place.world_size)
-            wanted[(task, split)] = (by[split], [i for batch in batches for i in batch])
-    cache = None
-    if not args.no_data_cache and args.feature_cache_limit_mb > 0:
-        cache = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb, run.log)
-    return FeatureStore.build(run.model, wanted, place, job.eval_batch_size, job.pad_id, job.pad_multiple,
-                              args.feature_store_limit_mb, cache, run.log,
-                              agree=lambda need: distributed.agree([need], run.control, place)[0])
+    train_rows = s.sampler.reads(epochs.start, s.progress.batch, epochs.stop) if epochs else {}  # what epochs draw
+    evaluated = (["valid"] if epochs else []) + (["test"] if not epochs or epochs.stop == args.epochs else [])
+    wanted = rows_wanted(s.splits, train_rows, evaluated, s.batching.size, s.place)  # + this rank's eval rows
+    on_disk = None
+    if not args.no_data_cache and args.feature_cache_limit_mb > 0:  # DATA/.cache/features, for later runs
+        on_disk = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb)
+    return FeatureStore.build(s.model, wanted, s.place, s.batching, args.feature_store_limit_mb, on_disk)
 
 
-# --- The whole run -------------------------------------------------------------------------
+def stop_mid_epoch(s, steps, signum):
+    """After a stop signal: save a checkpoint in the middle of the epoch; returns 128 + the signal number."""
+    steps.drain(s.progress)
+    s.progress.train_seconds += steps.end_epoch()
+    s.folder.save_checkpoint(s.progress, s.model, s.optimizer, s.scaler, s.fingerprint)
+    log(f"stopped by signal {signum} at step {s.progress.step}: checkpoint saved; "
+        f"continue with --out {s.folder.path} --resume", file=sys.stderr)
+    return 128 + signum
+
+
+def evaluate_split(s, split, features):
+    """evaluate() on one split with the run's batching, timed into progress (the ETA's evaluation rate)."""
+    start = time.perf_counter()
+    data = {task: by[split] for task, by in s.splits.items()}
+    metrics = evaluate(s.model, data, s.place, s.batching, features and features.of(split))
+    s.progress.eval_seconds += time.perf_counter() - start
+    s.progress.eval_examples += sum(len(part) for part in data.values())
+    return metrics
+
+
+def evaluate_best(s, features):
+    """The best model by validation, scored on the test split; writes summary.json. Returns 0."""
+    model, progress = s.model, s.progress
+    if progress.best is None:  # nothing trained: keep the model as it is
+        s.folder.save_model(model)
+    elif s.best_weights is not None:
+        model.load_state_dict(s.best_weights)
+    else:  # resumed after the best epoch: its weights are on disk (every rank reads OUT)
+        model.load_state_dict(load_multitask(s.folder.path).state_dict())
+    metrics = evaluate_split(s, "test", features)
+    log(f"test: {describe(metrics)}")
+    summary = {"split": "test", **metrics, "feature_store": features and features.stats,
+               **run_folder.summary(progress, vars(s.args), s.place, model, s.started, s.data_seconds)}
+    s.folder.write_json("summary.json", summary)
+    log(f"wrote {s.folder.path / 'summary.json'}, {s.folder.path / 'metrics.jsonl'}, "
+        f"{s.folder.path / 'model.safetensors'}")
+    return 0
+
+
+# --- The whole run ---------------------------------------------------------------------------
 
 def main(argv=None):
-    """The whole run (loop.run_script: set_up, each epoch and its end, the final test); the exit status."""
-    return loop.run_script(set_up, parse_args(argv))
+    """The whole run; the exit status: 0, 2 for bad input, 128 + n after signal n (run_folder.exit_status)."""
+    args = parse_args(argv)
+    try:
+        with run_folder.signals_raise_stopped():  # outside the loop, SIGINT and SIGTERM raise run_folder.Stopped
+            return train(set_up(args))
+    except Exception as error:
+        return run_folder.exit_status(error, args.out)  # one line; a bug in this code keeps its traceback
+    finally:
+        run_folder.release()  # the folder's lock; a folder made and left empty is removed
+        distributed.close()
 
 
 if __name__ == "__main__":

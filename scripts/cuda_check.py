@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from model import NORMS, POOLS, SentenceEncoder, load_pretrained
+from model import NORMS, POOLS, SentenceEncoder
+from model_folder import load_pretrained
 
 
 def padded_batch(lengths, vocab_size, device):

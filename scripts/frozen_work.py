@@ -26,13 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import MultiTaskSampler, length_batches, load_splits, load_tokenizer, pad  # noqa: E402
-from model import Bert, BertConfig, MultiTaskModel, load_pretrained  # noqa: E402
+from model import Bert, BertConfig, MultiTaskModel, SentenceEncoder  # noqa: E402
+from model_folder import load_pretrained  # noqa: E402
 
 
 @torch.no_grad()
 def pieces_per_second(bert, rows, batch_size=64):
     """Encode rows (token id lists) as features.py does, in eval mode, longest first; word pieces per second."""
-    model = MultiTaskModel(bert, pool="max").eval()
+    model = MultiTaskModel(SentenceEncoder(bert, pool="max")).eval()
     start = time.perf_counter()
     for indices in length_batches([len(r) for r in rows], batch_size):
         model.features(*pad([rows[i] for i in indices]), "ag")

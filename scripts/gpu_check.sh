@@ -73,12 +73,9 @@ def with_cudnn(name):
     torch.backends.cuda.enable_cudnn_sdp(True)
     return device
 distributed.pick_device = with_cudnn
-if sys.argv[1] == "pad8":
-    init = train.MultiTask.__init__
-    def padded(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.pad_multiple = 8
-    train.MultiTask.__init__ = padded
+if sys.argv[1] == "pad8":  # the padding of every batch, training and evaluation (train.Setup.batching)
+    from data import Batching
+    train.Setup.batching = property(lambda s: Batching(2 * s.args.batch_size, s.model.bert.config.pad_token_id, 8))
 sys.exit(train.main(sys.argv[3:]))'
 step 90 train-bf16-cudnn-attention $py -c "$variant" as-is "${train[@]:1}" --amp bf16 \
   --out "$out/train-bf16-cudnn-attention"

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import TaskData, collate, encode_classification, encode_ner, load_tokenizer, read_ag_news, read_conll
-from model import POOLS, load_pretrained, normalize_rows, pool_tokens
+from model import POOLS, normalize_rows, pool_tokens
+from model_folder import load_pretrained
 
 
 @torch.no_grad()

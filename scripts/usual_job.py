@@ -46,7 +46,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import loop  # noqa: E402
+import flags  # noqa: E402
 import train  # noqa: E402
 from data import (AG_VALID_FRACTION, NER_ID, MultiTaskSampler, read_ag_news, read_conll, split_off,  # noqa: E402
                   word_tags)
@@ -98,9 +98,10 @@ def param_groups(model, rates, weight_decay):
 def job_rates(args, config):
     """(part -> base rate, warmup fraction, weight decay) of --rates usual or ours, for this backbone."""
     if args.rates == "usual":
-        return part_rates(config.num_hidden_layers, args.lr, 1.0, args.head_lr), args.warmup, args.weight_decay
+        heads = {"cls_head": args.head_lr, "ner_head": args.head_lr}
+        return part_rates(config.num_hidden_layers, args.lr, 1.0, heads), args.warmup, args.weight_decay
     ours = train.parse_args([])
-    loop.resolve_auto_rates(ours, config)
+    flags.resolve_auto_rates(ours, config)
     return train.base_rates(ours, config.num_hidden_layers), ours.warmup, ours.weight_decay
 
 

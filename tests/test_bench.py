@@ -33,7 +33,7 @@ def test_bench_refuses_gpu_only_precisions_on_the_cpu(capsys):
 
 def test_transformers_twin_has_the_same_shape():
     pytest.importorskip("transformers")
-    ours = bench.MultiTaskModel(bench.Bert(bench.SHAPES["minilm"]))
+    ours = bench.MultiTaskModel(bench.SentenceEncoder(bench.Bert(bench.SHAPES["minilm"])))
     theirs = bench.TransformersModel(bench.SHAPES["minilm"])
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 23_015_437
 

@@ -13,12 +13,14 @@ from safetensors.torch import save_file
 import checkpoint
 import train
 from checkpoint import Checkpoint, Progress
-from model import CheckpointError, MultiTaskModel, load_pretrained
+from runtime import CheckpointError
+from model import MultiTaskModel, SentenceEncoder
+from model_folder import load_pretrained
 
 
 def trained_objects():
     torch.manual_seed(0)
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN))
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
     optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "name": "all", "base_lr": 1e-3}])
     loss = model(torch.randint(5, 99, (2, 7)), torch.ones(2, 7, dtype=torch.long), "ag").sum()
     loss.backward()
@@ -29,7 +31,7 @@ def trained_objects():
 
 def test_save_then_read_gives_back_every_part(tmp_path):
     model, optimizer, scaler = trained_objects()
-    progress = Progress(run={"seed": 3}, world_size=2, epoch=1, batch=5, step=17, best={"score": 0.5, "epoch": 1},
+    progress = Progress(flags={"seed": 3}, world_size=2, epoch=1, batch=5, step=17, best={"score": 0.5, "epoch": 1},
                         history=[{"epoch": 1}], loss_sum=2.5, loss_count=4)
     torch.manual_seed(1)
     other = torch.get_rng_state()  # rank 1's state: another seed's
@@ -68,7 +70,7 @@ def test_read_refuses_what_is_not_a_checkpoint(tmp_path):
 
 
 def test_resume_checks_name_what_changed():
-    progress = Progress(run={"seed": 0, "batch_size": 4, "out": "a", "log_every": 5}, world_size=1)
+    progress = Progress(flags={"seed": 0, "batch_size": 4, "out": "a", "log_every": 5}, world_size=1)
     checkpoint.check_resume("ck", progress, {"seed": 0, "batch_size": 4, "out": "b", "log_every": 1}, 1)
     with pytest.raises(CheckpointError, match=r"ck: --resume needs the flags of the saved run; changed: "
                                               r"--seed 0 -> 1; --batch-size 4 -> 8"):
@@ -178,7 +180,7 @@ def test_a_checkpoint_written_before_a_flag_existed_resumes_with_that_flags_old_
     from types import SimpleNamespace
 
     from checkpoint import ADDED_FLAGS, check_resume
-    saved = SimpleNamespace(run={"epochs": 2, "lr": 5e-5}, world_size=1)  # written before --loss-norm existed
+    saved = SimpleNamespace(flags={"epochs": 2, "lr": 5e-5}, world_size=1)  # written before --loss-norm existed
     check_resume("OUT/checkpoint", saved, {"epochs": 2, "lr": 5e-5, **ADDED_FLAGS}, world_size=1)
     with pytest.raises(CheckpointError, match="changed: --loss-norm batch -> fixed$"):
         check_resume("OUT/checkpoint", saved, {"epochs": 2, "lr": 5e-5, **ADDED_FLAGS, "loss_norm": "fixed"}, 1)

@@ -9,25 +9,8 @@ import torch
 from conftest import FIXTURES, ROOT
 
 import data
-from data import (
-    IGNORE_INDEX,
-    NER_TAGS,
-    DataError,
-    MultiTaskSampler,
-    clean_ag_text,
-    collate,
-    encode_classification,
-    encode_file,
-    encode_ner,
-    load_splits,
-    load_tokenizer,
-    padding_fraction,
-    read_ag_news,
-    read_conll,
-    split_off,
-    to_iob2,
-    word_tags,
-)
+from data import IGNORE_INDEX, NER_TAGS, DataError, MultiTaskSampler, clean_ag_text, collate, encode_classification, encode_file, encode_ner, load_splits, load_tokenizer, read_ag_news, read_conll, split_off, to_iob2, word_tags
+from data_summary import padding_fraction
 
 DATA = FIXTURES / "data"
 SHARED = ROOT.parent / "shared" / "data"  # real files, present on the development machines and in CI
@@ -359,7 +342,7 @@ def test_load_splits_and_command_line_summary(tokenizer):
 
 def test_collated_batch_feeds_the_encoder(tokenizer):
     """A collated batch is what Bert.forward takes: the same states as one unpadded example."""
-    from model import load_pretrained
+    from model_folder import load_pretrained
     bert = load_pretrained(FIXTURES / "tiny_bert_plain").eval()
     tiny_tok = load_tokenizer(FIXTURES / "tiny_bert_plain")
     part = encode_classification([("the cat sat", 0), ("a dog sat on the mat", 1)], tiny_tok, 32)

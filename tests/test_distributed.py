@@ -21,11 +21,12 @@ from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-import loop
+import run_folder
 import train
 from runtime import Place
-from data import MultiTaskSampler, length_batches, load_splits, load_tokenizer
-from model import MultiTaskModel, load_multitask, load_pretrained
+from data import Batching, MultiTaskSampler, length_batches, load_splits, load_tokenizer
+from model import MultiTaskModel, SentenceEncoder
+from model_folder import load_multitask, load_pretrained
 
 DATA = FIXTURES / "data"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
@@ -71,8 +72,8 @@ def worker(rank, world_size, port, argv, record, expect, signal_at=None):
             return task_loss(*args)
 
         train.task_loss = interrupting
-    loop.write_json = recording("write_json", loop.write_json)
-    train.save_multitask = recording("save_multitask", train.save_multitask)
+    run_folder.write_json = recording("write_json", run_folder.write_json)
+    run_folder.save_trained = recording("save_trained", run_folder.save_trained)
     checkpoint.save = recording("save_checkpoint", checkpoint.save)
     code = train.main(argv)
     save_file({f"{n}.{k}": v for n, weights in enumerate(evaluations) for k, v in weights.items()},
@@ -109,14 +110,14 @@ def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path, capfd)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(weights0[0]["cls_head.out.weight"], weights0[1]["cls_head.out.weight"])  # it trained
     assert writes1 == []  # only rank 0 writes
-    assert {"write_json", "save_multitask", "save_checkpoint"} <= set(writes0)
+    assert {"write_json", "save_trained", "save_checkpoint"} <= set(writes0)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
     # The sharded test evaluation against one process evaluating the saved best model.
     summary = json.loads((out / "summary.json").read_text())
     splits = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64)
-    single = train.evaluate(load_multitask(out), splits["ag"]["test"], splits["ner"]["test"],
-                            Place(torch.device("cpu")), 4, 0)
+    single = train.evaluate(load_multitask(out), {task: by["test"] for task, by in splits.items()},
+                            Place(torch.device("cpu")), Batching(4))
     for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall", "ner_per_type"):
         assert summary[key] == single[key], key
 
@@ -262,7 +263,7 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     assert time.monotonic() - killed < 90
     # The checkpoint on disk is whole (written atomically) and loads into the model.
     saved = checkpoint.read(path)
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN), n_classes=4, n_tags=9)
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)), n_classes=4, n_tags=9)
     model.load_state_dict(saved.model)
     assert saved.progress.epoch >= 1
     assert load_multitask(out).cls_head.out.weight.shape == (4, 32)

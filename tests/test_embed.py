@@ -10,7 +10,8 @@ import torch
 from conftest import BROKEN, FIXTURES, ROOT, TINY_PLAIN, broken_copy
 
 from data import load_tokenizer
-from model import SentenceEncoder, load_pretrained
+from model import SentenceEncoder
+from model_folder import load_pretrained
 
 SENTENCES = ["the cat sat on the mat", "the dog sat on the rug", "stocks fell"]
 

@@ -19,8 +19,9 @@ import embed
 import predict
 import train
 from data import encode_ner, load_tokenizer
-from model import (BertConfig, CheckpointError, MultiTaskModel, checkpoint_names, load_multitask, load_pretrained,
-                   save_multitask)
+from model import MultiTaskModel, SentenceEncoder
+from runtime import CheckpointError
+from model_folder import checkpoint_names, load_multitask, load_pretrained, read_config, save_trained
 
 CASES = json.loads((FIXTURES / "family_tokenizer_cases.json").read_text())
 FOLDERS = {(family, layout): FIXTURES / f"tiny_{family}_{layout}"
@@ -42,10 +43,10 @@ def test_hidden_states_match_transformers(family, layout):
 
 
 def test_family_config_facts():
-    roberta = BertConfig.from_json(FOLDERS["roberta", "hub"] / "config.json")
+    roberta = read_config(FOLDERS["roberta", "hub"] / "config.json")
     assert (roberta.model_type, roberta.pad_token_id, roberta.position_start, roberta.max_len) == ("roberta", 1, 2, 64)
     assert roberta.type_vocab_size == 1 and roberta.layer_norm_eps == 1e-5
-    distil = BertConfig.from_json(FOLDERS["distilbert", "hub"] / "config.json")
+    distil = read_config(FOLDERS["distilbert", "hub"] / "config.json")
     assert (distil.hidden_size, distil.num_hidden_layers, distil.num_attention_heads, distil.intermediate_size) == (
         32, 2, 4, 37)
     assert (distil.type_vocab_size, distil.layer_norm_eps, distil.position_start, distil.max_len) == (0, 1e-12, 0, 64)
@@ -87,8 +88,8 @@ def test_unsupported_models_are_refused_in_one_line(tmp_path, case, message):
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
 def test_a_trained_model_saves_in_its_family_layout_and_loads_back(tmp_path, family):
     torch.manual_seed(0)
-    model = MultiTaskModel(load_pretrained(FOLDERS[family, "hub"]), pool="mean")
-    save_multitask(model, tmp_path / "run")
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(FOLDERS[family, "hub"]), pool="mean"))
+    save_trained(model, tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model_type"] == family and ("dim" in config) == (family == "distilbert")
     again = load_multitask(tmp_path / "run")
@@ -136,9 +137,9 @@ def test_live_against_transformers(family, layout):
 
 
 def test_no_code_names_the_bert_pad_token():
-    """The pad id comes from the model's config: [PAD] is BERT's name only (data.py's vocab.txt builder)."""
+    """The pad id comes from the model's config: [PAD] is BERT's name only (model_folder.py's vocab.txt builder)."""
     for path in ROOT.glob("*.py"):
-        if path.name != "data.py":
+        if path.name != "model_folder.py":
             assert '"[PAD]"' not in path.read_text(), path.name
 
 
@@ -211,13 +212,13 @@ def test_family_details_that_transformers_has(tmp_path):
     assert [layer.attn_dropout.p for layer in distil.layers] == [0.0, 0.0]
     assert bert.layers[0].attn_dropout.p == bert.layers[0].dropout.p == 0.1
     # Without a pooler, freezing every layer freezes the whole backbone: features can be stored
-    assert freeze.Plan.from_flags("lower:2", "none", 2, pooler=False).backbone_fixed()
-    assert not freeze.Plan.from_flags("lower:2", "none", 2, pooler=True).backbone_fixed()
+    assert freeze.Plan.from_flags("lower:2", "none", 2, ("cls_head", "ner_head"), pooler=False).backbone_fixed()
+    assert not freeze.Plan.from_flags("lower:2", "none", 2, ("cls_head", "ner_head"), pooler=True).backbone_fixed()
     # transformers' defaults where config.json is silent: RoBERTa pads with 1
     raw = json.loads((FOLDERS["roberta", "hub"] / "config.json").read_text())
     del raw["pad_token_id"]
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    config = BertConfig.from_json(tmp_path / "config.json")
+    config = read_config(tmp_path / "config.json")
     assert (config.pad_token_id, config.position_start) == (1, 2)
     assert not byte_level(Tokenizer(WordPiece({"[UNK]": 0}, unk_token="[UNK]")))  # no pre-tokenizer at all
 

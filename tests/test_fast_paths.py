@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import TINY_PLAIN
 
 import model as model_module
-from model import BertConfig, SelfAttention, dropout, load_pretrained
+from model import BertConfig, SelfAttention, dropout
+from model_folder import load_pretrained
 
 
 def test_cpu_dropout_zeroes_p_and_scales_the_rest():

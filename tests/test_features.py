@@ -142,9 +142,10 @@ def test_resume_encodes_only_the_epochs_still_to_run(tmp_path, data):
     assert same_scores(again, straight)
 
 
-def test_the_disk_cap_evicts_the_least_recently_used_key_and_never_the_runs_own(tmp_path):
+def test_the_disk_cap_evicts_the_least_recently_used_key_and_never_the_runs_own(tmp_path, monkeypatch):
     lines = []
-    cache = features.DiskCache(tmp_path / "features", 0.01, lambda *a, **k: lines.append(a[0]))  # about 10 kB
+    monkeypatch.setattr(features, "log", lambda *a, **k: lines.append(a[0]))
+    cache = features.DiskCache(tmp_path / "features", 0.01)  # about 10 kB
     vectors = [torch.ones(1, 32) * i for i in range(20)]  # 20 x 128 bytes
     cache.in_use = {"old", "new"}
     cache.save("old", list(range(20)), [5] * 20, vectors)
@@ -165,7 +166,8 @@ def test_report_prints_rate_and_eta_every_interval(monkeypatch):
     clock = iter([0.0, 4.0, 10.0, 15.0, 21.0])
     monkeypatch.setattr("runtime.time.perf_counter", lambda: next(clock))
     lines = []
-    report = Report("encoding features", 100, lambda line, **_: lines.append(line), total_cost=1000)
+    monkeypatch.setattr("runtime.log", lambda line, **_: lines.append(line))
+    report = Report("encoding features", 100, total_cost=1000)
     report.update(10, cost=50)  # t=4: too soon
     report.update(20, cost=200)  # t=10: 250 of 1000 cost in 10 s -> 30 s left
     report.update(10, cost=50)  # t=15: 5 s after the last line

@@ -10,10 +10,12 @@ import train
 from runtime import optimizer_step
 from data import collate, encode_classification, encode_ner, load_tokenizer, read_ag_news, read_conll
 from lr import param_groups, part_rates
-from model import MultiTaskModel, load_pretrained
+from model import MultiTaskModel, SentenceEncoder
+from model_folder import load_pretrained
 
 DATA = FIXTURES / "data"
 ALL_PARTS = {"embeddings", "layer.0", "layer.1", "pooler", "cls_head", "ner_head"}
+HEADS = tuple(MultiTaskModel.heads.values())  # ("cls_head", "ner_head")
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +29,12 @@ def batches():
 def three_steps(spec, batches):
     """Freeze by spec, then take 3 optimizer steps the way train.py does; returns (before, after, model, optimizer)."""
     torch.manual_seed(0)
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN), pool="cls", embed_dim=8)  # cls: the pooler gets gradients
-    frozen = freeze.parse_freeze(spec, 2)
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN), pool="cls", embed_dim=8))  # cls: the pooler gets gradients
+    frozen = freeze.parse_freeze(spec, 2, HEADS)
     freeze.apply_freeze(model, frozen)
-    freeze.set_train_mode(model, frozen, 2)
+    freeze.set_train_mode(model, frozen)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(param_groups(model, part_rates(2, 1e-3, 0.9, 1e-2), 0.01) or [{"params": []}])
+    optimizer = torch.optim.AdamW(param_groups(model, part_rates(2, 1e-3, 0.9, {"cls_head": 1e-2, "ner_head": 1e-2}), 0.01) or [{"params": []}])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for task, batch in batches:
         loss = train.task_loss(model(batch["input_ids"], batch["attention_mask"], task), batch["labels"], task)
@@ -71,9 +73,9 @@ def test_frozen_stay_identical_and_trained_change(spec, frozen_parts, batches):
 
 def test_bad_strategies():
     with pytest.raises(ValueError, match="unknown strategy 'top'"):
-        freeze.parse_freeze("backbone,top", 2)
+        freeze.parse_freeze("backbone,top", 2, HEADS)
     with pytest.raises(ValueError, match="'lower:3': N must be a whole number from 1 to 2"):
-        freeze.parse_freeze("lower:3", 2)
+        freeze.parse_freeze("lower:3", 2, HEADS)
 
 
 def test_gradual_schedule():
@@ -113,21 +115,21 @@ def test_gradual_unfreezing_across_epochs(tmp_path):
 
 
 def test_plan_gives_each_epoch_its_frozen_parts():
-    plan = freeze.Plan.from_flags("ner-head", "gradual", 2)
+    plan = freeze.Plan.from_flags("ner-head", "gradual", 2, HEADS)
     assert plan.frozen_at(0) == {"embeddings", "layer.0", "layer.1", "pooler", "ner_head"}
     assert plan.frozen_at(3) == {"ner_head"}
     assert plan.trains(1) and not plan.backbone_fixed()
-    assert freeze.Plan.from_flags("backbone", "none", 2).backbone_fixed()  # its outputs can be stored
-    assert not freeze.Plan.from_flags("lower:2", "none", 2).backbone_fixed()  # the pooler still trains
-    assert not freeze.Plan.from_flags("all", "none", 2).trains(5)
-    assert freeze.Plan.from_flags("all", "gradual", 2).trains(2) is False  # --freeze all wins over unfreezing
+    assert freeze.Plan.from_flags("backbone", "none", 2, HEADS).backbone_fixed()  # its outputs can be stored
+    assert not freeze.Plan.from_flags("lower:2", "none", 2, HEADS).backbone_fixed()  # the pooler still trains
+    assert not freeze.Plan.from_flags("all", "none", 2, HEADS).trains(5)
+    assert freeze.Plan.from_flags("all", "gradual", 2, HEADS).trains(2) is False  # --freeze all wins over unfreezing
 
 
 def test_a_task_trains_only_where_its_path_has_trainable_parameters():
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN), pool="mean")
-    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,ner-head", 2))
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN), pool="mean"))
+    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,ner-head", 2, HEADS))
     # The pooler still trains, but NER steps never read it, and mean pooling does not either.
     assert freeze.task_trains(model, "ag") and not freeze.task_trains(model, "ner")
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN), pool="cls")
-    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,cls-head", 2))
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN), pool="cls"))
+    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,cls-head", 2, HEADS))
     assert freeze.task_trains(model, "ag")  # with cls pooling the classification path reads the pooler

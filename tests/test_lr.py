@@ -5,18 +5,22 @@ import argparse
 import pytest
 from conftest import TINY_PLAIN
 
+import flags
 import freeze
-import loop
 from lr import EMBEDDINGS_SHARE, auto_decay, auto_top_rate, format_groups, lr_factor, param_groups, part_rates
-from model import BertConfig, MultiTaskModel, load_pretrained
+from model import BertConfig, MultiTaskModel, SentenceEncoder
+from model_folder import load_pretrained
+
+
+HEAD_RATES = {"cls_head": 1e-3, "ner_head": 1e-3}
 
 
 def model():
-    return MultiTaskModel(load_pretrained(TINY_PLAIN), "mean", embed_dim=8)
+    return MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN), "mean", embed_dim=8))
 
 
 def test_rates_rise_from_embeddings_through_layers_to_heads():
-    rates = part_rates(num_layers=4, lr=1e-4, lr_decay=0.5, head_lr=1e-3, ner_lr=2e-3)
+    rates = part_rates(num_layers=4, lr=1e-4, lr_decay=0.5, head_rates={"cls_head": 1e-3, "ner_head": 2e-3})
     assert rates == {"layer.3": 1e-4, "layer.2": 5e-5, "layer.1": 2.5e-5, "layer.0": 1.25e-5,
                      "embeddings": 6.25e-6, "pooler": 1e-4, "cls_head": 1e-3, "ner_head": 2e-3}
     order = [rates[p] for p in ("embeddings", "layer.0", "layer.1", "layer.2", "layer.3", "cls_head")]
@@ -32,7 +36,7 @@ def test_auto_rates_keep_to_bert_base_practice_and_scale_with_size():
     assert auto_decay(12) == pytest.approx(0.95, abs=0.002)  # Sun et al.'s decay for bert-base
     assert auto_decay(6) == pytest.approx(0.9)
     for layers in (2, 6, 12, 24):  # whatever the depth, the embeddings get the same share of the top rate
-        rates = part_rates(layers, auto_top_rate(768), auto_decay(layers), 1e-3)
+        rates = part_rates(layers, auto_top_rate(768), auto_decay(layers), HEAD_RATES)
         assert rates["embeddings"] / rates[f"layer.{layers - 1}"] == pytest.approx(EMBEDDINGS_SHARE)
 
 
@@ -40,18 +44,18 @@ def test_auto_flags_resolve_for_the_backbone_and_numbers_stay():
     config = BertConfig(vocab_size=10, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                         intermediate_size=16, max_position_embeddings=8)
     args = argparse.Namespace(lr="auto", lr_decay="auto")
-    chose = loop.resolve_auto_rates(args, config)
+    chose = flags.resolve_auto_rates(args, config)
     assert chose == "auto rates: --lr 0.0002 (hidden size 384), --lr-decay 0.9 (6 layers)"
     assert (args.lr, args.lr_decay) == (pytest.approx(2e-4), pytest.approx(0.9))
     args = argparse.Namespace(lr=3e-5, lr_decay="auto")
-    assert loop.resolve_auto_rates(args, config) == "auto rates: --lr-decay 0.9 (6 layers)" and args.lr == 3e-5
+    assert flags.resolve_auto_rates(args, config) == "auto rates: --lr-decay 0.9 (6 layers)" and args.lr == 3e-5
     args = argparse.Namespace(lr=3e-5, lr_decay=1.0)
-    assert loop.resolve_auto_rates(args, config) is None and (args.lr, args.lr_decay) == (3e-5, 1.0)
+    assert flags.resolve_auto_rates(args, config) is None and (args.lr, args.lr_decay) == (3e-5, 1.0)
 
 
 def test_every_group_gets_its_formula_rate_and_decay_rule():
     m = model()
-    rates = part_rates(2, 3e-5, 0.9, 1e-3, cls_lr=5e-4)
+    rates = part_rates(2, 3e-5, 0.9, {"cls_head": 5e-4, "ner_head": 1e-3})
     groups = param_groups(m, rates, weight_decay=0.01)
     expected_lr = {"embeddings": 3e-5 * 0.81, "layer.0": 3e-5 * 0.9, "layer.1": 3e-5, "pooler": 3e-5,
                    "cls_head": 5e-4, "ner_head": 1e-3}
@@ -73,8 +77,8 @@ def test_every_group_gets_its_formula_rate_and_decay_rule():
 
 def test_groups_hold_trainable_parameters_only():
     m = model()
-    freeze.apply_freeze(m, freeze.parse_freeze("lower:1,ner-head", 2))
-    groups = param_groups(m, part_rates(2, 3e-5, 0.9, 1e-3), 0.01)
+    freeze.apply_freeze(m, freeze.parse_freeze("lower:1,ner-head", 2, tuple(MultiTaskModel.heads.values())))
+    groups = param_groups(m, part_rates(2, 3e-5, 0.9, HEAD_RATES), 0.01)
     assert {g["name"].removesuffix(" (no decay)") for g in groups} == {"layer.1", "pooler", "cls_head"}
     assert all(p.requires_grad for g in groups for p in g["params"])
 

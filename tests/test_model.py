@@ -9,7 +9,8 @@ from conftest import BROKEN, FIXTURES, TINY_LEGACY, TINY_PLAIN, broken_copy
 from safetensors.torch import load_file, save_file
 
 from data import load_tokenizer
-from model import BertConfig, CheckpointError, checkpoint_names, load_pretrained, to_checkpoint
+from runtime import CheckpointError
+from model_folder import checkpoint_names, load_pretrained, read_config, to_checkpoint
 
 REFERENCE = load_file(FIXTURES / "tiny_bert_reference.safetensors")
 
@@ -115,14 +116,14 @@ def test_live_minilm_against_transformers(minilm_dir):
 
 
 def test_config_reads_json_and_rejects_other_activations(tmp_path):
-    config = BertConfig.from_json(TINY_PLAIN / "config.json")
+    config = read_config(TINY_PLAIN / "config.json")
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 4)
     assert (config.intermediate_size, config.vocab_size, config.layer_norm_eps) == (37, 101, 1e-12)
     raw = json.loads((TINY_PLAIN / "config.json").read_text())
     raw["hidden_act"] = "gelu_new"
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match=r"config\.json: hidden_act 'gelu_new' is not supported"):
-        BertConfig.from_json(tmp_path / "config.json")
+        read_config(tmp_path / "config.json")
 
 
 # --- Bad checkpoints: each gives one line that names the file and the problem ---

@@ -10,9 +10,10 @@ from conftest import FIXTURES, ROOT, TINY_PLAIN
 
 import predict
 import train
-from data import encode_classification, encode_ner, load_tokenizer, read_conll
+from data import Batching, encode_classification, encode_ner, load_tokenizer, read_conll
 from metrics import chunks
-from model import MultiTaskModel, load_pretrained
+from model import MultiTaskModel, SentenceEncoder
+from model_folder import load_pretrained
 from runtime import Place
 
 DATA = FIXTURES / "data"
@@ -51,11 +52,11 @@ def test_tags_equal_what_evaluate_predicts_for_the_same_words(monkeypatch):
 
     monkeypatch.setattr(train, "word_tags", recording)
     torch.manual_seed(0)
-    model, tokenizer = MultiTaskModel(load_pretrained(TINY_PLAIN)), load_tokenizer(TINY_PLAIN)
+    model, tokenizer = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN))), load_tokenizer(TINY_PLAIN)
     ner = encode_ner(sentences, tokenizer, 64)
     ag = encode_classification([], tokenizer, 64)
-    train.evaluate(model, ag, ner, Place(torch.device("cpu")), 8, tokenizer.token_to_id("[PAD]"))
-    results = predict.predict(model, tokenizer, texts, 64, torch.device("cpu"))
+    train.evaluate(model, {"ag": ag, "ner": ner}, Place(torch.device("cpu")), Batching(8, tokenizer.token_to_id("[PAD]")))
+    results = predict.predict(model, tokenizer, texts, 64)
     tagged = 0
     for text, (words, _), first, result in zip(texts, sentences, ner.first_piece, results):
         tags = recorded[id(first)]
@@ -128,8 +129,8 @@ def test_the_run_folder_is_a_complete_model_folder(run_dir):
 
 
 def test_tools_end_environment_failures_in_one_line(capsys):
-    """predict.py, embed.py, bench.py and data.py run main() through runtime.run_tool."""
-    from runtime import run_tool
+    """predict.py, embed.py, bench.py and data.py run main() through runtime.exit_status_of."""
+    from runtime import exit_status_of
 
     def full():
         raise OSError(28, "No space left on device", "/out/vectors.json")
@@ -140,11 +141,12 @@ def test_tools_end_environment_failures_in_one_line(capsys):
     def bug():
         raise ZeroDivisionError("a bug keeps its traceback")
 
-    assert run_tool(full) == 2
+    assert exit_status_of(full) == 2
     assert capsys.readouterr().err == "error: /out/vectors.json: No space left on device\n"
-    assert run_tool(interrupted) == 130
+    assert exit_status_of(interrupted) == 130
     assert capsys.readouterr().err == "stopped by signal 2\n"
     with pytest.raises(ZeroDivisionError):
-        run_tool(bug)
-    for script in ("predict.py", "embed.py", "bench.py", "data.py"):
-        assert "sys.exit(run_tool(main))" in (ROOT / script).read_text(), script
+        exit_status_of(bug)
+    for script in ("predict.py", "embed.py", "bench.py", "data_summary.py"):
+        assert "sys.exit(exit_status_of(main))" in (ROOT / script).read_text(), script
+    assert "sys.exit(exit_status_of(data_summary.main))" in (ROOT / "data.py").read_text()

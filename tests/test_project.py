@@ -74,3 +74,43 @@ def test_tests_holds_only_tests_conftest_and_fixtures():
     others = [p.name for p in (ROOT / "tests").iterdir()
               if p.name not in ("conftest.py", "fixtures", "__pycache__") and not re.fullmatch(r"test_\w+\.py", p.name)]
     assert not others, f"not tests: {others} (scripts belong in scripts/)"
+
+
+FIRST_READ = ("model.py", "data.py", "train.py", "freeze.py", "lr.py")
+
+
+def test_the_first_read_holds_at_most_1500_lines():
+    """The design card's files hold the ideas; the operational code lives in modules beside them."""
+    lines = {name: len((ROOT / name).read_text().splitlines()) for name in FIRST_READ}
+    assert sum(lines.values()) <= 1500, lines
+
+
+def test_no_parameter_list_is_longer_than_six():
+    """Values that travel together are one dataclass (self and cls not counted)."""
+    long = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+                if len(names) > 6:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({len(names)} parameters)")
+    assert not long, long
+
+
+def calls_in(node):
+    """The names of the functions and methods a function calls."""
+    return {getattr(c.func, "attr", getattr(c.func, "id", None)) for c in ast.walk(node) if isinstance(c, ast.Call)}
+
+
+def test_the_training_scripts_write_out_their_step_in_one_function():
+    """One function of train.py (and of pairs.py) loops over the batches and holds the forward pass, the
+    loss, backward and the optimizer step itself, within 80 lines; it hands no object to a loop elsewhere."""
+    for script, loss in (("train.py", "task_loss"), ("pairs.py", "pair_loss")):
+        tree = ast.parse((ROOT / script).read_text())
+        loops = [node for node in tree.body if isinstance(node, ast.FunctionDef)
+                 and {loss, "backward", "optimizer_step", "autocast"} <= calls_in(node)
+                 and any(isinstance(n, ast.For) for n in ast.walk(node))]
+        assert len(loops) == 1, f"{script}: {[n.name for n in loops]}"
+        assert loops[0].end_lineno - loops[0].lineno + 1 <= 80, script

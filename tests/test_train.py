@@ -12,11 +12,13 @@ import torch
 from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors import safe_open
 
-import loop
+import run_folder
+import step_log
 import train
 from runtime import Place, optimizer_step
-from data import load_splits, load_tokenizer
-from model import MultiTaskModel, load_multitask, load_pretrained
+from data import Batching, load_splits, load_tokenizer
+from model import MultiTaskModel, SentenceEncoder
+from model_folder import load_multitask, load_pretrained
 
 DATA = FIXTURES / "data"
 TASK_LOSS = train.task_loss
@@ -52,7 +54,8 @@ def test_full_tiny_run_writes_every_output(tmp_path, capsys):
     load_pretrained(out)  # the encoder part is a plain BERT checkpoint
     tokenizer = load_tokenizer(TINY_PLAIN)
     splits = load_splits(DATA, tokenizer, 64)
-    again = train.evaluate(model, splits["ag"]["test"], splits["ner"]["test"], Place(torch.device("cpu")), 8, 0)
+    test = {task: by["test"] for task, by in splits.items()}
+    again = train.evaluate(model, test, Place(torch.device("cpu")), Batching(8))
     for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall"):
         assert again[key] == summary[key]
 
@@ -97,7 +100,7 @@ def test_a_signal_leaves_a_checkpoint_to_resume(tmp_path, signum):
     with safe_open(out / "checkpoint" / "checkpoint.safetensors", "pt") as f:
         state = json.loads(f.metadata()["state"])
     assert state["step"] >= 3
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN))
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
     model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint_weights(out).items()})
     # It resumes where it stopped (run to the end of a shorter schedule of the same length per epoch).
     result = subprocess.run([*argv, "--resume", "--stop-after", "1"], capture_output=True, text=True, check=False)
@@ -108,7 +111,7 @@ def test_a_signal_leaves_a_checkpoint_to_resume(tmp_path, signum):
 
 def test_fp16_scaler_skips_a_step_with_an_inf_gradient():
     torch.manual_seed(0)
-    model = MultiTaskModel(load_pretrained(TINY_PLAIN))
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
     ids, mask = torch.randint(5, 99, (2, 7)), torch.ones(2, 7, dtype=torch.long)
@@ -181,12 +184,12 @@ def test_a_task_with_nothing_to_train_is_skipped_not_fatal(tmp_path):
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 1, "--freeze", "backbone,ner-head")) == 0
     summary = json.loads((out / "summary.json").read_text())
-    model, start = load_multitask(out), MultiTaskModel(load_pretrained(TINY_PLAIN))
+    model, start = load_multitask(out), MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
     assert summary["parameters"]["trainable"] == sum(p.numel() for p in model.cls_head.parameters())
     assert all(torch.equal(a, b) for a, b in zip(model.bert.parameters(), start.bert.parameters()))
     bert = load_pretrained(TINY_PLAIN)
     torch.manual_seed(0)  # train.py seeds after loading BERT, then builds the heads
-    fresh = MultiTaskModel(bert)
+    fresh = MultiTaskModel(SentenceEncoder(bert))
     assert all(torch.equal(a, b) for a, b in zip(model.ner_head.parameters(), fresh.ner_head.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(model.cls_head.parameters(), fresh.cls_head.parameters()))
 
@@ -246,7 +249,7 @@ def test_frozen_backbone_feature_store_trains_the_heads_like_the_backbone_path(t
     a, b = checkpoint_weights(tmp_path / "stored"), checkpoint_weights(tmp_path / "plain")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not torch.equal(a["model.cls_head.out.weight"],
-                           MultiTaskModel(load_pretrained(TINY_PLAIN)).cls_head.out.weight)  # the heads trained
+                           MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN))).cls_head.out.weight)  # the heads trained
 
 
 def test_feature_store_over_its_limit_falls_back_to_running_the_backbone(tmp_path, capsys):
@@ -288,7 +291,7 @@ def test_renamed_flags_are_refused_with_their_new_names(tmp_path, capsys, old, h
 
 def test_a_log_line_at_least_every_log_seconds(tmp_path, monkeypatch, capsys):
     """--log-every 1000 would print only at the epochs' ends; the clock asks for a line after every step here."""
-    monkeypatch.setattr(loop, "LOG_SECONDS", 0.0)
+    monkeypatch.setattr(step_log, "LOG_SECONDS", 0.0)
     argv = flags(tmp_path / "run", "--epochs", 2)
     argv[argv.index("--log-every") + 1] = "1000"
     assert train.main(argv) == 0
@@ -297,24 +300,16 @@ def test_a_log_line_at_least_every_log_seconds(tmp_path, monkeypatch, capsys):
 
 
 def test_the_eta_counts_the_evaluation_passes_still_to_come():
-    from types import SimpleNamespace
-
     from checkpoint import Progress
-    from data import TaskData
 
-    def part(n):
-        return TaskData("ag", [[0]] * n, [0] * n, [False] * n)
-
-    splits = {"ag": {"valid": part(100), "test": part(300)}, "ner": {"valid": part(50), "test": part(10)}}
-    progress = Progress(run={}, step=40, history=[{}])  # epoch 1 of 3 done, with its validation pass
-    job = SimpleNamespace(batch_size=32, final_splits=("test",),
-                          size=lambda split: sum(len(by[split]) for by in splits.values()))
-    run = SimpleNamespace(progress=progress, job=job, args=SimpleNamespace(epochs=3), total_steps=100)
+    progress = Progress(flags={}, step=40, history=[{}])  # epoch 1 of 3 done, with its validation pass
+    # valid: 100 AG + 50 CoNLL examples; test: 300 + 10
+    work = step_log.Work(total_steps=100, batch_size=32, epochs=3, valid_examples=150, final_examples=310)
     # 60 steps x 32 examples at 64/s = 30 s; then 2 valid passes (150 each) and the test (310): 610 examples,
     # before any pass was timed at 3 x 64 = 192/s
-    assert loop.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 192)
+    assert step_log.seconds_left(work, progress, 64.0) == pytest.approx(30 + 610 / 192)
     progress.eval_examples, progress.eval_seconds = 150, 3.0  # measured: 50/s
-    assert loop.seconds_left(run, 64.0) == pytest.approx(30 + 610 / 50)
+    assert step_log.seconds_left(work, progress, 64.0) == pytest.approx(30 + 610 / 50)
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999"])
@@ -359,8 +354,8 @@ def test_a_run_folder_in_use_is_refused_and_released_after(tmp_path, capsys):
 
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "runs/20261126-120000")  # the same second, three times
-    folders = [loop.new_run_folder() for _ in range(3)]
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "runs/20261126-120000")  # the same second, 3 times
+    folders = [run_folder.new_run_folder() for _ in range(3)]
     assert [str(f) for f in folders] == ["runs/20261126-120000", "runs/20261126-120000-2", "runs/20261126-120000-3"]
     assert all(f.is_dir() for f in folders)
 
@@ -382,7 +377,7 @@ def test_too_few_ag_rows_for_a_validation_split_are_refused(tmp_path, capsys):
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ag_accuracy"] in (0.0, 1.0)  # 1 row
     argv[argv.index("--out") + 1] = str(tmp_path / "all-held")
     assert train.main(argv + ["--ag-valid-fraction", "0.97"]) == 2
-    assert capsys.readouterr().err.endswith(f"11 rows leave no training rows (97% of train are held out for "
+    assert capsys.readouterr().err.endswith("11 rows leave no training rows (97% of train are held out for "
                                             "validation); give it at least 17 rows\n")
 
 
@@ -433,15 +428,15 @@ def test_an_ag_validation_share_outside_0_1_is_refused(tmp_path, capsys, share):
 
 
 def signal_in_evaluation(monkeypatch, split, signum):
-    """Send signum to this process as evaluate() starts on split."""
-    evaluate = train.evaluate
+    """Send signum to this process as the evaluation of split starts."""
+    evaluate_split = train.evaluate_split
 
-    def interrupted(*args, **kwargs):
-        if kwargs.get("what") == split:
+    def interrupted(s, name, *args):
+        if name == split:
             os.kill(os.getpid(), signum)
-        return evaluate(*args, **kwargs)
+        return evaluate_split(s, name, *args)
 
-    monkeypatch.setattr(train, "evaluate", interrupted)
+    monkeypatch.setattr(train, "evaluate_split", interrupted)
 
 
 def test_a_signal_in_the_final_test_leaves_the_checkpoint_and_the_hint(tmp_path, monkeypatch, capsys):
@@ -488,7 +483,7 @@ def test_a_full_disk_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
     def full(path, *args, **kwargs):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(loop, "write_json", full)
+    monkeypatch.setattr(run_folder, "write_json", full)
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 1)) == 2
     assert capsys.readouterr().err == f"error: {out / 'metrics.jsonl'}: No space left on device\n"
@@ -508,13 +503,13 @@ def test_every_written_file_follows_the_umask(tmp_path):
 
 
 def test_a_full_disk_while_saving_weights_leaves_no_config_without_them(tmp_path, monkeypatch, capsys):
-    import model
+    import model_folder
     from safetensors import SafetensorError
 
     def full(tensors, path, *args, **kwargs):
         raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
 
-    monkeypatch.setattr(model, "save_file", full)
+    monkeypatch.setattr(model_folder, "save_file", full)
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 1)) == 2
     err = capsys.readouterr().err

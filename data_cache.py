@@ -1,0 +1,98 @@
+"""The data cache: tokenized files kept on disk, so that a later run skips tokenizing them.
+
+data.encode_file reads a dataset file and tokenizes it; with a cache folder
+(DATA/.cache unless --no-data-cache) it first looks here, and stores what
+it tokenized. A cached file is named after its data file and a key that
+hashes everything its token ids depend on: the file's bytes, the tokenizer
+and max_len. So an edited file, another tokenizer or another --max-len
+finds no entry and is tokenized again; nothing is ever read stale.
+
+    <folder>/<data folder>-<file stem>-<key>.safetensors
+        truncated                 (N,) int8     was example i cut at max_len?
+        ids, ids_offsets          the token ids of every example, ragged: ids[offsets[i]:offsets[i + 1]]
+        labels                    (N,) class ids (ag), or tag ids per piece with ids_offsets (ner)
+        word_tags, word_offsets   ner: each word's gold tag id, ragged per sentence
+        first_piece               ner: each word's first piece, with word_offsets
+
+Files are written atomically (under torchrun, every rank may write the
+same one at once). An unreadable entry is reported and tokenized again; a
+folder that cannot be written is reported, and the run goes on without it.
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from runtime import atomic_write
+
+FORMAT = 2  # part of every key; 2: byte-level BPE words get their leading space
+
+
+def key(path, tokenizer, max_len):
+    """What a file's token ids depend on, hashed: its bytes, the tokenizer, max_len."""
+    h = hashlib.sha256()
+    h.update(Path(path).read_bytes())
+    h.update(tokenizer.to_str().encode())
+    h.update(f"max_len={max_len};format={FORMAT}".encode())
+    return h.hexdigest()[:20]
+
+
+def _entry(folder, path, key):
+    return Path(folder) / f"{path.parent.name}-{path.stem}-{key}.safetensors"
+
+
+def _pack(rows):
+    """Ragged int lists -> (flat array, offsets) for safetensors."""
+    offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+    flat = np.fromiter((x for r in rows for x in r), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def _unpack(flat, offsets):
+    flat = flat.tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def load(folder, path, key, tags):
+    """The fields of data.TaskData for `path` tokenized under `key`, or None: no folder, no entry, or an
+    unreadable one (with a warning). tags: the NER tag names, indexed by the stored tag ids."""
+    entry = _entry(folder, path, key) if folder is not None and key is not None else None
+    if entry is None or not entry.exists():
+        return None
+    try:
+        arrays = load_file(entry)
+        fields = {"truncated": arrays["truncated"].astype(bool).tolist(),
+                  "input_ids": _unpack(arrays["ids"], arrays["ids_offsets"])}
+        if "word_tags" not in arrays:
+            return {"task": "ag", **fields, "labels": arrays["labels"].tolist()}
+        word_tags = [[tags[i] for i in row] for row in _unpack(arrays["word_tags"], arrays["word_offsets"])]
+        return {"task": "ner", **fields, "labels": _unpack(arrays["labels"], arrays["ids_offsets"]),
+                "word_tags": word_tags, "first_piece": _unpack(arrays["first_piece"], arrays["word_offsets"])}
+    except (SafetensorError, KeyError) as e:
+        print(f"warning: {entry}: unreadable cache ({e}); tokenizing again", file=sys.stderr)
+        return None
+
+
+def save(folder, path, key, data, tags):
+    """Store data (a data.TaskData) for `path` under `key`, if there is a folder; tags as in load()."""
+    if folder is None or key is None:
+        return
+    arrays = {"truncated": np.array(data.truncated, dtype=np.int8)}
+    arrays["ids"], arrays["ids_offsets"] = _pack(data.input_ids)
+    if data.task == "ag":
+        arrays["labels"] = np.array(data.labels, dtype=np.int64)
+    else:
+        tag_id = {tag: i for i, tag in enumerate(tags)}
+        arrays["labels"], _ = _pack(data.labels)  # same offsets as ids
+        arrays["word_tags"], arrays["word_offsets"] = _pack([[tag_id[t] for t in row] for row in data.word_tags])
+        arrays["first_piece"], _ = _pack(data.first_piece)  # same offsets as word_tags
+    entry = _entry(folder, path, key)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(entry, lambda tmp: save_file(arrays, tmp, metadata={"task": data.task}))
+    except OSError as e:  # a read-only data folder, say: run on without a cache
+        print(f"warning: cannot write the cache {entry} ({e.strerror}); continuing without it", file=sys.stderr)

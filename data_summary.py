@@ -1,0 +1,95 @@
+"""A summary of every split: what `python data.py --data DIR --model DIR` prints.
+
+Per task and split: examples, label counts, word pieces per example (mean,
+95th percentile, longest) and how many were cut at --max-len; then what one
+training epoch of the multi-task sampler costs in padding, with and without
+length grouping.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data import AG_CLASSES, MultiTaskSampler, collate, load_splits, load_tokenizer
+from runtime import DataError, exit_status_of
+
+
+def padding_fraction(batches, lengths):
+    """Share of padded positions in [(task, indices)] batches, given per-task example lengths."""
+    real = padded = 0
+    for task, indices in batches:
+        sizes = lengths[task][indices]
+        real += int(sizes.sum())
+        padded += int(sizes.max()) * len(indices)
+    return 1 - real / padded
+
+
+def split_summary(data):
+    """One summary row: examples, label counts, word pieces per example, share truncated."""
+    if data.task == "ag":
+        counts = np.bincount(data.labels, minlength=len(AG_CLASSES))
+        labels = " ".join(f"{name} {c:,}" for name, c in zip(AG_CLASSES, counts))
+    else:
+        entities = [tag[2:] for tags in data.word_tags for tag in tags if tag.startswith("B-")]
+        words = sum(len(tags) for tags in data.word_tags)
+        labels = f"{words:,} words; entities " + " ".join(
+            f"{kind} {entities.count(kind):,}" for kind in ("PER", "ORG", "LOC", "MISC"))
+    lengths = data.lengths()
+    return (f"{len(data):>7,}  {labels:<62}  {lengths.mean():6.1f} {np.percentile(lengths, 95):5.0f} "
+            f"{lengths.max():5d}  {sum(data.truncated):,} ({np.mean(data.truncated):.2%})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Read, tokenize and summarize AG News and CoNLL-2003.")
+    p.add_argument("--data", default="data", help="data directory written by download.py (default: data)")
+    p.add_argument("--model", default="data/bert-base-uncased", help="model folder with the tokenizer")
+    p.add_argument("--max-len", type=int, default=128, help="word pieces per example, [CLS] and [SEP] included")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", default="train,valid,test", help="comma-separated, from train,valid,test")
+    p.add_argument("--no-data-cache", action="store_true", help="tokenize again instead of using DATA/.cache")
+    args = p.parse_args(argv)
+    splits = tuple(args.splits.split(","))
+    if not splits or not set(splits) <= {"train", "valid", "test"}:
+        p.error(f"argument --splits: expected names from train,valid,test, got {args.splits!r}")
+    if args.max_len < 3:
+        p.error(f"argument --max-len: must be at least 3, got {args.max_len}")
+    if args.batch_size < 1:
+        p.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
+    try:
+        start = time.perf_counter()
+        tokenizer = load_tokenizer(args.model)
+        cache_dir = None if args.no_data_cache else Path(args.data) / ".cache"
+        data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits)
+        seconds = time.perf_counter() - start
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'split':<11}{'examples':>8}  {'labels':<62}  {'pieces: mean':>12} {'p95':>5} {'max':>5}  truncated")
+    for task, by_split in data.items():
+        for split, part in by_split.items():
+            print(f"{task + ' ' + split:<11} {split_summary(part)}")
+    print(f"read and tokenized in {seconds:.1f} s (max_len {args.max_len}, "
+          f"{'no cache' if cache_dir is None else f'cache in {cache_dir}'})")
+    if "train" in data["ag"]:
+        train = {task: by_split["train"] for task, by_split in data.items()}
+        lengths = {task: part.lengths() for task, part in train.items()}
+        for window in (0, 50):
+            sampler = MultiTaskSampler(lengths, args.batch_size, args.seed, group_window=window)
+            start = time.perf_counter()
+            batches = sampler.epoch(0)
+            for task, indices in batches:
+                collate(train[task], indices)  # pad id 0: the ids are not used, only the time
+            seconds = time.perf_counter() - start
+            grouping = "grouped by length in windows of 50 batches" if window else "no length grouping"
+            print(f"one training epoch: {sampler.per_task:,} examples per task, {len(batches):,} batches of "
+                  f"{args.batch_size}, padding {padding_fraction(batches, lengths):.1%} ({grouping}); "
+                  f"sampled and collated in {seconds:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_status_of(main))

@@ -1,0 +1,155 @@
+"""The flags train.py and pairs.py share, and their checks: each script adds these groups, then its own flags.
+
+Reading order: add_freeze_flags, add_feature_store_flags, add_rate_flags,
+add_run_flags (each adds flags to an argparse group, with defaults a script
+may change) -> Renamed, a flag that was renamed -> resolve_auto_rates (--lr auto, --lr-decay auto) ->
+check_flags (what a parser cannot see; UsageError names the flag) ->
+freeze_plan (--freeze and --unfreeze as a freeze.Plan).
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import freeze
+from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate
+from runtime import UsageError
+
+MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
+
+
+def add_freeze_flags(group, strategies):
+    group.add_argument("--freeze", default="none", help=f"{strategies}, or a comma list")
+    group.add_argument("--unfreeze", choices=("none", "gradual"), default="none",
+                       help="gradual: start with the backbone frozen, release one layer per epoch from the top")
+
+
+def add_feature_store_flags(group):
+    """train.py's flags for a frozen backbone's outputs (features.py), and the old names of two of them."""
+    group.add_argument("--no-feature-store", action="store_true",
+                       help="with the whole backbone frozen, run it on every step instead of computing its outputs once")
+    group.add_argument("--feature-store-limit-mb", type=int, default=4096,
+                       help="largest frozen-backbone feature store to keep on the training device; past it, none")
+    group.add_argument("--feature-cache-limit-mb", type=int, default=10240,
+                       help="disk space for frozen-backbone features kept in DATA/.cache/features for later runs "
+                            "(least recently used go first; 0: store none)")
+    group.add_argument("--no-cache", action=Renamed, hint="use --no-feature-store (the frozen backbone's outputs) "
+                                                          "or --no-data-cache (tokenized data)")
+    group.add_argument("--cache-limit-mb", action=Renamed, hint="use --feature-store-limit-mb")
+
+
+def number_or_auto(text):
+    """argparse type of --lr and --lr-decay, which take a number or "auto" (resolve_auto_rates)."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or {AUTO}, got {text!r}") from None
+
+
+def add_rate_flags(group, lr=AUTO, lr_decay=AUTO, head_lr=1e-3, warmup=0.1, weight_decay=0.01):
+    group.add_argument("--lr", type=number_or_auto, default=lr,
+                       help="learning rate of the top encoder layer; auto: 5e-5 x (768 / hidden size)^2, at most 3e-4 "
+                            "(5e-5 for bert-base, 2e-4 for all-MiniLM-L6-v2)")
+    group.add_argument("--lr-decay", type=number_or_auto, default=lr_decay,
+                       help="each lower layer gets this times the one above; auto: the decay that leaves the "
+                            f"embeddings {EMBEDDINGS_SHARE:.2f} of --lr (0.949 for 12 layers, 0.9 for 6)")
+    group.add_argument("--head-lr", type=float, default=head_lr, help="learning rate of the heads")
+    group.add_argument("--warmup", type=float, default=warmup, help="fraction of steps with linear warmup")
+    group.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW's, on weights but not on "
+                                                                                "biases and LayerNorm")
+    group.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+
+
+def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
+    group.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="examples per step (per rank under torchrun)")
+    group.add_argument("--max-len", type=int, default=128, help="word pieces per example, special tokens included")
+    group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
+                       help="auto: bf16 on GPUs that have it, else fp16; off (fp32) on the CPU")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: cuda where there is one")
+    group.add_argument("--seed", type=int, default=0, help=f"seeds heads, dropout and batch order (0 to {MAX_SEED})")
+    group.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
+    group.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    if data_cache:
+        group.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
+    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help="stop after this many epochs, leaving a checkpoint to --resume (e.g. for job time limits)")
+
+
+def resolve_auto_rates(args, config):
+    """--lr and --lr-decay "auto" -> numbers for this backbone (lr.auto_top_rate, lr.auto_decay);
+    returns a line that says what auto chose, or None. The numbers are printed in full, so that
+    passing them back gives the same run (and --resume compares them exactly). Resolve them before
+    the run folder records the flags."""
+    chose = []
+    if args.lr == AUTO:
+        args.lr = auto_top_rate(config.hidden_size)
+        chose.append(f"--lr {args.lr!r} (hidden size {config.hidden_size})")
+    if args.lr_decay == AUTO:
+        args.lr_decay = auto_decay(config.num_hidden_layers)
+        chose.append(f"--lr-decay {args.lr_decay!r} ({config.num_hidden_layers} layers)")
+    return "auto rates: " + ", ".join(chose) if chose else None
+
+
+def check_flags(args, rates=(), at_least=()):
+    """The checks of add_rate_flags' and add_run_flags' values, plus a script's own `rates` (>= 0)
+    and `at_least` ((flag, lowest value) pairs, which may also lower a shared flag's); raises
+    UsageError naming the flag."""
+    for flag in ("lr", "head_lr", "weight_decay", "clip", *rates):
+        value = getattr(args, flag)
+        if value is not None and value != AUTO and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"argument --{flag.replace('_', '-')}: must be a number >= 0, got {value}")
+    lows = {"epochs": 1, "batch_size": 1, "max_len": 3, "log_every": 1, "limit": 1, "stop_after": 1, **dict(at_least)}
+    for flag, low in lows.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"argument --seed: must be a whole number from 0 to {MAX_SEED}, got {args.seed}")
+    if args.lr_decay != AUTO and not 0 < args.lr_decay <= 1:
+        raise UsageError(f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}")
+    if not 0 <= args.warmup < 1:
+        raise UsageError(f"argument --warmup: must be a fraction in [0, 1), got {args.warmup}")
+    if args.resume and args.out is None:
+        raise UsageError("argument --resume: give --out, the folder of the run to continue")
+    if not Path(args.data).is_dir():
+        raise UsageError(f"argument --data: {args.data} is not a folder; run `python download.py` first")
+
+
+def check_compile(args, config):
+    """--compile pads every batch to a multiple of 8 tokens: the widest must fit the model's positions."""
+    widest = -(-args.max_len // 8) * 8
+    if args.compile and widest > config.max_len:
+        raise UsageError(f"argument --compile: --max-len {args.max_len} pads up to {widest} tokens, more than "
+                         f"the model's {config.max_len} positions")
+
+
+def freeze_plan(args, config, heads):
+    """--freeze and --unfreeze for this backbone and the model's heads (their part names), as a
+    freeze.Plan; UsageError names a bad flag."""
+    try:
+        plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, config.num_hidden_layers, heads, config.has_pooler)
+    except ValueError as e:
+        raise UsageError(f"argument --freeze: {e}") from None
+    if plan.gradual and freeze.backbone_parts(plan.num_layers, plan.pooler) <= plan.base:
+        raise UsageError(f"argument --unfreeze: gradual unfreezing releases the backbone layer by layer, but --freeze "
+                         f"{args.freeze} keeps all of it frozen; gradual already starts from a frozen backbone, so "
+                         "leave 'backbone' out of --freeze")
+    return plan
+
+
+class Renamed(argparse.Action):
+    """A flag that was renamed: refuse it with one line that names its successor."""
+
+    def __init__(self, option_strings, dest, hint, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"error: argument {option_string}: renamed; {self.hint}", file=sys.stderr)
+        raise SystemExit(2)

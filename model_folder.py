@@ -1,0 +1,451 @@
+"""Model folders on disk: config.json, model.safetensors and the tokenizer files, read in and written back.
+
+A model folder is what the hub serves and what train.py and pairs.py leave
+in their run folder: config.json (the shape, and for a trained model the
+heads' settings), model.safetensors (the weights) and the tokenizer
+(tokenizer.json, or vocab.txt for BERT, or vocab.json + merges.txt for
+RoBERTa). model.py's classes never see a file; this module turns files into
+them and back, and checks everything on the way in, so that a bad folder
+stops with one line (CheckpointError or DataError) that names the file.
+It writes only when a script asks: a run folder's model and tokenizer files,
+on rank 0 (run_folder.RunFolder), each file atomically.
+
+Reading order: NAMES (each family's names for the encoder's tensors and
+config keys) -> read_config -> load_pretrained (rename, check, copy) ->
+save_trained / load_trained (a trained model: the encoder in its family's
+layout, the heads beside it) -> the tokenizer files.
+"""
+
+import io
+import json
+import shutil
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, WordPiece
+
+from model import Bert, BertConfig, MultiTaskModel
+from runtime import CheckpointError, DataError, atomic_write, read_text
+
+
+@dataclass(frozen=True)
+class Names:
+    """How one model_type's files name what model.py calls by its own names."""
+    prefix: str  # the masked-LM file the hub serves puts every encoder tensor under this
+    heads: tuple  # prefixes of that file's pre-training heads, which are dropped
+    config_keys: dict  # config.json key -> BertConfig field, where the names differ
+    layer_prefix: str  # where layer i sits: f"{layer_prefix}.{i}"
+    top_names: dict  # our modules outside the layers -> the checkpoint's
+    layer_names: dict  # our modules inside a layer -> the checkpoint's (a tuple: stacked into one)
+    defaults: dict = None  # BertConfig fields whose default (as transformers has it) differs for this family
+
+
+# Linear weights need no transpose anywhere: all store (out_features, in_features).
+_BERT_TOP = {"embeddings.word": "embeddings.word_embeddings", "embeddings.position": "embeddings.position_embeddings",
+             "embeddings.token_type": "embeddings.token_type_embeddings", "embeddings.norm": "embeddings.LayerNorm",
+             "pooler": "pooler.dense"}
+_BERT_LAYER = {
+    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),  # stacked
+    "attn.out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+NAMES = {
+    "bert": Names(prefix="bert.", heads=("cls.",), config_keys={}, layer_prefix="encoder.layer",
+                  top_names=_BERT_TOP, layer_names=_BERT_LAYER),
+    # RoBERTa: BERT's names and config keys, and one token type.
+    "roberta": Names(prefix="roberta.", heads=("lm_head.",), config_keys={}, layer_prefix="encoder.layer",
+                     top_names=_BERT_TOP, layer_names=_BERT_LAYER, defaults={"pad_token_id": 1}),
+    # DistilBERT: its own names and config keys; no token types and no pooler.
+    "distilbert": Names(
+        prefix="distilbert.", heads=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
+        config_keys={"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                     "hidden_dim": "intermediate_size", "dropout": "hidden_dropout_prob",
+                     "attention_dropout": "attention_probs_dropout_prob", "activation": "hidden_act"},
+        layer_prefix="transformer.layer",
+        top_names={k: v for k, v in _BERT_TOP.items() if k in ("embeddings.word", "embeddings.position",
+                                                                 "embeddings.norm")},
+        layer_names={"attn.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                     "attn.out": "attention.out_lin", "attn_norm": "sa_layer_norm", "ffn_in": "ffn.lin1",
+                     "ffn_out": "ffn.lin2", "ffn_norm": "output_layer_norm"},
+        defaults={"type_vocab_size": 0, "num_hidden_layers": 6, "layer_norm_eps": 1e-12}),  # eps: fixed in its code
+}
+FAMILY_FIELDS = ("model_type", "has_pooler")  # not config.json keys
+JSON_FIELDS = [f for f in fields(BertConfig) if f.name not in FAMILY_FIELDS]
+
+
+# --- config.json ---------------------------------------------------------------------
+
+def config_json(config):
+    """A BertConfig as its family's config.json keys (the inverse of read_config), e.g. for save_trained."""
+    theirs = {ours: key for key, ours in NAMES[config.model_type].config_keys.items()}
+    values = {theirs.get(f.name, f.name): getattr(config, f.name) for f in JSON_FIELDS}
+    return {"model_type": config.model_type, theirs.get("hidden_act", "hidden_act"): "gelu", **values}
+
+
+DOWNLOAD_HINT = "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone"
+
+
+def read_config(path):
+    """A BertConfig from a Hugging Face config.json of a supported model_type: the fields BertConfig
+    has (under the family's key names), each checked; the rest ignored."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (a model folder needs config.json{DOWNLOAD_HINT})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    model_type = raw.get("model_type", "bert")
+    if model_type not in NAMES:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; "
+                              f"this encoder reads {', '.join(NAMES)}")
+    family = NAMES[model_type]
+    raw = {family.config_keys.get(k, k): v for k, v in raw.items()}
+    # BERT uses the exact, erf-based GELU. The tanh approximation
+    # ("gelu_new") differs by up to ~1e-3 and would break parity.
+    if raw.get("hidden_act", "gelu") != "gelu":
+        key = next((k for k, v in family.config_keys.items() if v == "hidden_act"), "hidden_act")
+        raise CheckpointError(f"{path}: {key} {raw['hidden_act']!r} is not supported (only 'gelu')")
+    if raw.get("position_embedding_type", "absolute") != "absolute" or raw.get("sinusoidal_pos_embds"):
+        raise CheckpointError(f"{path}: {model_type} with positions other than learned absolute ones is not "
+                              "supported (position_embedding_type, sinusoidal_pos_embds)")
+    values = {}
+    for f in JSON_FIELDS:  # check every value: a bad one would fail later, far from its cause
+        value = raw.get(f.name, (family.defaults or {}).get(f.name, f.default))
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if f.type is int:
+            lowest = 0 if f.name in ("pad_token_id", "type_vocab_size") else 1
+            if not (is_number and isinstance(value, int) and value >= lowest):
+                raise CheckpointError(f"{path}: {f.name} must be a whole number >= {lowest}, found {value!r}")
+        elif not (is_number and 0 <= value < 1):
+            raise CheckpointError(f"{path}: {f.name} must be a number in [0, 1), found {value!r}")
+        values[f.name] = value
+    config = BertConfig(**values, model_type=model_type)
+    if config.hidden_size % config.num_attention_heads:
+        raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible "
+                              f"by num_attention_heads {config.num_attention_heads}")
+    if config.pad_token_id >= config.vocab_size:
+        raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is outside the vocabulary "
+                              f"of {config.vocab_size}")
+    if config.max_len < 2:
+        raise CheckpointError(f"{path}: max_position_embeddings {config.max_position_embeddings} leaves no room "
+                              f"for positions that start at {config.position_start}")
+    return config
+
+
+
+# --- model.safetensors ------------------------------------------------------------
+
+def checkpoint_names(ours, family="bert"):
+    """The checkpoint tensors behind one of our parameters, in stacking order (plain layout).
+
+    'layers.0.ffn_norm.bias' -> ['encoder.layer.0.output.LayerNorm.bias'];
+    'layers.3.attn.qkv.weight' -> the query, key and value weights of
+    encoder.layer.3, which our fused projection stacks along dim 0.
+    """
+    family = NAMES[family]
+    module, _, suffix = ours.rpartition(".")
+    if module.startswith("layers."):
+        _, i, inner = module.split(".", 2)
+        theirs = family.layer_names[inner]
+        return [f"{family.layer_prefix}.{i}.{t}.{suffix}" for t in ((theirs,) if isinstance(theirs, str) else theirs)]
+    return [f"{family.top_names[module]}.{suffix}"]
+
+
+def to_checkpoint(ours, tensor, family="bert"):
+    """Our parameter -> {checkpoint name: tensor}, unstacking the fused projection."""
+    names = checkpoint_names(ours, family)
+    return dict(zip(names, tensor.chunk(len(names))))
+
+
+def _plain_name(key, family):
+    """Rewrite a key of a model file into the plain layout of its family.
+
+    The masked-LM files the hub serves put every encoder tensor under a
+    prefix (`bert.`, `roberta.`, `distilbert.`) next to their pre-training
+    heads; the original bert-base-uncased file, converted from TensorFlow,
+    also calls LayerNorm parameters gamma/beta. Returns None for tensors the
+    encoder does not use: the pre-training heads and the constant
+    `position_ids` / `token_type_ids` buffers some exports include.
+    """
+    key = key.removeprefix(family.prefix)
+    if key.startswith(family.heads) or key in ("embeddings.position_ids", "embeddings.token_type_ids"):
+        return None
+    if ".LayerNorm." in key:
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
+    return key
+
+
+def _list_keys(keys, limit=5):
+    keys = sorted(keys)
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_pretrained(model_dir, device="cpu"):
+    """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors.
+
+    The file may be in its family's plain (base-model) layout or in the
+    masked-LM layout the hub serves. Every weight must be present with the
+    shape config.json implies, and no tensor may be left unexplained;
+    otherwise CheckpointError names the keys. Only the pooler may be absent:
+    then the model has none (Bert explains what "pooled" is then).
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir / "config.json")
+    family = NAMES[config.model_type]
+    path = model_dir / "model.safetensors"
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found{DOWNLOAD_HINT}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+    # A model trained by train.py or pairs.py (save_trained) also holds its heads; they are not BERT's.
+    sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in json.loads((model_dir / "config.json").read_text()))
+    renamed = {}
+    for key, tensor in tensors.items():
+        if sections and key.startswith(sections):
+            continue
+        name = _plain_name(key, family)
+        if name is None:
+            continue
+        if name in renamed:
+            raise CheckpointError(f"{path}: two tensors are named {name} once legacy names are read")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {key} holds {tensor.dtype}, not floating-point weights")
+        if not torch.isfinite(tensor).all():  # a damaged or diverged file: every output would be NaN
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
+        renamed[name] = tensor
+    model = Bert(replace(config, has_pooler=any(name.startswith("pooler.") for name in renamed)))
+    params = dict(model.named_parameters())
+    names = {ours: checkpoint_names(ours, config.model_type) for ours in params}  # ours -> theirs
+    wanted = {theirs: (ours, len(group)) for ours, group in names.items() for theirs in group}
+    missing = wanted.keys() - renamed.keys()
+    unexpected = renamed.keys() - wanted.keys()
+    if missing:
+        raise CheckpointError(f"{path}: missing keys: {_list_keys(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys: {_list_keys(unexpected)}")
+
+    def expected_shape(ours, parts):  # one of `parts` stacked tensors has 1/parts of the rows
+        shape = params[ours].shape
+        return (shape[0] // parts, *shape[1:])
+
+    wrong = [f"{theirs} is {tuple(renamed[theirs].shape)}, config.json implies {expected_shape(ours, parts)}"
+             for theirs, (ours, parts) in sorted(wanted.items())
+             if tuple(renamed[theirs].shape) != expected_shape(ours, parts)]
+    if wrong:
+        raise CheckpointError(f"{path}: shape mismatch: {'; '.join(wrong[:3])}"
+                              + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    with torch.no_grad():
+        for ours, group in names.items():
+            # copy_ also casts, e.g. fp16 files to fp32
+            params[ours].copy_(torch.cat([renamed[theirs] for theirs in group]))
+    return model.to(device)
+
+
+# --- A trained model -----------------------------------------------------------------
+
+TRAINED_SECTIONS = ("multitask", "pairs")  # config.json's settings, and the tensors' prefix, of a trained model
+
+
+def save_trained(model, out_dir, extra=None):
+    """Write out_dir/model.safetensors and config.json, atomically, for a MultiTaskModel or a PairModel.
+
+    The encoder's tensors and config.json keep the names of its family's
+    plain layout, so load_pretrained (and transformers) read the folder as
+    that model; the rest of the model (heads, projection) sits under the
+    model's SECTION ("multitask." or "pairs."), and config.json holds its
+    settings under the same name.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, bert = {}, model.bert.config
+    for name, tensor in model.state_dict().items():
+        inner = name.removeprefix("encoder.bert.")
+        tensor = tensor.detach().to("cpu", torch.float32)
+        parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {f"{model.SECTION}.{name}": tensor}
+        tensors.update((key, t.contiguous()) for key, t in parts.items())
+    config = {**config_json(bert), model.SECTION: model.settings(), **(extra or {})}
+    # The weights first: a folder gets its config.json only once its weights are whole, so a write
+    # that fails (a full disk) never leaves a config.json that promises a missing model.safetensors.
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def trained_settings(model_dir, section):
+    """The settings config.json holds under section ("multitask" or "pairs"), or None for a plain model folder."""
+    path = Path(model_dir) / "config.json"
+    try:
+        settings = json.loads(path.read_text()).get(section)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON object ({e})") from None
+    return settings if isinstance(settings, dict) else None
+
+
+def load_trained(model_dir, cls, device="cpu"):
+    """A MultiTaskModel or sentence_pairs.PairModel (cls) from a folder written by save_trained."""
+    model_dir = Path(model_dir)
+    bert = load_pretrained(model_dir)  # also checks config.json
+    settings = trained_settings(model_dir, cls.SECTION)
+    if settings is None:
+        raise CheckpointError(f"{model_dir / 'config.json'}: has no '{cls.SECTION}' settings; it is a plain BERT "
+                              f"folder, or another script's, not a model trained by {cls.WRITTEN_BY}")
+    try:
+        model = cls.from_settings(bert, settings)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: bad '{cls.SECTION}' settings ({e})") from None
+    prefix = cls.SECTION + "."
+    rest = {k.removeprefix(prefix): v for k, v in load_file(model_dir / "model.safetensors").items()
+            if k.startswith(prefix)}
+    expected = {n for n in model.state_dict() if not n.startswith("encoder.bert.")}
+    if rest.keys() != expected:
+        raise CheckpointError(f"{model_dir / 'model.safetensors'}: {cls.SECTION} tensors do not match config.json: "
+                              f"missing {_list_keys(expected - rest.keys()) or 'none'}, "
+                              f"unexpected {_list_keys(rest.keys() - expected) or 'none'}")
+    model.load_state_dict(rest, strict=False)
+    return model.to(device)
+
+
+def load_multitask(model_dir, device="cpu"):
+    """A MultiTaskModel from a folder written by train.py."""
+    return load_trained(model_dir, MultiTaskModel, device)
+
+
+# --- The tokenizer files ----------------------------------------------------------
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def wordpiece_from_vocab(path):
+    """The lower-casing BERT WordPiece tokenizer, built from a vocab.txt (one piece per line)."""
+    vocab = {}
+    lines = io.StringIO(read_text(path), newline=None)  # universal newlines, as open() reads it
+    for index, line in enumerate(lines):
+        vocab[line.rstrip("\n")] = index  # a repeated line keeps its last index, as in BertTokenizer
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise DataError(f"{path}: lacks the special tokens {', '.join(missing)}")
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    # strip_accents=None means "follow lowercase", so accents are stripped, as in uncased BERT.
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=None, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    # Special tokens written in the text ("[MASK]") map to their ids, unsplit.
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+ROBERTA_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def byte_level_bpe_from_files(vocab_path, merges_path):
+    """RoBERTa's tokenizer, built from vocab.json + merges.txt (Radford et al., 2019: byte-level BPE).
+
+    Every byte of the UTF-8 text maps to a printable character ("Ġ" is the
+    space), so there is no unknown token; a word that follows a space is a
+    different token from the same word at the start ("Ġcat" vs "cat"). The
+    template is <s> A </s>, and <s> A </s></s> B </s> for a pair.
+    """
+    try:
+        vocab = json.loads(read_text(vocab_path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{vocab_path}: not valid JSON ({e})") from None
+    if not isinstance(vocab, dict):
+        raise DataError(f"{vocab_path}: expected a JSON object of token -> id")
+    missing = [t for t in ROBERTA_SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise DataError(f"{vocab_path}: lacks the special tokens {', '.join(missing)}")
+    merges = [tuple(line.split(" ")) for line in read_text(merges_path).splitlines()
+              if line and not line.startswith("#version")]
+    bad = next((n for n, m in enumerate(merges, start=1) if len(m) != 2), None)
+    if bad is not None:
+        raise DataError(f"{merges_path}:{bad}: expected two tokens separated by one space")
+    tokenizer = Tokenizer(BPE(vocab, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(ROBERTA_SPECIAL_TOKENS))
+    return tokenizer
+
+
+def read_tokenizer(model_dir):
+    """The tokenizer of a model folder: tokenizer.json if present, else vocab.txt (BERT's WordPiece),
+    else vocab.json + merges.txt (RoBERTa's byte-level BPE). data.load_tokenizer sets it up for use."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir}: model folder not found; run `python download.py` first")
+    if (model_dir / "tokenizer.json").exists():
+        path = model_dir / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for a malformed file
+            raise DataError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
+    elif (model_dir / "vocab.txt").exists():
+        tokenizer = wordpiece_from_vocab(model_dir / "vocab.txt")
+    elif (model_dir / "vocab.json").exists() and (model_dir / "merges.txt").exists():
+        tokenizer = byte_level_bpe_from_files(model_dir / "vocab.json", model_dir / "merges.txt")
+    else:
+        empty = not any(model_dir.iterdir())
+        raise DataError(f"{model_dir}: has neither tokenizer.json nor vocab.txt (nor vocab.json + merges.txt)"
+                        + ("; the folder is empty" if empty else "")
+                        + "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone")
+    return tokenizer
+
+
+def byte_level(tokenizer):
+    """Does the tokenizer pre-tokenize bytes (RoBERTa), where a leading space is part of a token?"""
+    step = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = step.get("pretokenizers", [step]) if step.get("type") == "Sequence" else [step]
+    return any(s.get("type") == "ByteLevel" for s in steps)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")  # what load_tokenizer reads, and what tells transformers how
+
+
+def copy_tokenizer(model_dir, out_dir):
+    """Copy the tokenizer files of a model folder to out_dir (a run folder), so that out_dir is a
+    complete model folder: load_tokenizer, predict.py and embed.py read it as they read model_dir."""
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).exists():
+            atomic_write(Path(out_dir) / name, lambda tmp: shutil.copyfile(Path(model_dir) / name, tmp))
+
+
+def pooling_note(config, pool):
+    """The one line a tool prints when --pool cls meets a checkpoint without a pooler, else None."""
+    if pool == "cls" and not config.has_pooler:
+        return (f"--pool cls: this {config.model_type} checkpoint has no pooler weights, so cls pooling reads the "
+                "first token's final state as it is (no dense + tanh)")
+    return None
+
+
+def check_fits(tokenizer, config, max_len, model_dir):
+    """The tokenizer's ids and max_len must fit the model's embedding tables."""
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise DataError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} entries, "
+                        f"more than vocab_size {config.vocab_size} in config.json")
+    if max_len > config.max_len:
+        raise DataError(f"argument --max-len: {max_len} is more than the model's "
+                        f"max_position_embeddings ({config.max_position_embeddings})"
+                        + (f" less the {config.position_start} position ids {config.model_type} skips"
+                           if config.position_start else ""))

@@ -1,0 +1,240 @@
+"""The run folder (--out), and how a run ends: the folder made and locked, what is written into it, stop signals.
+
+A run is one training job of train.py or pairs.py, from its first step to
+its summary, however many times it is stopped and resumed (--resume); its
+folder holds everything it writes. The scripts call these explicitly:
+
+    folder, saved = claim(args, place)     # made and locked; with --resume, the checkpoint read and checked
+    folder.write_json / save_model / save_checkpoint / copy_tokenizer    # rank 0 writes, others skip
+    summary(...)                           # the fields every summary.json has
+    with StopSignals() as stop: ...        # in the loop: SIGINT/SIGTERM set stop.signum, the step finishes
+    with signals_raise_stopped(): ...      # elsewhere: they raise Stopped
+    exit_status(error, out)                # every way a run ends -> an exit status and one line
+    release()                              # as the script ends: unlock, and remove a folder left empty
+
+A lock is an flock() on OUT/.lock, held by rank 0 while the run goes; it
+belongs to the open file and ends with the process, however the process
+ends, so a crashed run leaves no stale lock behind.
+"""
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+import checkpoint
+import distributed
+from checkpoint import Checkpoint
+from model_folder import copy_tokenizer, save_trained
+from runtime import PRECISION_NAMES, CheckpointError, DataError, UsageError, os_error_line, write_json
+
+_HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
+_MADE = []  # the run folders this process made: removed again if it ends having written nothing there
+
+
+class RunFolder:
+    """The folder of a run, as its ranks see it: rank 0 writes every file, the other ranks' calls do nothing."""
+
+    def __init__(self, path, place, flags):
+        self.path, self.place, self.flags = Path(path), place, flags  # flags: vars(args), stored with the model
+        self.rank = place.rank
+        self.checkpoint = checkpoint.path_in(self.path)
+
+    def write_json(self, name, data, lines=False):
+        if self.rank == 0:
+            write_json(self.path / name, data, lines)
+
+    def save_model(self, model):
+        """model.safetensors and config.json (model_folder.save_trained), the run's flags under "run"."""
+        if self.rank == 0:
+            save_trained(model, self.path, extra={"run": self.flags})
+
+    def save_checkpoint(self, progress, model, optimizer, scaler, fingerprint):
+        """Everything --resume needs (checkpoint.Checkpoint). Call it on every rank: each hands in its
+        random-number state (distributed.rng_states, a collective); rank 0 writes."""
+        rngs = distributed.rng_states(self.place)
+        if self.rank == 0:
+            checkpoint.save(self.checkpoint, Checkpoint(progress, model.state_dict(), optimizer.state_dict(),
+                                                        scaler.state_dict(), rngs, fingerprint))
+
+    def copy_tokenizer(self, model_dir):
+        """The pretrained folder's tokenizer files, so that the run folder is a complete model folder."""
+        if self.rank == 0:
+            copy_tokenizer(model_dir, self.path)
+
+
+def epochs_to_run(progress, args):
+    """The epochs this invocation trains, from where the run stands: up to --stop-after N if the run has
+    not passed epoch N yet, else to the last (--epochs)."""
+    done, last = progress.epoch, args.epochs
+    return range(done, args.stop_after if args.stop_after is not None and done < args.stop_after < last else last)
+
+
+def summary(progress, flags, place, model, started, data_seconds):
+    """What every summary.json holds after a script's scores: the best epoch, the flags, the device and
+    precision, the timings, the parameter counts, the fp16 steps skipped, the peak memory."""
+    return {"best_epoch": progress.best and progress.best["epoch"], "config": flags, "device": str(place.device),
+            "precision": PRECISION_NAMES[place.amp_dtype],
+            "timings_s": {"data": round(data_seconds, 2), "train": round(progress.train_seconds, 2),
+                          "eval": round(progress.eval_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+            "parameters": {"total": sum(p.numel() for p in model.parameters()),
+                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "skipped_steps": progress.skipped_steps, "peak_memory_mb": round(place.peak_memory_mb(), 1)}
+
+
+def claim(args, place):
+    """The run folder, made and locked, and with --resume the checkpoint in it, read and checked against
+    the flags. Sets args.out to the folder chosen. Returns (RunFolder, saved Checkpoint or None)."""
+    if place.world_size > 1 and args.out is None:
+        raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
+    out = Path(args.out) if args.out else new_run_folder()
+    args.out = str(out)  # the folder chosen, as the run's flags, summary.json and any hint name it
+    try:
+        out.mkdir(parents=True)
+        if place.rank == 0:
+            _MADE.append(out)
+    except FileExistsError:  # a folder given again (--resume), or made a moment ago by another rank
+        pass
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
+    if place.rank == 0:  # the process that writes holds the folder; the other ranks of its job join it
+        lock_folder(out)
+    folder, saved = RunFolder(out, place, vars(args)), None
+    if args.resume:
+        if not folder.checkpoint.exists():
+            raise UsageError(f"argument --resume: {folder.checkpoint} not found")
+        saved = checkpoint.read(folder.checkpoint)
+        checkpoint.check_resume(folder.checkpoint, saved.progress, vars(args), place.world_size)
+    elif folder.checkpoint.exists():
+        raise UsageError(f"argument --out: {out} already holds a run; add --resume to continue it, "
+                         "or choose another --out")
+    return folder, saved
+
+
+def new_run_folder():
+    """runs/<date>-<time>, made here; a second run started in the same second gets runs/<date>-<time>-2,
+    and so on (mkdir either makes the folder or fails, so two runs never get the same one)."""
+    stem = time.strftime("runs/%Y%m%d-%H%M%S")
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        out = Path(stem if n == 1 else f"{stem}-{n}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        _MADE.append(out)
+        return out
+    raise UsageError(f"argument --out: {stem} and 999 folders after it exist; give --out")
+
+
+def lock_folder(out):
+    """Take OUT/.lock for this process, or raise UsageError naming the process that holds it."""
+    path = out / ".lock"
+    try:
+        handle = open(path, "a+")
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot write {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"argument --out: {out} is in use by a run still going ({holder}); wait for it, or "
+                         "choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _HELD.append(handle)
+
+
+def release():
+    """Remove the run folders this process made but wrote nothing into (a run refused during set-up
+    leaves no empty folder), while still holding their locks; then release every lock (a script calls
+    this as it ends; the process's end would release them too)."""
+    while _MADE:
+        out = _MADE.pop()
+        try:
+            if {p.name for p in out.iterdir()} <= {".lock"}:
+                (out / ".lock").unlink(missing_ok=True)
+                out.rmdir()
+        except OSError:  # gone already, or not ours to remove: leave it
+            pass
+    while _HELD:
+        _HELD.pop().close()
+
+
+# --- Stop signals and exit status -----------------------------------------------------------
+
+@contextlib.contextmanager
+def _on_stop_signals(handler):
+    """SIGINT and SIGTERM call handler(signum, frame) inside the block; the previous handlers come back after."""
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+class StopSignals:
+    """Inside the training loop: SIGINT and SIGTERM set .signum instead of stopping the process, so
+    that the step in progress finishes and the loop can save a checkpoint and return 128 + signum."""
+
+    def __init__(self):
+        self.signum = 0
+        self._handlers = _on_stop_signals(lambda received, _: setattr(self, "signum", received))
+
+    def __enter__(self):
+        self._handlers.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._handlers.__exit__(*exc)
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM outside the training loop: in set-up, a feature build, the final evaluation."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, _):
+    raise Stopped(signum)
+
+
+def signals_raise_stopped():
+    """A block in which SIGINT and SIGTERM raise Stopped (the loop's StopSignals take over inside it)."""
+    return _on_stop_signals(_raise_stopped)
+
+
+def exit_status(error, out):
+    """The exit status of a run that ended with `error`, after printing at most one line: 2 for bad
+    input (UsageError, DataError, CheckpointError) or a failing environment (a full disk, a permission,
+    a folder gone); 128 + n for signal n, with what to do next. Anything else is a bug in this code,
+    and is raised again with its traceback."""
+    if isinstance(error, (UsageError, DataError, CheckpointError)):
+        line, status = f"error: {error}", 2
+    elif isinstance(error, OSError):
+        line, status = f"error: {os_error_line(error)}", 2
+    elif isinstance(error, SafetensorError):  # raised for write failures too, a full disk among them
+        line, status = f"error: a safetensors file could not be written or read ({error}); is the disk full?", 2
+    elif isinstance(error, Stopped):
+        saved = out is not None and checkpoint.path_in(out).exists()
+        line = f"stopped by signal {error.signum}; " + (
+            f"continue from the last checkpoint with --out {out} --resume" if saved
+            else "no checkpoint was written yet: start the run again")
+        status = 128 + error.signum
+    else:
+        raise error
+    print(line, file=sys.stderr)
+    return status
