@@ -116,16 +116,17 @@ def pair_loss(outputs, scores, kind, normalizer=None):
 
 
 @torch.no_grad()
-def evaluate(model, data, place, batching):
+def evaluate(model, data, place, batching, what="evaluation"):
     """Spearman and Pearson between predicted and gold scores on one split, and the rate.
 
     Predicted: the cosine (bi) or the sigmoid of the logit (cross); a rank
     correlation needs every prediction at once, so with several ranks each rank
     scores the whole split (STS-B's splits are small). The rate counts what the
-    encoder ran on: sentences (bi, two per pair) or pairs (cross) per second.
+    encoder ran on: sentences (bi, two per pair) or pairs (cross) per second. what: the split's name,
+    for the progress line of a long pass.
     """
     model.eval()
-    report = Report("evaluation pass", len(data), unit="pairs", total_cost=int(data.lengths().sum()))
+    report = Report(f"{what} pass", len(data), unit="pairs", total_cost=int(data.lengths().sum()))
     predicted = np.zeros(len(data))
     start = time.perf_counter()
     for indices in length_batches(data.lengths(), batching.size):
@@ -313,7 +314,7 @@ def stop_mid_epoch(s, steps, signum):
 def evaluate_split(s, split, batching):
     """evaluate() on one split, timed into progress (the ETA's evaluation rate)."""
     start = time.perf_counter()
-    metrics = evaluate(s.model, s.splits[split], s.place, batching)
+    metrics = evaluate(s.model, s.splits[split], s.place, batching, what=split)
     s.progress.eval_seconds += time.perf_counter() - start
     s.progress.eval_examples += len(s.splits[split])
     return metrics

@@ -126,18 +126,18 @@ ENTITY_TYPES = sorted({tag[2:] for tag in NER_TAGS if tag != "O"})
 
 
 @torch.no_grad()
-def evaluate(model, data, place, batching, features=None):
+def evaluate(model, data, place, batching, features=None, what="evaluation"):
     """AG accuracy and CoNLL entity scores on one split: data = {"ag": TaskData, "ner": TaskData}.
 
     features: {task: features.Features} of this split, from a frozen backbone;
     then only the heads run. With several ranks, batch b goes to rank b %
     world_size, and the counts (correct, and true positives, predictions and
     gold entities per type) are summed over ranks: every rank gets exactly the
-    scores of a single process.
+    scores of a single process. what: the split's name, for the progress line of a long pass.
     """
     model.eval()
     cost = sum(len(ids) for part in data.values() for ids in part.input_ids)  # word pieces: the ETA follows them
-    report = Report("evaluation pass", sum(map(len, data.values())), total_cost=cost)
+    report = Report(f"{what} pass", sum(map(len, data.values())), total_cost=cost)
     predicted = {task: {} for task in data}  # example index -> argmax per row: a class, or a tag per piece
     for task, part in data.items():
         for indices in length_batches(part.lengths(), batching.size, place.rank, place.world_size):
@@ -382,7 +382,7 @@ def evaluate_split(s, split, features):
     """evaluate() on one split with the run's batching, timed into progress (the ETA's evaluation rate)."""
     start = time.perf_counter()
     data = {task: by[split] for task, by in s.splits.items()}
-    metrics = evaluate(s.model, data, s.place, s.batching, features and features.of(split))
+    metrics = evaluate(s.model, data, s.place, s.batching, features and features.of(split), what=split)
     s.progress.eval_seconds += time.perf_counter() - start
     s.progress.eval_examples += sum(len(part) for part in data.values())
     return metrics
