@@ -262,8 +262,9 @@ def train(s):
                 _, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch
                 batch = place.to_device(collate_pairs(s.splits["train"], indices, batching.pad_id))
-                for group in optimizer.param_groups:  # each part's rate (lr.py) x warmup, then linear decay
-                    group["lr"] = group["base_lr"] * lr_factor(progress.step, total_steps, warmup_steps)
+                factor = lr_factor(progress.step, total_steps, warmup_steps)  # warmup, then linear decay
+                for group in optimizer.param_groups:  # each part's rate (lr.py) x the schedule
+                    group["lr"] = group["base_lr"] * factor
                 with place.autocast():
                     outputs = ddp(batch)  # (B,): cosines (bi) or logits (cross)
                 loss = pair_loss(outputs, batch["scores"], model.kind, len(global_batch) / place.world_size)

@@ -43,29 +43,28 @@ class RunFolder:
 
     def __init__(self, path, place, flags):
         self.path, self.place, self.flags = Path(path), place, flags  # flags: vars(args), stored with the model
-        self.rank = place.rank
         self.checkpoint = checkpoint.path_in(self.path)
 
     def write_json(self, name, data, lines=False):
-        if self.rank == 0:
+        if self.place.rank == 0:
             write_json(self.path / name, data, lines)
 
     def save_model(self, model):
         """model.safetensors and config.json (model_folder.save_trained), the run's flags under "run"."""
-        if self.rank == 0:
+        if self.place.rank == 0:
             save_trained(model, self.path, extra={"run": self.flags})
 
     def save_checkpoint(self, progress, model, optimizer, scaler, fingerprint):
         """Everything --resume needs (checkpoint.Checkpoint). Call it on every rank: each hands in its
         random-number state (distributed.rng_states, a collective); rank 0 writes."""
         rngs = distributed.rng_states(self.place)
-        if self.rank == 0:
+        if self.place.rank == 0:
             checkpoint.save(self.checkpoint, Checkpoint(progress, model.state_dict(), optimizer.state_dict(),
                                                         scaler.state_dict(), rngs, fingerprint))
 
     def copy_tokenizer(self, model_dir):
         """The pretrained folder's tokenizer files, so that the run folder is a complete model folder."""
-        if self.rank == 0:
+        if self.place.rank == 0:
             copy_tokenizer(model_dir, self.path)
 
 

@@ -41,11 +41,11 @@ def seconds_left(work, progress, speed):
 
 def current_rates(optimizer):
     """The learning rate now, of the top trained encoder layer and of each trained part above the encoder."""
-    rates = {g["name"]: g["lr"] for g in optimizer.param_groups if "no decay" not in g["name"]}
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups if g["params"] and "no decay" not in g["name"]}
     encoder = [name for name in rates if name.startswith("layer.")]
     shown = [f"lr {rates[max(encoder, key=lambda n: int(n.split('.')[1]))]:.2e}"] if encoder else []
     shown += [f"{part} {rate:.2e}" for part, rate in rates.items()
-              if part not in ("embeddings", "pooler", "none") and not part.startswith("layer.")]
+              if part not in ("embeddings", "pooler") and not part.startswith("layer.")]
     return " ".join(shown) or "lr -"
 
 

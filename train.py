@@ -277,6 +277,7 @@ def train(s):
     steps_per_epoch = len(s.sampler.epoch(0))
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup * total_steps)
+    pad_id, multiple = s.batching.pad_id, s.batching.multiple
     n_labels = {task: label_counts(by["train"]) for task, by in s.splits.items()}  # what each example's loss counts
     fixed_norm = {task: s.sampler.batch_size * float(n.mean()) for task, n in n_labels.items()}  # --loss-norm fixed
     features = frozen_features(s, epochs)  # a backbone frozen all run: its outputs, computed once; else None
@@ -297,10 +298,10 @@ def train(s):
             for b in range(progress.batch, len(batches)):
                 task, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch
-                batch = place.to_device(collate(s.splits[task]["train"], indices, s.batching.pad_id,
-                                                s.batching.multiple))
-                for group in optimizer.param_groups:  # each part's rate (lr.py) x warmup, then linear decay
-                    group["lr"] = group["base_lr"] * lr_factor(progress.step, total_steps, warmup_steps)
+                batch = place.to_device(collate(s.splits[task]["train"], indices, pad_id, multiple))
+                factor = lr_factor(progress.step, total_steps, warmup_steps)  # warmup, then linear decay
+                for group in optimizer.param_groups:  # each part's rate (lr.py) x the schedule
+                    group["lr"] = group["base_lr"] * factor
                 net = ddp if trains[task] else model  # DDP would wait for gradients that a frozen task never has
                 with place.autocast():  # the forward pass; a frozen backbone's outputs come from the store
                     stored = features and features.batch("train", task, indices, batch["input_ids"].shape[1])
