@@ -15,7 +15,8 @@ drift of the machine's speed affects both alike. --compile compiles both
 models; --compile ours leaves transformers' eager, the usual way to run it.
 --profile N then runs N more steps of our model under torch.profiler and
 prints the kernels that took the most device time. Output: a markdown table,
-and JSON with --json.
+and JSON with --json. Every number flag is checked before anything runs
+(AT_LEAST): a bad one is one line naming it, and exit status 2.
 """
 
 import argparse
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from model import Bert, BertConfig, Head, MultiTaskModel, SentenceEncoder
 from model_folder import config_json, load_pretrained
-from runtime import CheckpointError, Place, UsageError, exit_status_of, pick_device
+from runtime import CheckpointError, HelpFormatter, Place, UsageError, exit_status_of, pick_device
 
 SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
     # for RoBERTa and DistilBERT, so neither has one here)
@@ -41,6 +42,7 @@ SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the
     "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
 DTYPES = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AT_LEAST = {"batch_size": 1, "seq_len": 1, "warmup": 0, "steps": 1, "profile": 0}  # each number flag's lowest value
 
 
 class TransformersModel(torch.nn.Module):
@@ -148,24 +150,47 @@ def train_flops(config, batch_size, seq_len, frozen):
     return (2 if frozen else 6) * per_token * batch_size * seq_len
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Time the training step of the multi-task model.")
+def parser():
+    """The flags, each with its help: `python bench.py --help`."""
+    p = argparse.ArgumentParser(description="Time the training step of the multi-task model.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help="a BERT folder (weights are loaded; only the shape matters for speed)")
     p.add_argument("--config", choices=tuple(SHAPES), default="minilm", help="a named shape, if no --model")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--precision", nargs="+", choices=tuple(DTYPES), default=["fp32"])
-    p.add_argument("--freeze", nargs="+", choices=("none", "backbone"), default=["none"])
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    p.add_argument("--seq-len", type=int, default=64,
+                   help="word pieces per example (a quarter of the rows are padding from halfway); at most the "
+                        "model's positions")
+    p.add_argument("--precision", nargs="+", choices=tuple(DTYPES), default=["fp32"],
+                   help="one table row each: fp32; tf32 (fp32 with TF32 matrix products); fp16 (autocast and a "
+                        "GradScaler); bf16 (autocast). tf32 and fp16 need a CUDA GPU")
+    p.add_argument("--freeze", nargs="+", choices=("none", "backbone"), default=["none"],
+                   help="one table row each: none trains everything, backbone trains only the two heads")
     p.add_argument("--compile", nargs="?", const="both", choices=("both", "ours"),
                    help="torch.compile both models, or only ours (transformers' then runs eager)")
-    p.add_argument("--vs-transformers", action="store_true", help="also time transformers.BertModel")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--vs-transformers", action="store_true",
+                   help="also time transformers' model of the same family, taking turns step by step, and print "
+                        "the ratio ours / theirs")
+    p.add_argument("--warmup", type=int, default=3, help="steps each model runs before the timed ones")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model; the table gives their median")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where there is one")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N steps of our model and print its top kernels")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
+
+
+def check_numbers(args):
+    """Every number flag at least its lowest value (AT_LEAST); UsageError names the first that is not. Past
+    them, --steps 0 leaves no time to take a median of and --seq-len 0 no token, and --batch-size 0
+    would time empty steps."""
+    for flag, low in AT_LEAST.items():
+        value = getattr(args, flag)
+        if value < low:
+            raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
 
 
 def pick_device_for(args):
@@ -184,7 +209,8 @@ def pick_device_for(args):
 
 def measure(args, config, device, precision, freeze, peak_tflops):
     """One table row: our model's step, and transformers' with --vs-transformers, taking turns."""
-    builders = [("ours", lambda: MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model else Bert(config))))]
+    builders = [("ours", lambda: MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model
+                                                                else Bert(config))))]
     if args.vs_transformers:
         builders.append(("transformers", lambda: TransformersModel(config)))
     result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
@@ -263,6 +289,7 @@ def print_table(args, rows, device, peak_tflops):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_numbers(args)
         device = pick_device_for(args)
         config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
         if args.seq_len > config.max_len:

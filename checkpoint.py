@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from runtime import CheckpointError, atomic_write
+from runtime import CheckpointError, UsageError, atomic_write
 
 
 @dataclass
@@ -96,7 +96,8 @@ def save(path, ckpt):
         for kind, value in states.items():
             tensors[f"rng.{kind}" + (f".{rank}" if rank else "")] = value
     state = {"run" if k == "flags" else k: v for k, v in asdict(ckpt.progress).items()}  # its name in format 2
-    metadata = {"state": json.dumps(state), "param_groups": json.dumps(ckpt.optimizer["param_groups"]),
+    metadata = {"state": json.dumps(state, allow_nan=False),  # NaN is not JSON: a bug if it gets here
+                "param_groups": json.dumps(ckpt.optimizer["param_groups"]),
                 "scaler": json.dumps(ckpt.scaler), "fingerprint": json.dumps(ckpt.fingerprint), "format": FORMAT}
     metadata["sha256"] = checksum(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +122,19 @@ def read(path):
         return _unpack(metadata, tensors)
     except (KeyError, TypeError, ValueError, IndexError) as e:  # a checksummed file of another layout
         raise CheckpointError(f"{path}: not a checkpoint of this program ({e!r})") from None
+
+
+def saved_flags(path):
+    """The flags of the run a checkpoint holds, from its metadata alone (read() checks the whole file
+    when the run resumes); a missing or foreign file raises what read() raises."""
+    if not Path(path).exists():
+        raise UsageError(f"argument --resume: {path} not found")
+    try:
+        with safe_open(path, "pt") as f:
+            return {**ADDED_FLAGS, **json.loads(f.metadata()["state"])["run"]}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        read(path)  # raises CheckpointError, saying what is wrong with the file
+        raise
 
 
 def _unpack(metadata, tensors):

@@ -382,6 +382,10 @@ def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "
     larger ag_valid_fraction holds out a superset of a smaller one's rows.
     """
     data_dir = Path(data_dir)
+    files = [f"ag_news/{'train' if s == 'valid' else s}.csv" for s in splits] + [f"conll2003/{s}.txt" for s in splits]
+    if missing := [name for name in dict.fromkeys(files) if not (data_dir / name).is_file()]:  # before any is read
+        raise DataError(f"{data_dir / missing[0]}: not found; run `python download.py` first (a run reads "
+                        f"{', '.join(dict.fromkeys(files))} in {data_dir})")
     out = {"ag": {}, "ner": {}}
     if "train" in splits or "valid" in splits:
         path = data_dir / "ag_news" / "train.csv"

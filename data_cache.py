@@ -13,10 +13,16 @@ finds no entry and is tokenized again; nothing is ever read stale.
         labels                    (N,) class ids (ag), or tag ids per piece with ids_offsets (ner)
         word_tags, word_offsets   ner: each word's gold tag id, ragged per sentence
         first_piece               ner: each word's first piece, with word_offsets
+        metadata                  the task, the key, and the sha256 of the arrays
 
-Files are written atomically (under torchrun, every rank may write the
-same one at once). An unreadable entry is reported and tokenized again; a
-folder that cannot be written is reported, and the run goes on without it.
+A file is trusted by its contents, not its name: load() compares the key
+stored inside with the key asked for, and the arrays with their sha256, as
+features.py does for its cache. An entry that fails (copied over another
+file's name, damaged, truncated, or written before the key was stored) is a
+miss, with one note line: the file is tokenized again and the entry
+rewritten. Files are written atomically (under torchrun, every rank may
+write the same one at once); a folder that cannot be written is reported,
+and the run goes on without it.
 """
 
 import hashlib
@@ -24,10 +30,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-from runtime import atomic_write
+from runtime import atomic_write, log
 
 FORMAT = 2  # part of every key; 2: byte-level BPE words get their leading space
 
@@ -57,24 +63,41 @@ def _unpack(flat, offsets):
     return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
+def _checksum(arrays):
+    """sha256 of the arrays, by name, in name order: what load() checks a file's contents against."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
 def load(folder, path, key, tags):
     """The fields of data.TaskData for `path` tokenized under `key`, or None: no folder, no entry, or an
-    unreadable one (with a warning). tags: the NER tag names, indexed by the stored tag ids."""
+    entry whose contents are not those of `key` (with a note). tags: the NER tag names, indexed by the
+    stored tag ids."""
     entry = _entry(folder, path, key) if folder is not None and key is not None else None
     if entry is None or not entry.exists():
         return None
     try:
-        arrays = load_file(entry)
-        fields = {"truncated": arrays["truncated"].astype(bool).tolist(),
-                  "input_ids": _unpack(arrays["ids"], arrays["ids_offsets"])}
-        if "word_tags" not in arrays:
-            return {"task": "ag", **fields, "labels": arrays["labels"].tolist()}
-        word_tags = [[tags[i] for i in row] for row in _unpack(arrays["word_tags"], arrays["word_offsets"])]
-        return {"task": "ner", **fields, "labels": _unpack(arrays["labels"], arrays["ids_offsets"]),
-                "word_tags": word_tags, "first_piece": _unpack(arrays["first_piece"], arrays["word_offsets"])}
-    except (SafetensorError, KeyError) as e:
-        print(f"warning: {entry}: unreadable cache ({e}); tokenizing again", file=sys.stderr)
+        with safe_open(entry, framework="np") as f:
+            stored, arrays = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+        problem = ("has no stored key (an older cache format)" if "key" not in stored else
+                   "holds the tokens of another file, tokenizer or --max-len" if stored["key"] != key else
+                   "is damaged (its arrays do not match their checksum)" if stored.get("sha256") != _checksum(arrays)
+                   else None)
+    except (SafetensorError, OSError) as e:  # a truncated file among them
+        problem = f"is unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})"
+    if problem:
+        log(f"note: {entry}: {problem}; tokenizing again", file=sys.stderr)
         return None
+    fields = {"truncated": arrays["truncated"].astype(bool).tolist(),
+              "input_ids": _unpack(arrays["ids"], arrays["ids_offsets"])}
+    if "word_tags" not in arrays:
+        return {"task": "ag", **fields, "labels": arrays["labels"].tolist()}
+    word_tags = [[tags[i] for i in row] for row in _unpack(arrays["word_tags"], arrays["word_offsets"])]
+    return {"task": "ner", **fields, "labels": _unpack(arrays["labels"], arrays["ids_offsets"]),
+            "word_tags": word_tags, "first_piece": _unpack(arrays["first_piece"], arrays["word_offsets"])}
 
 
 def save(folder, path, key, data, tags):
@@ -93,6 +116,7 @@ def save(folder, path, key, data, tags):
     entry = _entry(folder, path, key)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(entry, lambda tmp: save_file(arrays, tmp, metadata={"task": data.task}))
+        metadata = {"task": data.task, "key": key, "sha256": _checksum(arrays)}  # what load() checks
+        atomic_write(entry, lambda tmp: save_file(arrays, tmp, metadata=metadata))
     except OSError as e:  # a read-only data folder, say: run on without a cache
         print(f"warning: cannot write the cache {entry} ({e.strerror}); continuing without it", file=sys.stderr)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from data import AG_CLASSES, MultiTaskSampler, collate, load_splits, load_tokenizer
-from runtime import DataError, exit_status_of
+from flags import MAX_SEED
+from runtime import DataError, HelpFormatter, UsageError, exit_status_of
 
 
 def padding_fraction(batches, lengths):
@@ -43,29 +44,33 @@ def split_summary(data):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Read, tokenize and summarize AG News and CoNLL-2003.")
-    p.add_argument("--data", default="data", help="data directory written by download.py (default: data)")
+    p = argparse.ArgumentParser(description="Read, tokenize and summarize AG News and CoNLL-2003.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--data", default="data", help="data directory written by download.py")
     p.add_argument("--model", default="data/bert-base-uncased", help="model folder with the tokenizer")
     p.add_argument("--max-len", type=int, default=128, help="word pieces per example, [CLS] and [SEP] included")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="examples per batch of the training epoch whose padding is measured")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler's order of that epoch")
     p.add_argument("--splits", default="train,valid,test", help="comma-separated, from train,valid,test")
     p.add_argument("--no-data-cache", action="store_true", help="tokenize again instead of using DATA/.cache")
     args = p.parse_args(argv)
     splits = tuple(args.splits.split(","))
-    if not splits or not set(splits) <= {"train", "valid", "test"}:
-        p.error(f"argument --splits: expected names from train,valid,test, got {args.splits!r}")
-    if args.max_len < 3:
-        p.error(f"argument --max-len: must be at least 3, got {args.max_len}")
-    if args.batch_size < 1:
-        p.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
     try:
+        if not splits or not set(splits) <= {"train", "valid", "test"}:
+            raise UsageError(f"argument --splits: expected names from train,valid,test, got {args.splits!r}")
+        if args.max_len < 3:
+            raise UsageError(f"argument --max-len: must be at least 3, got {args.max_len}")
+        if args.batch_size < 1:
+            raise UsageError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
+        if not 0 <= args.seed <= MAX_SEED:  # the sampler's generator takes no other
+            raise UsageError(f"argument --seed: must be a whole number from 0 to {MAX_SEED}, got {args.seed}")
         start = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
         cache_dir = None if args.no_data_cache else Path(args.data) / ".cache"
         data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits)
         seconds = time.perf_counter() - start
-    except DataError as e:
+    except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{'split':<11}{'examples':>8}  {'labels':<62}  {'pieces: mean':>12} {'p95':>5} {'max':>5}  truncated")

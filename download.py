@@ -13,13 +13,16 @@ fallback archive must match its own pinned sha256, and a file taken out of
 it is accepted as that archive's copy (its files may differ from the primary
 copies by a final newline).
 An interrupted .part is resumed with an HTTP Range request. Each source is
-retried with backoff; when one fails, the next is tried. Only the standard
-library is used for the network.
+retried with backoff; when one fails, the next is tried. A server whose file
+is not the pinned size (by its Content-Length or Content-Range, or by sending
+more) is not retried, and what it sent is removed. --mirror is checked before
+anything is fetched. Only the standard library is used for the network.
 """
 
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -182,11 +185,28 @@ TIMEOUT = 10.0  # seconds to connect, and then for each read, before a try count
 TRIES = 3  # per file and source; a host that never answers is given up after these (under a minute)
 
 
+def announced_size(response):
+    """The whole file's size as the response states it, or None if it does not: a 206 (the rest of a
+    file) states it after the slash of Content-Range, "bytes 400-999/1000"; a 200 in Content-Length."""
+    header = response.headers.get("Content-Range" if response.status == 206 else "Content-Length") or ""
+    size = header.rpartition("/")[2].strip()
+    return int(size) if size.isdigit() else None
+
+
+def wrong_size(url, part, served, size):
+    """Removes part and returns the error to raise for a server whose file is not the pinned size;
+    nothing it sent is kept, so no later try or source appends to it."""
+    part.unlink(missing_ok=True)
+    return DownloadError(f"{url}: serves {served} bytes, but the pinned file has {size:,}; "
+                         "the partial file was removed")
+
+
 def fetch(url, part, size, name, backoff=1.0):
     """Stream url into part, resuming what part already holds; retries with exponential backoff.
 
     Every try starts with a line naming the host, so a silent host is seen at once. A host
-    that never answers a single try is Unreachable: its other files are not tried.
+    that never answers a single try is Unreachable: its other files are not tried. A server
+    whose file is not the pinned size is not retried: another try would fetch the same wrong file.
     """
     last, host, answered = None, urlparse(url).hostname, False
     for attempt in range(TRIES):
@@ -205,12 +225,19 @@ def fetch(url, part, size, name, backoff=1.0):
                 answered = True
                 if have and response.status != 206:  # the server ignored the range: start again
                     have = 0
-                total = size or (have + int(response.headers.get("Content-Length") or 0))
-                progress = Progress(name, total, have)
+                served = announced_size(response)
+                if size and served not in (None, size):  # a whole file, and not the pinned one
+                    raise wrong_size(url, part, f"{served:,}", size)
+                progress = Progress(name, size or served, have)
                 with open(part, "ab" if have else "wb") as f:
                     while block := read_keeping_partial(response, f):
                         f.write(block)
+                        have += len(block)
                         progress.add(len(block))
+                        if size and have > size:  # a server that did not state its size sends too much
+                            break
+                if size and have > size:
+                    raise wrong_size(url, part, f"more than {size:,}", size)
                 progress.show(end=True)
             if size is None or part.stat().st_size >= size:
                 return
@@ -316,6 +343,28 @@ def get(entry, dest, mirror, force, unreachable):
     raise DownloadError(f"{final}: {'; '.join(errors)}")
 
 
+def mirror_problem(url):
+    """Why url cannot be the --mirror, or None. Checked once, before any download, so that a typo is
+    one line saying what is wrong, not a traceback from urllib or a host that "does not answer"."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"{url!r} contains whitespace or a control character (in a path, write a space as %20)"
+    try:
+        parts = urlparse(url)
+        port = parts.port  # reading it checks it: a whole number up to 65535
+    except ValueError as e:  # an unclosed [ around an IPv6 address, say
+        return f"{url!r} is not a valid URL ({e})"
+    if parts.scheme not in ("http", "https"):
+        return f"{url!r} is not an http:// or https:// URL"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    # urlparse accepts text around a bracketed address ("[::1]x", "h[::1]"), and port 0; neither can be reached.
+    if port == 0 or not re.fullmatch(r"(\[[^\]]*\]|[^\[\]:]+)(:\d*)?", parts.netloc.rpartition("@")[2]):
+        return f"{url!r} has a malformed host or port"
+    if parts.query or parts.fragment:  # file paths are appended to the URL, which would put them inside these
+        return f"{url!r} has a query or fragment; a mirror is a base URL that file paths are appended to"
+    return None
+
+
 def selected(only):
     """The entries --only asks for: one part, or without it the default parts."""
     return [e for e in FILES if (e["part"] == only if only else e["part"] in DEFAULT_PARTS)]
@@ -339,8 +388,8 @@ def main(argv=None):
     p.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
                    help=f"fetch every file from MIRROR/<path under dest> instead (or set {MIRROR_ENV})")
     args = p.parse_args(argv)
-    if args.mirror is not None and urlparse(args.mirror).scheme not in ("http", "https"):
-        p.error(f"argument --mirror: {args.mirror!r} is not an http:// or https:// URL")
+    if args.mirror is not None and (why := mirror_problem(args.mirror)) is not None:
+        p.error(f"argument --mirror: {why}")
     dest = Path(args.dest)
     entries = selected(args.only)
     unreachable, failed, counts = {}, [], {"present": 0, "fetched": 0}
@@ -357,7 +406,8 @@ def main(argv=None):
         if unreachable:
             print(f"error: {'; '.join(sorted(set(unreachable.values())))}. Without a network, place the files by hand: "
                   f"{layout(dest, entries)}", file=sys.stderr)
-        print(f"{len(failed)} of {len(entries)} files failed; {counts['present'] + counts['fetched']} are in place",
+        print(f"{len(failed)} of {len(entries)} file{'s' * (len(entries) > 1)} failed; "
+              f"{counts['present'] + counts['fetched']} in place",
               file=sys.stderr)
         return 2
     model = f" --model {dest / args.only}" if args.only not in (None, "stsb", *DEFAULT_PARTS) else ""

@@ -4,6 +4,9 @@
     python embed.py --model runs/bi "a sentence" "another"   # a bi-encoder trained by pairs.py, as trained
     python embed.py --model DIR --json "a sentence"          # the vectors as JSON
     cat sentences.txt | python embed.py --model DIR          # one sentence per line
+
+Up to TABLE_LIMIT sentences print as a table of every pair's cosine; more print one line each, with the
+nearest other sentence.
 """
 
 import argparse
@@ -16,8 +19,15 @@ import torch
 from data import load_tokenizer
 from model import NORMS, POOLS, SentenceEncoder
 from model_folder import check_fits, load_pretrained, pooling_note, trained_settings
-from runtime import CheckpointError, DataError, UsageError, exit_status_of, pick_device
+from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
+                     pick_device)
 from sentence_pairs import load_pairs
+
+
+TABLE_LIMIT = 12  # most sentences printed as a table of every pair's cosine: 12 columns of 8 characters make a
+# 101-character row, and with its 12 sentence lines the table fills a screen. Past that nobody reads it, and it
+# grows as N x N (20,000 sentences: 2.1 GB of text); each sentence gets one line instead, with its nearest other one.
+BLOCK = 2**22  # cosines held at once while finding the nearest: 16 MB of float32, whatever the number of sentences
 
 
 def at_least(low):
@@ -31,7 +41,8 @@ def at_least(low):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Embed sentences with a BERT model folder and compare them.")
+    p = argparse.ArgumentParser(description="Embed sentences with a BERT model folder and compare them.",
+                                formatter_class=HelpFormatter)
     p.add_argument("sentences", nargs="*", help="sentences to embed (default: one per line on stdin)")
     p.add_argument("--model", required=True, help="BERT folder: config.json, model.safetensors, "
                                                   "tokenizer.json or vocab.txt")
@@ -42,12 +53,12 @@ def parse_args(argv=None):
                    help="add a linear projection to this size (random until trained; seeded by --seed)")
     p.add_argument("--normalize", choices=NORMS, default=None, help="divide by the L1 or L2 norm (default: none, "
                                                                     "or a trained bi-encoder's own)")
-    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="sentences per forward pass")
     p.add_argument("--max-len", type=at_least(2), default=None,
                    help="cut inputs to this many word pieces (default: max_seq_length from the folder's "
                         "sentence_bert_config.json, else max_position_embeddings)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where there is one")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random projection of --embed-dim")
     p.add_argument("--json", action="store_true", help="print the vectors as JSON instead of the similarities")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -55,9 +66,14 @@ def parse_args(argv=None):
     return args
 
 
+def unit_vectors(vectors):
+    """Each vector divided by its length (a zero vector stays zero): their dot products are cosines."""
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(vectors.dtype).tiny)
+
+
 def similarity_table(sentences, vectors):
     """Cosine similarity of every pair, as rows of text with one label per sentence."""
-    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=torch.finfo(vectors.dtype).tiny)
+    unit = unit_vectors(vectors)
     cos = unit @ unit.T  # (N, N)
     lines = ["     " + "".join(f"{f'[{j}]':>8}" for j in range(len(sentences)))]
     for i, row in enumerate(cos.tolist()):
@@ -66,10 +82,34 @@ def similarity_table(sentences, vectors):
     return "\n".join(lines)
 
 
+def nearest_table(sentences, vectors):
+    """For each sentence, the nearest other one and their cosine, one line each. The cosines are
+    computed BLOCK at a time, a few rows of the N x N matrix, so memory does not grow as N x N."""
+    unit = unit_vectors(vectors)
+    label = len(f"[{len(sentences) - 1}]") + 1
+    lines = [f"{'':<{label}}{'nearest':>8}{'cosine':>8}"]
+    rows = max(1, BLOCK // len(sentences))
+    for start in range(0, len(sentences), rows):
+        cos = unit[start:start + rows] @ unit.T  # (rows, N)
+        cos.diagonal(start).fill_(float("-inf"))  # cos[i, start + i] is sentence start + i with itself
+        best, nearest = cos.max(dim=1)
+        for i, (c, j) in enumerate(zip(best.tolist(), nearest.tolist()), start=start):
+            lines.append(f"{f'[{i}]':<{label}}{f'[{j}]':>8}{c:8.3f}  {sentences[i]}")
+    return "\n".join(lines)
+
+
+def read_sentences(args):
+    """The sentences: the arguments, or else the non-empty lines of standard input; text that is not UTF-8
+    is an error that names the sentence."""
+    check_arguments_utf8(args.sentences, "sentence")
+    return args.sentences or read_stdin()
+
+
 def read_stdin():
-    """Non-empty lines of standard input; bytes that are not UTF-8 are an error."""
+    """Non-empty lines of standard input; bytes that are not UTF-8 are an error. Lines end where
+    str.splitlines ends them, "\\r\\n" included, and a byte-order mark is not part of the first line."""
     try:
-        text = sys.stdin.buffer.read().decode("utf-8")
+        text = sys.stdin.buffer.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"standard input: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     return [line for line in text.splitlines() if line.strip()]
@@ -91,16 +131,21 @@ def default_max_len(model_dir, config):
     return cap
 
 
-def sentence_encoder(args, bert):
-    """The SentenceEncoder the flags ask for. A folder holding a bi-encoder trained by pairs.py gives
-    its own pooling, normalization and projection, which flags may change but for the projection's
-    size; a cross-encoder scores pairs, not sentences, and is refused."""
-    settings = trained_settings(args.model, "pairs")
+def pairs_settings(model_dir):
+    """The settings of a bi-encoder trained by pairs.py, or None for any other folder; a cross-encoder
+    scores pairs, not sentences, and is refused."""
+    settings = trained_settings(model_dir, "pairs")
+    if settings is not None and settings.get("kind") != "bi":
+        raise CheckpointError(f"{model_dir}: holds a cross-encoder, which scores sentence pairs in one pass and "
+                              "gives no embedding of a sentence alone; use `python pairs.py` to score pairs")
+    return settings
+
+
+def sentence_encoder(args, bert, settings):
+    """The SentenceEncoder the flags ask for. A bi-encoder trained by pairs.py (its settings) gives its
+    own pooling, normalization and projection, which flags may change but for the projection's size."""
     if settings is None:
         return SentenceEncoder(bert, args.pool or "mean", args.embed_dim, args.normalize or "none")
-    if settings.get("kind") != "bi":
-        raise CheckpointError(f"{args.model}: holds a cross-encoder, which scores sentence pairs in one pass and "
-                              "gives no embedding of a sentence alone; use `python pairs.py` to score pairs")
     if args.embed_dim is not None and args.embed_dim != settings.get("embed_dim"):
         raise UsageError(f"argument --embed-dim: {args.model} is a bi-encoder trained with --embed-dim "
                          f"{settings.get('embed_dim')}; leave --embed-dim out")
@@ -119,14 +164,15 @@ def main(argv=None):
     device = pick_device(args.device)  # on CUDA also without cuDNN's attention (runtime.pick_device)
     torch.manual_seed(args.seed)
     try:
-        sentences = args.sentences or read_stdin()
+        sentences = read_sentences(args)
         if not sentences:
             raise DataError("no sentences given (pass them as arguments or on stdin)")
         tokenizer = load_tokenizer(args.model)
         bert = load_pretrained(args.model)
+        settings = pairs_settings(args.model)
         max_len = args.max_len or default_max_len(args.model, bert.config)
         check_fits(tokenizer, bert.config, max_len, args.model)
-        encoder = sentence_encoder(args, bert).to(device)
+        encoder = sentence_encoder(args, bert, settings).to(device)
     except (CheckpointError, DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -139,7 +185,12 @@ def main(argv=None):
     else:
         print(f"embedding size: {encoder.embed_dim} (pool={encoder.pool}, normalize={encoder.norm}, "
               f"max_len={max_len}, {len(sentences)} sentences, {device})")
-        print(similarity_table(sentences, vectors))
+        if len(sentences) <= TABLE_LIMIT:
+            print(similarity_table(sentences, vectors))
+        else:
+            print(f"more than {TABLE_LIMIT} sentences: the nearest other sentence of each, instead of a table of "
+                  "every pair; --json > FILE writes the vectors")
+            print(nearest_table(sentences, vectors))
     return 0
 
 

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 
 import distributed
 from data import length_batches, pad
-from runtime import Report, atomic_write, duration, log
+from runtime import Report, atomic_write, duration, log, plural
 
 FORMAT = 2  # bump when what a feature is, or the file layout, changes
 CHUNK_MB = 256
@@ -264,7 +264,7 @@ class FeatureStore:
                 found.update(((key, row), x) for row, x in cache.load(key, rows).items())
         missing = [item for item in unique if item not in found]
         counts = ", ".join(f"{t} {s} {len(i):,}" for (t, s), (_, i) in wanted.items())
-        log(f"frozen-backbone features: {len(unique):,} examples ({counts}); {len(found):,} found on disk, "
+        log(f"frozen-backbone features: {plural(len(unique), 'example')} ({counts}); {len(found):,} found on disk, "
             f"{len(missing):,} to encode", flush=True)
         model.eval()
         encoded = _encode(model, missing, unique, place, batching, cache)
@@ -317,6 +317,6 @@ def _encode(model, missing, unique, place, batching, cache):
                     cache.save(key, list(row_numbers), list(pieces), list(tensors))
                 pending, pending_bytes, last_save = {}, 0, time.perf_counter()
     if missing:
-        log(f"encoded {len(missing):,} examples in {duration(report.seconds())} "
+        log(f"encoded {plural(len(missing), 'example')} in {duration(report.seconds())} "
             f"({len(missing) / report.seconds():,.0f} examples/s)")
     return out

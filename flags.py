@@ -8,13 +8,15 @@ freeze_plan (--freeze and --unfreeze as a freeze.Plan).
 """
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
 
+import checkpoint
 import freeze
 from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate
-from runtime import UsageError
+from runtime import CheckpointError, UsageError
 
 MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
 
@@ -76,9 +78,31 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
     group.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     if data_cache:
         group.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
-    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/")
-    group.add_argument("--stop-after", type=int, default=None,
-                       help="stop after this many epochs, leaving a checkpoint to --resume (e.g. for job time limits)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoint; the flags it was started with are the "
+                            "defaults, and a flag given as well must equal the saved one")
+    group.add_argument("--stop-after", type=int, default=None, metavar="N",
+                       help="train at most N epochs in this invocation, then save a checkpoint and stop (an epoch "
+                            "a signal cut short counts as one); repeating the same command with --resume trains N "
+                            "more each time, e.g. one time slot of a job queue each")
+
+
+def parse(parser, argv):
+    """The flags in argv. --model's default follows --data: DATA/bert-base-uncased. With --resume, the
+    flags the run was started with (in its checkpoint) are the defaults, so that `--out R --resume`
+    alone continues it as it was set up; a flag given as well must equal the saved one, except those
+    that a resume may change (checkpoint.check_resume). --stop-after is for one invocation only: it
+    is not carried over. (A checkpoint that cannot be read is left to check_flags, which says so.)"""
+    args = parser.parse_args(argv)
+    if args.resume and args.out is not None:
+        with contextlib.suppress(UsageError, CheckpointError):
+            saved = checkpoint.saved_flags(checkpoint.path_in(args.out))
+            parser.set_defaults(**{flag: value for flag, value in saved.items()
+                                   if flag in vars(args) and flag not in ("out", "resume", "stop_after")})
+            args = parser.parse_args(argv)
+    if args.model is None:
+        args.model = str(Path(args.data) / "bert-base-uncased")
+    return args
 
 
 def resolve_auto_rates(args, config):
@@ -100,6 +124,10 @@ def check_flags(args, rates=(), at_least=()):
     """The checks of add_rate_flags' and add_run_flags' values, plus a script's own `rates` (>= 0)
     and `at_least` ((flag, lowest value) pairs, which may also lower a shared flag's); raises
     UsageError naming the flag."""
+    if args.resume and args.out is None:
+        raise UsageError("argument --resume: give --out, the folder of the run to continue")
+    if args.resume:  # a missing or unreadable checkpoint is said before what its flags would have set
+        checkpoint.saved_flags(checkpoint.path_in(args.out))
     for flag in ("lr", "head_lr", "weight_decay", "clip", *rates):
         value = getattr(args, flag)
         if value is not None and value != AUTO and not (math.isfinite(value) and value >= 0):
@@ -115,8 +143,6 @@ def check_flags(args, rates=(), at_least=()):
         raise UsageError(f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}")
     if not 0 <= args.warmup < 1:
         raise UsageError(f"argument --warmup: must be a fraction in [0, 1), got {args.warmup}")
-    if args.resume and args.out is None:
-        raise UsageError("argument --resume: give --out, the folder of the run to continue")
     if not Path(args.data).is_dir():
         raise UsageError(f"argument --data: {args.data} is not a folder; run `python download.py` first")
 
@@ -132,6 +158,9 @@ def check_compile(args, config):
 def freeze_plan(args, config, heads):
     """--freeze and --unfreeze for this backbone and the model's heads (their part names), as a
     freeze.Plan; UsageError names a bad flag."""
+    if "none" in [item.strip() for item in args.freeze.split(",")] and args.freeze.strip() != "none":
+        raise UsageError(f"argument --freeze: {args.freeze!r}: none freezes nothing, so it stands alone, "
+                         "not in a list with other strategies")
     try:
         plan = freeze.Plan.from_flags(args.freeze, args.unfreeze, config.num_hidden_layers, heads, config.has_pooler)
     except ValueError as e:

@@ -10,15 +10,22 @@ stops with one line (CheckpointError or DataError) that names the file.
 It writes only when a script asks: a run folder's model and tokenizer files,
 on rank 0 (run_folder.RunFolder), each file atomically.
 
+Weights must fit config.json exactly: a folder whose config.json was
+edited by hand (another hidden_size, one layer fewer) stops with the first
+tensor that does not fit, never with a half-loaded model. A file missing
+from a training run's folder gets a hint that fits a run (it has not saved
+a model yet; continue it with --resume), not the hint to download one.
+
 Reading order: NAMES (each family's names for the encoder's tensors and
-config keys) -> read_config -> load_pretrained (rename, check, copy) ->
-save_trained / load_trained (a trained model: the encoder in its family's
-layout, the heads beside it) -> the tokenizer files.
+config keys) -> read_config -> read_weights (rename, check_fit, copy) and
+load_pretrained -> save_trained / load_trained (a trained model: the
+encoder in its family's layout, the heads beside it) -> the tokenizer files.
 """
 
 import io
 import json
 import shutil
+import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -28,8 +35,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
+import checkpoint
 from model import Bert, BertConfig, MultiTaskModel
-from runtime import CheckpointError, DataError, atomic_write, read_text
+from runtime import CheckpointError, DataError, atomic_write, log, read_text
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,30 @@ def config_json(config):
 
 
 DOWNLOAD_HINT = "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone"
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint", ".lock")  # what a run writes beside its model
+
+
+def run_hint(model_dir, missing):
+    """The end of the line that says model_dir lacks `missing` (config.json, model.safetensors or "tokenizer"),
+    for a training run's folder, where the download hint would mislead: what fits the run. None for any
+    other folder.
+
+    A run saves its model (weights first, then config.json, then the
+    tokenizer files) when its first epoch ends; before that its folder holds
+    a lock, and after a stop a checkpoint.
+    """
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).exists() for name in RUN_FILES):
+        return None
+    if missing == "tokenizer":
+        return (f"; {model_dir} is a training run whose tokenizer files were removed: copy them back from "
+                "the model folder it was trained from (its --model)")
+    if not (model_dir / "config.json").exists() and not (model_dir / "model.safetensors").exists():
+        unsaved = f"; {model_dir} is a training run that has not saved a model yet (its first epoch did not finish)"
+        if checkpoint.path_in(model_dir).exists():
+            return f"{unsaved}: continue it with --out {model_dir} --resume"
+        return f"{unsaved}, and has no checkpoint to continue from: start it again"
+    return f"; {model_dir} is a training run whose {missing} was removed: restore the file, or train the run again"
 
 
 def read_config(path):
@@ -99,7 +131,8 @@ def read_config(path):
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (a model folder needs config.json{DOWNLOAD_HINT})") from None
+        hint = run_hint(path.parent, "config.json") or f" (a model folder needs config.json{DOWNLOAD_HINT})"
+        raise CheckpointError(f"{path}: not found{hint}") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -193,14 +226,33 @@ def _list_keys(keys, limit=5):
     return ", ".join(keys[:limit]) + more
 
 
-def load_pretrained(model_dir, device="cpu"):
-    """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors.
+def check_fit(path, config_path, found, expected):
+    """The weights of path (found: name -> shape) against what config_path implies (expected: name ->
+    shape). Weights that do not fit, most often because config.json was edited by hand, would stop
+    later with a traceback from deep in torch; here they stop with one line that names both files and
+    the first tensor that is missing, unexpected or of another shape."""
+    fit = f"; the weights do not fit {config_path} (was it edited, or copied from another model?)"
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing:
+        raise CheckpointError(f"{path}: missing keys: {_list_keys(missing, limit=1)}{fit}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys: {_list_keys(unexpected, limit=1)}{fit}")
+    wrong = sorted(name for name in expected if found[name] != expected[name])
+    if wrong:
+        first, more = wrong[0], f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(f"{path}: shape mismatch: {first} is {found[first]}, config.json implies "
+                              f"{expected[first]}{more}{fit}")
+
+
+def read_weights(model_dir):
+    """The encoder of a model folder, and the other tensors of a trained model (save_trained): (Bert on
+    the CPU, {file name: tensor} of the trained sections, empty for a pretrained folder).
 
     The file may be in its family's plain (base-model) layout or in the
     masked-LM layout the hub serves. Every weight must be present with the
     shape config.json implies, and no tensor may be left unexplained;
-    otherwise CheckpointError names the keys. Only the pooler may be absent:
-    then the model has none (Bert explains what "pooled" is then).
+    otherwise CheckpointError names the keys (check_fit). Only the pooler may
+    be absent: then the model has none (Bert explains what "pooled" is then).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir / "config.json")
@@ -209,17 +261,17 @@ def load_pretrained(model_dir, device="cpu"):
     try:
         tensors = load_file(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found{DOWNLOAD_HINT}") from None
+        hint = run_hint(model_dir, "model.safetensors") or DOWNLOAD_HINT
+        raise CheckpointError(f"{path}: not found{hint}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
     # A model trained by train.py or pairs.py (save_trained) also holds its heads; they are not BERT's.
     sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in json.loads((model_dir / "config.json").read_text()))
-    renamed = {}
+    renamed, trained = {}, {}
     for key, tensor in tensors.items():
-        if sections and key.startswith(sections):
-            continue
-        name = _plain_name(key, family)
+        own = key.startswith(sections)  # a trained model's own tensor (a head), kept under its file name
+        name = key if own else _plain_name(key, family)
         if name is None:
             continue
         if name in renamed:
@@ -228,33 +280,38 @@ def load_pretrained(model_dir, device="cpu"):
             raise CheckpointError(f"{path}: {key} holds {tensor.dtype}, not floating-point weights")
         if not torch.isfinite(tensor).all():  # a damaged or diverged file: every output would be NaN
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
-        renamed[name] = tensor
+        (trained if own else renamed)[name] = tensor
     model = Bert(replace(config, has_pooler=any(name.startswith("pooler.") for name in renamed)))
     params = dict(model.named_parameters())
     names = {ours: checkpoint_names(ours, config.model_type) for ours in params}  # ours -> theirs
-    wanted = {theirs: (ours, len(group)) for ours, group in names.items() for theirs in group}
-    missing = wanted.keys() - renamed.keys()
-    unexpected = renamed.keys() - wanted.keys()
-    if missing:
-        raise CheckpointError(f"{path}: missing keys: {_list_keys(missing)}")
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected keys: {_list_keys(unexpected)}")
-
-    def expected_shape(ours, parts):  # one of `parts` stacked tensors has 1/parts of the rows
-        shape = params[ours].shape
-        return (shape[0] // parts, *shape[1:])
-
-    wrong = [f"{theirs} is {tuple(renamed[theirs].shape)}, config.json implies {expected_shape(ours, parts)}"
-             for theirs, (ours, parts) in sorted(wanted.items())
-             if tuple(renamed[theirs].shape) != expected_shape(ours, parts)]
-    if wrong:
-        raise CheckpointError(f"{path}: shape mismatch: {'; '.join(wrong[:3])}"
-                              + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    # One of a group's stacked tensors (query, key, value) has 1/len(group) of our parameter's rows.
+    expected = {theirs: (params[ours].shape[0] // len(group), *params[ours].shape[1:])
+                for ours, group in names.items() for theirs in group}
+    check_fit(path, model_dir / "config.json", {name: tuple(t.shape) for name, t in renamed.items()}, expected)
     with torch.no_grad():
         for ours, group in names.items():
             # copy_ also casts, e.g. fp16 files to fp32
             params[ours].copy_(torch.cat([renamed[theirs] for theirs in group]))
-    return model.to(device)
+    return model, trained
+
+
+def load_pretrained(model_dir, device="cpu", new_heads=False):
+    """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors (read_weights).
+
+    A model trained by train.py or pairs.py gives its encoder only. new_heads:
+    the caller builds new heads on it (train.py, pairs.py); where that leaves
+    trained heads behind, one note line says so: they start again from random.
+    """
+    bert, trained = read_weights(model_dir)
+    inner = [name.split(".", 1)[1] for name in trained]  # "cls_head.out.weight", "encoder.project.bias"
+    heads = sorted({name.split(".")[0] for name in inner if not name.startswith("encoder.")})
+    # A sentence projection alone is no head: a pairs.py bi-encoder holds nothing else. On stderr, so
+    # that a script's output (JSON) stays as it is.
+    if heads and new_heads:
+        projection = " or its sentence projection" if any(n.startswith("encoder.") for n in inner) else ""
+        log(f"note: {model_dir} is a trained model; only its encoder is loaded, not its heads ({', '.join(heads)})"
+            f"{projection}: a model built on it starts them again from random", file=sys.stderr)
+    return bert.to(device)
 
 
 # --- A trained model -----------------------------------------------------------------
@@ -297,9 +354,10 @@ def trained_settings(model_dir, section):
 
 
 def load_trained(model_dir, cls, device="cpu"):
-    """A MultiTaskModel or sentence_pairs.PairModel (cls) from a folder written by save_trained."""
+    """A MultiTaskModel or sentence_pairs.PairModel (cls) from a folder written by save_trained. Its
+    heads must fit the settings in config.json, as the encoder must fit the rest (check_fit)."""
     model_dir = Path(model_dir)
-    bert = load_pretrained(model_dir)  # also checks config.json
+    bert, trained = read_weights(model_dir)  # also checks config.json
     settings = trained_settings(model_dir, cls.SECTION)
     if settings is None:
         raise CheckpointError(f"{model_dir / 'config.json'}: has no '{cls.SECTION}' settings; it is a plain BERT "
@@ -309,14 +367,12 @@ def load_trained(model_dir, cls, device="cpu"):
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{model_dir / 'config.json'}: bad '{cls.SECTION}' settings ({e})") from None
     prefix = cls.SECTION + "."
-    rest = {k.removeprefix(prefix): v for k, v in load_file(model_dir / "model.safetensors").items()
-            if k.startswith(prefix)}
-    expected = {n for n in model.state_dict() if not n.startswith("encoder.bert.")}
-    if rest.keys() != expected:
-        raise CheckpointError(f"{model_dir / 'model.safetensors'}: {cls.SECTION} tensors do not match config.json: "
-                              f"missing {_list_keys(expected - rest.keys()) or 'none'}, "
-                              f"unexpected {_list_keys(rest.keys() - expected) or 'none'}")
-    model.load_state_dict(rest, strict=False)
+    rest = {name: t for name, t in trained.items() if name.startswith(prefix)}  # under the file's names
+    expected = {prefix + name: tuple(t.shape) for name, t in model.state_dict().items()
+                if not name.startswith("encoder.bert.")}
+    check_fit(model_dir / "model.safetensors", model_dir / "config.json",
+              {name: tuple(t.shape) for name, t in rest.items()}, expected)
+    model.load_state_dict({name.removeprefix(prefix): t for name, t in rest.items()}, strict=False)
     return model.to(device)
 
 
@@ -407,8 +463,8 @@ def read_tokenizer(model_dir):
     else:
         empty = not any(model_dir.iterdir())
         raise DataError(f"{model_dir}: has neither tokenizer.json nor vocab.txt (nor vocab.json + merges.txt)"
-                        + ("; the folder is empty" if empty else "")
-                        + "; `python download.py` fetches bert-base-uncased, `--only NAME` another backbone")
+                        + (run_hint(model_dir, "tokenizer") or ("; the folder is empty" if empty else "")
+                           + DOWNLOAD_HINT))
     return tokenizer
 
 

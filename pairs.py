@@ -43,25 +43,26 @@ from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import pearson, spearman
 from model import NORMS, POOLS
 from model_folder import check_fits, load_pretrained, pooling_note
-from runtime import PRECISION_NAMES, Place, Report, UsageError, log, optimizer_step
+from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
 from sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_pairs, load_stsb
 from step_log import StepLog, Work
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a bi-encoder or a cross-encoder on STS-B sentence pairs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--encoder", choices=PAIR_KINDS, required=True,
-                   help="bi: embed each sentence alone, score = cosine; cross: both sentences in one pass")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--encoder", choices=PAIR_KINDS,
+                   help="required: bi: embed each sentence alone, score = cosine; cross: both sentences in one "
+                        "pass (with --resume, the saved run's)")
     p.add_argument("--data", default="data", help="data folder: reads stsb/sts-{train,dev,test}.csv (test if there)")
-    p.add_argument("--model", default="data/bert-base-uncased", help="pretrained BERT folder")
+    p.add_argument("--model", help="pretrained BERT folder (default: DATA/bert-base-uncased)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<date>-<time>)")
     g = p.add_argument_group("model")
     g.add_argument("--pool", choices=POOLS, default=None, help="bi: sentence pooling (default mean)")
     g.add_argument("--embed-dim", type=int, default=None, help="bi: project the sentence embedding to this size")
     g.add_argument("--normalize", choices=NORMS, default=None, help="bi: normalize the embedding (default none; "
                                                                     "the cosine is the same either way)")
-    g.add_argument("--head-dropout", type=float, default=0.1, help="cross: dropout before the head")
+    g.add_argument("--head-dropout", type=float, default=None, help="cross: dropout before the head (default: 0.1)")
     g = p.add_argument_group("freezing")
     flags.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head (the cross-encoder's "
                               "head, or the bi-encoder's --embed-dim projection)")
@@ -71,21 +72,27 @@ def parse_args(argv=None):
     flags.add_run_flags(g, epochs=1, batch_size=16, data_cache=False)
     g.add_argument("--group-window", type=int, default=0,
                    help="sort by length inside windows of this many batches to cut padding (0: random batches)")
-    return p.parse_args(argv)
+    return flags.parse(p, argv)  # with --resume, the saved run's flags are the defaults
 
 
 def check_args(args):
     """Flag problems a parser cannot see; raises UsageError naming the flag. Returns the model's heads."""
     flags.check_flags(args, at_least=(("epochs", 0), ("embed_dim", 1), ("group_window", 0)))
-    if not 0 <= args.head_dropout < 1:
-        raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
+    if args.encoder is None:
+        raise UsageError("argument --encoder: required: bi or cross")
     if args.encoder == "cross":
         given = [flag for flag in ("pool", "embed_dim", "normalize") if getattr(args, flag) is not None]
         if given:
             raise UsageError(f"argument --{given[0].replace('_', '-')}: only for --encoder bi; the cross-encoder "
                              "scores the pair from its first token")
+        args.head_dropout = 0.1 if args.head_dropout is None else args.head_dropout
+    elif args.head_dropout is not None and not args.resume:  # a resumed run's saved flags may hold the old default
+        raise UsageError("argument --head-dropout: only for --encoder cross; the bi-encoder has no head before "
+                         "its cosine")
     else:
         args.pool, args.normalize = args.pool or "mean", args.normalize or "none"
+    if args.head_dropout is not None and not 0 <= args.head_dropout < 1:
+        raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
     heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()  # the head, or the projection
     if any(item.strip() in ("ner-head", *([] if heads else ["cls-head"])) for item in args.freeze.split(",")):
         raise UsageError(f"argument --freeze: this {args.encoder}-encoder has no "
@@ -137,19 +144,25 @@ def evaluate(model, data, place, batching, what="evaluation"):
         report.update(len(indices), int(data.lengths()[indices].sum()))
     seconds = time.perf_counter() - start
     unit, count = ("sentences", 2 * len(data)) if model.kind == "bi" else ("pairs", len(data))
-    return {"spearman": spearman(predicted, data.scores), "pearson": pearson(predicted, data.scores),
-            f"{unit}_per_s": round(count / seconds, 1)}
+    correlations = {"spearman": spearman(predicted, data.scores), "pearson": pearson(predicted, data.scores)}
+    if math.isnan(correlations["spearman"]):  # no ranks to correlate: None (null in JSON), and why
+        why = ("every predicted score is the same (are the pairs cut to nothing by --max-len?)"
+               if np.ptp(predicted) == 0 else "every gold score is the same")
+        log(f"{what}: Spearman and Pearson are undefined: {why}")
+        correlations = dict.fromkeys(correlations)
+    return {**correlations, f"{unit}_per_s": round(count / seconds, 1)}
 
 
 def dev_score(metrics):
-    """What picks the best epoch: dev Spearman; -inf where it is undefined (constant predictions), so
-    that any later epoch beats it."""
-    return -math.inf if math.isnan(metrics["spearman"]) else metrics["spearman"]
+    """What picks the best epoch: dev Spearman; where it is undefined, -2, below any Spearman, so that a
+    later epoch with a defined one beats it."""
+    return -2.0 if metrics["spearman"] is None else metrics["spearman"]
 
 
 def describe(metrics):
     rate = next(f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in metrics.items() if k.endswith("_per_s"))
-    return f"Spearman {100 * metrics['spearman']:.2f} | Pearson {100 * metrics['pearson']:.2f} | {rate}"
+    shown = {k: "undefined" if metrics[k] is None else f"{100 * metrics[k]:.2f}" for k in ("spearman", "pearson")}
+    return f"Spearman {shown['spearman']} | Pearson {shown['pearson']} | {rate}"
 
 
 # --- Set-up ----------------------------------------------------------------------------
@@ -180,7 +193,7 @@ def set_up(args):
     started = time.perf_counter()
     heads = check_args(args)
     place = distributed.init(args.device, args.amp)
-    tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model)
+    tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model, new_heads=True)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
     if note := flags.resolve_auto_rates(args, bert.config):
         log(note)
@@ -189,7 +202,7 @@ def set_up(args):
     splits = load_stsb(args.data, tokenizer, args.max_len, args.encoder)
     splits = {split: limit_split(data, args.limit) for split, data in splits.items()}
     data_seconds = time.perf_counter() - started
-    log("stsb: " + ", ".join(f"{s} {len(d):,} pairs ({sum(d.truncated)} truncated)" for s, d in splits.items()))
+    log("stsb: " + ", ".join(f"{s} {plural(len(d), 'pair')} ({sum(d.truncated)} truncated)" for s, d in splits.items()))
 
     torch.manual_seed(args.seed)  # the same initial head on every rank
     model = PairModel(bert, args.encoder, args.pool, args.embed_dim, args.normalize, args.head_dropout)
@@ -223,7 +236,6 @@ def set_up(args):
         progress.flags = vars(args)
         log(f"resumed from {folder.checkpoint}: epoch {progress.epoch + 1}, batch {progress.batch}, "
             f"step {progress.step}")
-    folder.copy_tokenizer(args.model)  # so that OUT is a complete model folder (embed.py)
     return Setup(args, place, folder, model, splits, sampler, plan, rates, optimizer, scaler, progress, fingerprint,
                  started, data_seconds)
 
@@ -246,8 +258,8 @@ def train(s):
     if not s.plan.trains(args.epochs):
         log(f"nothing trains (--epochs {args.epochs}, --freeze {args.freeze}): scoring the model as it is")
     else:
-        log(f"training: {args.epochs} epochs x {steps_per_epoch} steps of {s.sampler.batch_size} pairs; "
-            f"warmup {warmup_steps} steps")
+        log(f"training: {plural(args.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} of "
+            f"{plural(s.sampler.batch_size, 'pair')}; warmup {plural(warmup_steps, 'step')}")
     ddp = distributed.wrap(model, place)  # DDP under torchrun, else the model itself
     with run_folder.StopSignals() as stop:  # SIGINT, SIGTERM: the step finishes, a checkpoint is saved
         for epoch in epochs:
@@ -257,7 +269,7 @@ def train(s):
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
             freeze.set_train_mode(model, s.plan.frozen_at(epoch))
             batches = s.sampler.epoch(epoch)
-            steps.start_epoch()
+            steps.start_epoch(progress)
             for b in range(progress.batch, len(batches)):
                 _, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch

@@ -24,7 +24,8 @@ import torch
 from data import AG_CLASSES, collate, encode_classification, encode_ner, length_batches, load_tokenizer, word_tags
 from metrics import chunks
 from model_folder import check_fits, load_multitask
-from runtime import CheckpointError, DataError, UsageError, exit_status_of, pick_device
+from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
+                     pick_device)
 
 
 ABBREVIATION = re.compile(r"(?:[^\W\d_]\.){2,}")  # U.S., e.g.
@@ -106,25 +107,34 @@ def show(result):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Topic and named entities of new text, from a model train.py trained.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("texts", nargs="*", help="texts to read; none: one text per line on stdin (blank lines skipped)")
     p.add_argument("--model", required=True, help="a run folder written by train.py")
     p.add_argument("--json", action="store_true", help="one JSON object per text instead of readable lines")
     p.add_argument("--max-len", type=int, default=None,
                    help="word pieces per text, [CLS] and [SEP] included (default: the run's --max-len)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where there is one")
     return p.parse_args(argv)
 
 
 def read_inputs(args):
-    """The texts, from the arguments or stdin; an empty one is a UsageError."""
+    """The texts, from the arguments or stdin; an empty one is a UsageError, and one that is not UTF-8
+    names the text (or stdin's line). Lines of stdin lose their line ending, a carriage return included,
+    and the first line its byte-order mark (Windows editors write both): neither is part of the text."""
     if args.texts:
         texts = args.texts
+        check_arguments_utf8(texts, "text")
     elif sys.stdin.isatty():
         raise UsageError("no texts: give them as arguments, or one per line on stdin")
     else:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        raw = sys.stdin.buffer.read()
+        try:
+            lines = raw.decode("utf-8-sig").split("\n")  # only "\n" ends a text, as in the line numbers here
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"<stdin>:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+        texts = [line.removesuffix("\r") for line in lines if line.strip()]
     for n, text in enumerate(texts, start=1):
         if not text.strip():
             raise UsageError(f"text {n} is empty")
@@ -144,7 +154,7 @@ def main(argv=None):
         model = load_multitask(args.model, device)  # a plain BERT folder fails here, with a hint
         tokenizer = load_tokenizer(args.model)
         run = json.loads((Path(args.model) / "config.json").read_text()).get("run", {})
-        max_len = args.max_len or run.get("max_len", 128)
+        max_len = run.get("max_len", 128) if args.max_len is None else args.max_len
         if max_len < 3:
             raise UsageError(f"argument --max-len: must be at least 3, got {max_len}")
         check_fits(tokenizer, model.bert.config, max_len, args.model)

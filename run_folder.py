@@ -5,7 +5,7 @@ its summary, however many times it is stopped and resumed (--resume); its
 folder holds everything it writes. The scripts call these explicitly:
 
     folder, saved = claim(args, place)     # made and locked; with --resume, the checkpoint read and checked
-    folder.write_json / save_model / save_checkpoint / copy_tokenizer    # rank 0 writes, others skip
+    folder.write_json / save_model / save_checkpoint    # rank 0 writes, others skip
     summary(...)                           # the fields every summary.json has
     with StopSignals() as stop: ...        # in the loop: SIGINT/SIGTERM set stop.signum, the step finishes
     with signals_raise_stopped(): ...      # elsewhere: they raise Stopped
@@ -32,7 +32,7 @@ import checkpoint
 import distributed
 from checkpoint import Checkpoint
 from model_folder import copy_tokenizer, save_trained
-from runtime import PRECISION_NAMES, CheckpointError, DataError, UsageError, os_error_line, write_json
+from runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, os_error_line, write_json
 
 _HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
 _MADE = []  # the run folders this process made: removed again if it ends having written nothing there
@@ -50,9 +50,11 @@ class RunFolder:
             write_json(self.path / name, data, lines)
 
     def save_model(self, model):
-        """model.safetensors and config.json (model_folder.save_trained), the run's flags under "run"."""
+        """model.safetensors and config.json (model_folder.save_trained), the run's flags under "run", and
+        the pretrained folder's tokenizer files: OUT is a complete model folder (predict.py, embed.py)."""
         if self.place.rank == 0:
             save_trained(model, self.path, extra={"run": self.flags})
+            copy_tokenizer(self.flags["model"], self.path)
 
     def save_checkpoint(self, progress, model, optimizer, scaler, fingerprint):
         """Everything --resume needs (checkpoint.Checkpoint). Call it on every rank: each hands in its
@@ -62,17 +64,13 @@ class RunFolder:
             checkpoint.save(self.checkpoint, Checkpoint(progress, model.state_dict(), optimizer.state_dict(),
                                                         scaler.state_dict(), rngs, fingerprint))
 
-    def copy_tokenizer(self, model_dir):
-        """The pretrained folder's tokenizer files, so that the run folder is a complete model folder."""
-        if self.place.rank == 0:
-            copy_tokenizer(model_dir, self.path)
-
 
 def epochs_to_run(progress, args):
-    """The epochs this invocation trains, from where the run stands: up to --stop-after N if the run has
-    not passed epoch N yet, else to the last (--epochs)."""
+    """The epochs this invocation trains, from where the run stands to the last (--epochs), or only the
+    next N of them with --stop-after N (an epoch a signal cut short counts as one): a job script that
+    repeats `--resume --stop-after N` trains N epochs per time slot."""
     done, last = progress.epoch, args.epochs
-    return range(done, args.stop_after if args.stop_after is not None and done < args.stop_after < last else last)
+    return range(done, last if args.stop_after is None else min(done + args.stop_after, last))
 
 
 def summary(progress, flags, place, model, started, data_seconds):
@@ -89,16 +87,25 @@ def summary(progress, flags, place, model, started, data_seconds):
 
 def claim(args, place):
     """The run folder, made and locked, and with --resume the checkpoint in it, read and checked against
-    the flags. Sets args.out to the folder chosen. Returns (RunFolder, saved Checkpoint or None)."""
+    the flags. Sets args.out to the folder chosen. Returns (RunFolder, saved Checkpoint or None).
+
+    A new run takes a new or empty folder only: a folder that holds anything else (a pretrained model,
+    a finished run, any file) is refused before anything is written into it, so nothing is replaced."""
     if place.world_size > 1 and args.out is None:
         raise UsageError("argument --out: give --out under torchrun, so that every process uses the same folder")
     out = Path(args.out) if args.out else new_run_folder()
     args.out = str(out)  # the folder chosen, as the run's flags, summary.json and any hint name it
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} is a file, not a folder")
+    if args.resume and not checkpoint.path_in(out).exists():
+        raise UsageError(f"argument --resume: {checkpoint.path_in(out)} not found")
+    if not args.resume and (held := contents(out)):
+        raise UsageError(f"argument --out: {out} {held}")
     try:
         out.mkdir(parents=True)
         if place.rank == 0:
             _MADE.append(out)
-    except FileExistsError:  # a folder given again (--resume), or made a moment ago by another rank
+    except FileExistsError:  # an empty folder, a run to --resume, or made a moment ago by another rank
         pass
     except OSError as e:
         raise UsageError(f"argument --out: cannot create {out} ({e.strerror})") from None
@@ -106,14 +113,23 @@ def claim(args, place):
         lock_folder(out)
     folder, saved = RunFolder(out, place, vars(args)), None
     if args.resume:
-        if not folder.checkpoint.exists():
-            raise UsageError(f"argument --resume: {folder.checkpoint} not found")
         saved = checkpoint.read(folder.checkpoint)
         checkpoint.check_resume(folder.checkpoint, saved.progress, vars(args), place.world_size)
-    elif folder.checkpoint.exists():
-        raise UsageError(f"argument --out: {out} already holds a run; add --resume to continue it, "
-                         "or choose another --out")
     return folder, saved
+
+
+def contents(out):
+    """What a folder holds that a new run must not replace, in words, or "" for a new or empty folder
+    (a .lock alone is left by a run that ended, or by another rank of this one)."""
+    names = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    if not names:
+        return ""
+    if checkpoint.path_in(out).exists():
+        return "already holds a run; add --resume to continue it, or choose another --out"
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    what = ("a finished run" if "summary.json" in names else "a model" if "model.safetensors" in names
+            or "config.json" in names else "other files")
+    return f"holds {what} ({shown}); a new run needs a new or empty folder: choose another --out"
 
 
 def new_run_folder():
@@ -151,23 +167,22 @@ def lock_folder(out):
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
-    _HELD.append(handle)
+    _HELD.append((out, handle))
 
 
 def release():
-    """Remove the run folders this process made but wrote nothing into (a run refused during set-up
-    leaves no empty folder), while still holding their locks; then release every lock (a script calls
-    this as it ends; the process's end would release them too)."""
+    """As a script ends: remove the run folders this process made but wrote nothing into (a run refused
+    or stopped during set-up leaves no empty folder), and the lock file of a folder it held and left
+    otherwise empty; then release every lock (the process's end would release them too)."""
+    for out, handle in _HELD:
+        with contextlib.suppress(OSError):  # gone already, or not ours to change: leave it
+            if {p.name for p in out.iterdir()} == {".lock"}:
+                (out / ".lock").unlink()  # still held: no other run can be starting in it
     while _MADE:
-        out = _MADE.pop()
-        try:
-            if {p.name for p in out.iterdir()} <= {".lock"}:
-                (out / ".lock").unlink(missing_ok=True)
-                out.rmdir()
-        except OSError:  # gone already, or not ours to remove: leave it
-            pass
+        with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
+            _MADE.pop().rmdir()
     while _HELD:
-        _HELD.pop().close()
+        _HELD.pop()[1].close()
 
 
 # --- Stop signals and exit status -----------------------------------------------------------
@@ -218,10 +233,10 @@ def signals_raise_stopped():
 
 def exit_status(error, out):
     """The exit status of a run that ended with `error`, after printing at most one line: 2 for bad
-    input (UsageError, DataError, CheckpointError) or a failing environment (a full disk, a permission,
-    a folder gone); 128 + n for signal n, with what to do next. Anything else is a bug in this code,
-    and is raised again with its traceback."""
-    if isinstance(error, (UsageError, DataError, CheckpointError)):
+    input (UsageError, DataError, CheckpointError), a run that diverged (Diverged) or a failing
+    environment (a full disk, a permission, a folder gone); 128 + n for signal n, with what to do next.
+    Anything else is a bug in this code, and is raised again with its traceback."""
+    if isinstance(error, (UsageError, DataError, CheckpointError, Diverged)):
         line, status = f"error: {error}", 2
     elif isinstance(error, OSError):
         line, status = f"error: {os_error_line(error)}", 2

@@ -9,6 +9,7 @@ one AMP path: unscale, clip, step, update) -> output: atomic_write, log
 long stage.
 """
 
+import argparse
 import json
 import os
 import resource
@@ -33,6 +34,10 @@ class CheckpointError(ValueError):
     """A model folder or checkpoint that cannot be loaded; the message is one line naming the file."""
 
 
+class Diverged(Exception):
+    """Training diverged (a loss that is NaN or infinite): the run stops, with one line and exit status 2."""
+
+
 def read_text(path):
     """The whole file as text, without a leading byte-order mark; a missing, binary or non-UTF-8 file is a
     DataError."""
@@ -54,6 +59,16 @@ def read_text(path):
     if not text.strip():
         raise DataError(f"{path}: empty file")
     return text
+
+
+def check_arguments_utf8(texts, what):
+    """Command-line texts whose bytes are not UTF-8 arrive as surrogates (Python's surrogateescape): take
+    the bytes back, and refuse such a text with a UsageError that names it ("{what} N")."""
+    for n, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8", "surrogateescape").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{what} {n}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
 
 
 def pick_device(name):
@@ -183,15 +198,32 @@ def current_umask():
 
 
 def write_json(path, data, lines=False):
-    """Write JSON (or JSON lines, one object per item) atomically."""
-    text = "".join(json.dumps(r) + "\n" for r in data) if lines else json.dumps(data, indent=2) + "\n"
+    """Write JSON (or JSON lines, one object per item) atomically. NaN and Infinity are not JSON: a
+    score that is undefined is None (null), and a NaN that gets here is a bug (ValueError)."""
+    text = ("".join(json.dumps(r, allow_nan=False) + "\n" for r in data) if lines
+            else json.dumps(data, indent=2, allow_nan=False) + "\n")
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none to show: a default of None (the help
+    says in words what happens) and an on/off switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, argparse._StoreTrueAction):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def log(*args, **kwargs):
     """print(), on the first process only: under torchrun every process runs the same code, and one speaks."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, **kwargs)
+
+
+def plural(n, word):
+    """"1 epoch", "3 epochs", "1,200 pairs": a count and its noun."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def duration(seconds):

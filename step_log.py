@@ -3,10 +3,19 @@
     step 150/1218 | epoch 1 | loss ag 0.4127 ner 0.2210 | lr 2.00e-04 cls_head 1.00e-03 ner_head 1.00e-03 | ...
 
 A line comes every --log-every steps, at least every LOG_SECONDS, and at an
-epoch's last step. The losses stay tensors until a line is due: turning one
-into a number waits for the GPU. Under torchrun, after every step the ranks
-agree (one small collective) on whether a line is due and whether any of
-them got a stop signal, so that all of them log and stop at the same step.
+epoch's last step. The losses stay tensors until a line is due. Under
+torchrun, after every step the ranks agree (one small collective) on whether
+a line is due, whether any of them got a stop signal, and whether the run
+diverged, so that all of them log and stop at the same step.
+
+Divergence stops the run at once (runtime.Diverged: one line, exit status 2):
+a loss that is NaN or infinite, or in fp16 SKIPPED_IN_A_ROW steps in a row
+that the GradScaler skipped. A few skipped steps are fp16's normal search for
+a loss scale; each one halves the scale, so 25 in a row take it from 65,536
+below 0.002, and gradients that overflow even there will not recover. Nothing
+is saved from a diverged step on: the run folder keeps its last checkpoint.
+Checking the loss waits for this step's forward pass on a GPU, while its
+backward pass and update still run there.
 """
 
 import time
@@ -15,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 import distributed
-from runtime import duration, log
+from runtime import Diverged, duration, log
 
 LOG_SECONDS = 10.0  # the longest a run goes without a log line, whatever --log-every says
+SKIPPED_IN_A_ROW = 25  # fp16 steps skipped one after another that count as divergence
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,17 @@ class StepLog:
 
     def __init__(self, tasks, place, every, work):
         self.tasks, self.place, self.every, self.work = tasks, place, every, work
+        self.in_a_row = 0  # fp16 steps skipped one after another, up to the last step
 
-    def start_epoch(self):
+    def start_epoch(self, progress):
         self.losses = {task: [] for task in self.tasks}  # loss tensors, turned into numbers only when logging
+        self.skipped = progress.skipped_steps  # fp16 steps skipped so far (after_step counts those in a row)
         self.epoch_start = self.interval_start = time.perf_counter()
         self.epoch_examples = self.interval_examples = 0
 
     def add(self, task, loss, examples):
         self.losses[task].append(loss)
+        self.last = task, loss
         self.interval_examples += examples
         self.epoch_examples += examples
 
@@ -79,10 +92,26 @@ class StepLog:
         return record
 
     def after_step(self, progress, signum, optimizer, last):
-        """Agree with the other ranks on a stop signal and on a line due (rank 0's clock); print the
-        line when it is due. Returns the signal number any rank got (0: none)."""
+        """Agree with the other ranks on a stop signal, on a line due (rank 0's clock) and on divergence
+        (raised as runtime.Diverged); print the line when it is due. Returns the signal number any rank
+        got (0: none)."""
         due = self.place.rank == 0 and time.perf_counter() - self.interval_start >= LOG_SECONDS
-        signum, due = distributed.agree([signum, int(due)], self.place)
+        task, loss = self.last
+        self.in_a_row = self.in_a_row + 1 if progress.skipped_steps > self.skipped else 0
+        self.skipped = progress.skipped_steps
+        finite = bool(torch.isfinite(loss))  # on a GPU this waits for the step's forward pass, not its backward
+        signum, due, bad, in_a_row = distributed.agree([signum, int(due), int(not finite), self.in_a_row],
+                                                       self.place)
+        if bad or in_a_row >= SKIPPED_IN_A_ROW:
+            if not finite:
+                what = f"the {task} loss is {loss.item()}"
+            elif bad:
+                what = "a loss on another rank is not finite"
+            else:
+                what = f"fp16 skipped {in_a_row} steps in a row for inf/NaN gradients"
+            raise Diverged(f"training diverged at step {progress.step} (epoch {progress.epoch + 1}, task {task}): "
+                           f"{what}; rates {current_rates(optimizer)}. The run folder keeps its last checkpoint; "
+                           "start again with lower rates (--lr, --head-lr)")
         if progress.step % self.every == 0 or due or last:
             self.print_line(progress, optimizer)
         return signum

@@ -5,15 +5,13 @@
     python train.py --out runs/NAME --resume          # continue an interrupted run
     python predict.py --model runs/NAME "Apple opened a store in London."   # then use it
 
-Reading order: the flags; task_loss and evaluate; set_up, which reads the
-data and builds the model and its optimizer; train, the loop: for each
-epoch, for each batch, forward, loss, backward, optimizer step, and at each
-epoch's end evaluate, keep the best, checkpoint; test; main. The rest is
-one-line calls to modules named for what they hold: freeze.py and lr.py
-(Tasks 3 and 4), features.py (a frozen backbone's outputs, computed once),
-run_folder.py (the --out folder, stop signals, exit status), step_log.py,
-checkpoint.py, distributed.py (torchrun), runtime.py (device, precision).
-Only rank 0 prints and writes the run folder (README.md lists its files).
+Reading order: the flags; task_loss and evaluate; set_up, which reads the data and builds the model
+and its optimizer; train, the loop: for each epoch, for each batch, forward, loss, backward,
+optimizer step, and at each epoch's end evaluate, keep the best, checkpoint; test; main. The rest is
+one-line calls to modules named for what they hold: freeze.py and lr.py (Tasks 3 and 4), features.py
+(a frozen backbone's outputs, computed once), run_folder.py (the --out folder, stop signals, exit
+status), step_log.py, checkpoint.py, distributed.py (torchrun), runtime.py (device, precision). Only
+rank 0 prints and writes the run folder (README.md lists its files).
 """
 
 import argparse
@@ -39,7 +37,7 @@ from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import entity_counts, scores_from_counts
 from model import NORMS, POOLS, MultiTaskModel, SentenceEncoder
 from model_folder import check_fits, load_multitask, load_pretrained, pooling_note
-from runtime import PRECISION_NAMES, Place, Report, UsageError, log, optimizer_step
+from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
 from step_log import StepLog, Work
 
 TASKS = tuple(MultiTaskModel.heads)  # ("ag", "ner"): one loss, one log column, one head each
@@ -47,9 +45,10 @@ TASKS = tuple(MultiTaskModel.heads)  # ("ag", "ner"): one loss, one log column, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune BERT on AG News and CoNLL-2003 at once.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data", help="data directory written by download.py")
-    p.add_argument("--model", default="data/bert-base-uncased", help="pretrained BERT folder")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--data", default="data", help="data folder written by download.py; the run reads ag_news/"
+                                                  "{train,test}.csv and conll2003/{train,valid,test}.txt, test too")
+    p.add_argument("--model", help="pretrained BERT folder (default: DATA/bert-base-uncased)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<date>-<time>)")
     g = p.add_argument_group("model")
     g.add_argument("--pool", choices=POOLS, default="mean", help="sentence pooling for the classification head")
@@ -77,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder; batches are then padded to a multiple of 8 tokens, "
                         "so that only a few shapes are compiled")
-    return p.parse_args(argv)
+    return flags.parse(p, argv)  # with --resume, the saved run's flags are the defaults
 
 
 def check_args(args):
@@ -200,7 +199,7 @@ def set_up(args):
     started = time.perf_counter()
     check_args(args)
     place = distributed.init(args.device, args.amp)  # under torchrun, after joining the process group
-    tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model)
+    tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model, new_heads=True)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
     if note := flags.resolve_auto_rates(args, bert.config):
         log(note)  # before the folder records the flags, so that --resume compares the numbers
@@ -239,7 +238,6 @@ def set_up(args):
         progress.flags = vars(args)
         log(f"resumed from {folder.checkpoint}: epoch {progress.epoch + 1}, batch {progress.batch}, "
             f"step {progress.step}")
-    folder.copy_tokenizer(args.model)  # so that OUT is a complete model folder (predict.py, embed.py)
     return Setup(args, place, folder, model, splits, sampler, plan, rates, optimizer, scaler, progress, fingerprint,
                  started, data_seconds)
 
@@ -294,7 +292,7 @@ def train(s):
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
             freeze.set_train_mode(model, s.plan.frozen_at(epoch))
             batches = s.sampler.epoch(epoch)  # [(task, example indices)]: one task per batch
-            steps.start_epoch()
+            steps.start_epoch(progress)
             for b in range(progress.batch, len(batches)):
                 task, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch
@@ -350,8 +348,8 @@ def log_plan(s, steps_per_epoch, warmup_steps):
         return
     shown = (f"global batch {s.sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
              if world_size > 1 else f"batch {args.batch_size}")
-    log(f"training: {args.epochs} epochs x {steps_per_epoch} steps ({s.sampler.per_task:,} examples per task "
-        f"per epoch, {shown}); warmup {warmup_steps} steps")
+    log(f"training: {plural(args.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} ({s.sampler.per_task:,} "
+        f"examples per task per epoch, {shown}); warmup {plural(warmup_steps, 'step')}")
 
 
 def frozen_features(s, epochs):

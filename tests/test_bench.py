@@ -65,3 +65,46 @@ def test_compile_flag_compiles_the_models_it_names(monkeypatch, flag, compiled):
     assert seen == compiled
     with pytest.raises(SystemExit):
         bench.parse_args(["--compile", "theirs"])
+
+
+@pytest.mark.parametrize("flag, value, low", [("--steps", 0, 1), ("--seq-len", 0, 1), ("--batch-size", 0, 1),
+                                              ("--warmup", -1, 0), ("--profile", -1, 0)])
+def test_every_number_flag_is_checked_before_anything_runs(capsys, flag, value, low):
+    assert bench.main(["--model", str(TINY_PLAIN), flag, str(value), "--device", "cpu"]) == 2
+    assert capsys.readouterr() == ("", f"error: argument {flag}: must be at least {low}, got {value}\n")
+
+
+def test_the_shortest_sequence_and_batch_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--model", str(TINY_PLAIN), "--batch-size", "1", "--seq-len", "1", "--warmup", "0", "--steps", "1",
+            "--device", "cpu", "--json", str(out)]
+    assert bench.main(argv) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert (row["batch"], row["seq"]) == (1, 1) and row["ours"]["tokens_per_s"] == pytest.approx(1000 / row["ours"]["ms"])
+    assert bench.main(["--model", str(TINY_PLAIN), "--seq-len", "65", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: argument --seq-len: 65 is more than the model's 64 positions\n"
+
+
+def test_every_flag_has_help_and_the_defaults_that_mean_something(capsys):
+    flags = [a for a in bench.parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert len(flags) == 13 and [a.option_strings for a in flags if not a.help] == []
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps at the terminal's width
+    assert "--batch-size BATCH_SIZE examples per step (default: 32)" in text
+    assert "--steps STEPS timed steps per model; the table gives their median (default: 10)" in text
+    assert "--json JSON also write the results to this file --profile" in text  # no default where there is none
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_trained_model_folder_times_its_encoder_without_a_note(tmp_path, capsys):
+    from model_folder import load_pretrained, save_trained
+    run = tmp_path / "run"
+    save_trained(bench.MultiTaskModel(bench.SentenceEncoder(load_pretrained(TINY_PLAIN))), run)
+    argv = ["--model", str(run), "--batch-size", "2", "--seq-len", "8", "--warmup", "0", "--steps", "1",
+            "--freeze", "none", "backbone", "--device", "cpu"]
+    assert bench.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # only its encoder's shape matters for speed: no note about the heads
+    assert [line.split(" | ")[1] for line in out.splitlines()[3:]] == ["none", "backbone"]

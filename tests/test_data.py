@@ -227,6 +227,61 @@ def test_cache_gives_the_same_data_and_follows_the_file(tmp_path, tokenizer, mon
     assert len(list(cache.iterdir())) == 4
 
 
+def cached_split_pair(tokenizer, cache):
+    """The cache entries of two NER splits of the fixture data, (valid, test) as (path, entry, data)."""
+    splits = []
+    for split in ("valid", "test"):
+        path = DATA / "conll2003" / f"{split}.txt"
+        part = encode_file(path, "ner", tokenizer, 128, cache)
+        [entry] = cache.glob(f"conll2003-{split}-{part.source}.safetensors")  # named by the split and its key
+        splits.append((path, entry, part))
+    return splits
+
+
+def reads_from_cache(monkeypatch, path, tokenizer, cache):
+    """encode_file(path) with tokenizing forbidden: what the cache holds for it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "encode_ner", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
+        return encode_file(path, "ner", tokenizer, 128, cache)
+
+
+def test_a_cache_entry_copied_over_another_split_is_not_read_as_it(tmp_path, tokenizer, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    (_, valid_entry, valid), (test_path, test_entry, test) = cached_split_pair(tokenizer, cache)
+    assert valid != test
+    test_entry.write_bytes(valid_entry.read_bytes())  # the valid split's tokens under the test split's name
+    capsys.readouterr()
+    again = encode_file(test_path, "ner", tokenizer, 128, cache)
+    assert again == test and again.word_tags == test.word_tags and len(again) == len(test)
+    assert capsys.readouterr().err == (f"note: {test_entry}: holds the tokens of another file, tokenizer or "
+                                       "--max-len; tokenizing again\n")
+    assert reads_from_cache(monkeypatch, test_path, tokenizer, cache) == test  # the entry was rewritten
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("flip", "is damaged (its arrays do not match their checksum)"),
+    ("truncate", "is unreadable ("),
+    ("old_format", "has no stored key (an older cache format)"),
+])
+def test_a_damaged_or_old_cache_entry_is_tokenized_again(tmp_path, tokenizer, monkeypatch, capsys, damage, problem):
+    cache = tmp_path / "cache"
+    _, (test_path, entry, test) = cached_split_pair(tokenizer, cache)
+    raw = entry.read_bytes()
+    if damage == "flip":  # one bit of the last token id: the header still parses
+        entry.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    elif damage == "truncate":
+        entry.write_bytes(raw[:len(raw) // 2])
+    else:  # as the cache was written before it stored its key: the same arrays, metadata without key or sha256
+        from safetensors.numpy import load_file, save_file
+        save_file(load_file(entry), entry, metadata={"task": "ner"})
+    capsys.readouterr()
+    assert encode_file(test_path, "ner", tokenizer, 128, cache) == test
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {entry}: {problem}") and err.endswith("; tokenizing again\n") and err.count("\n") == 1
+    assert reads_from_cache(monkeypatch, test_path, tokenizer, cache) == test
+
+
 # --- Batches --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("multiple", [1, 8])
@@ -338,6 +393,31 @@ def test_load_splits_and_command_line_summary(tokenizer):
     assert lines[1].split()[:3] == ["ag", "train", "38"]
     assert lines[4].split()[:5] == ["ner", "train", "24", "277", "words;"]
     assert "padding" in lines[-1] and "batches of 32" in lines[-1]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", f"argument --seed: must be a whole number from 0 to {2**32 - 1}, got -1"),
+    ("--batch-size", "0", "argument --batch-size: must be at least 1, got 0"),
+    ("--max-len", "2", "argument --max-len: must be at least 3, got 2"),
+    ("--splits", "train,dev", "argument --splits: expected names from train,valid,test, got 'train,dev'"),
+])
+def test_summary_flags_out_of_range_are_one_line(capsys, flag, value, message):
+    import data_summary
+    argv = ["--data", str(DATA), "--model", str(FIXTURES / "bert_vocab"), "--no-data-cache", flag, value]
+    assert data_summary.main(argv) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+
+
+def test_summary_flags_all_have_help(capsys):
+    import data_summary
+    with pytest.raises(SystemExit) as exit_:
+        data_summary.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps at the terminal's width
+    assert "--batch-size BATCH_SIZE examples per batch of the training epoch whose padding is measured (default: 32)" in text
+    assert "--seed SEED seeds the sampler's order of that epoch (default: 0)" in text
+    assert "--data DATA data directory written by download.py (default: data) --model" in text  # the default once
+    assert "--no-data-cache tokenize again instead of using DATA/.cache" in text and "(default: False)" not in text
 
 
 def test_collated_batch_feeds_the_encoder(tokenizer):

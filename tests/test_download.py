@@ -18,10 +18,11 @@ import download
 
 
 class Server:
-    """Serves bytes by path, with Range requests; logs (path, Range header); can drop or throttle a file."""
+    """Serves bytes by path, with Range requests; logs (path, Range header); can drop or throttle a file,
+    or serve it without Content-Length (HTTP/1.0: the body ends where the connection closes)."""
 
     def __init__(self):
-        self.files, self.log, self.drop_after, self.slow = {}, [], {}, set()
+        self.files, self.log, self.drop_after, self.slow, self.unsized = {}, [], {}, set(), set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,19 +42,24 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
+                if self.path not in server.unsized:
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 cut = server.drop_after.pop(self.path, None)  # drop this file's connection once
                 payload = body[start:cut] if cut is not None else body[start:]
-                for i in range(0, len(payload), 4096):
-                    self.wfile.write(payload[i:i + 4096])
-                    if self.path in server.slow:
-                        self.wfile.flush()
-                        time.sleep(0.01)
+                try:
+                    for i in range(0, len(payload), 4096):
+                        self.wfile.write(payload[i:i + 4096])
+                        if self.path in server.slow:
+                            self.wfile.flush()
+                            time.sleep(0.01)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading, as it may
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # poll_interval: how long close() waits for the serving thread to notice shutdown()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -302,3 +308,85 @@ def test_a_file_of_the_wrong_size_is_never_good(tmp_path):
     pin = {"size": 10, "sha256": hashlib.sha256(b"abc").hexdigest()}
     assert download.problem(path, pin) == "size 3 bytes, expected 10"
     assert download.problem(path, {**pin, "size": 3}) is None
+
+
+@pytest.mark.parametrize("mirror, why", [
+    ("http://[::1", "'http://[::1' is not a valid URL (Invalid IPv6 URL)"),
+    ("http://", "'http://' names no host"),
+    ("{url}/a b", "'{url}/a b' contains whitespace or a control character (in a path, write a space as %20)"),
+    ("http://127.0.0 .1/", "'http://127.0.0 .1/' contains whitespace or a control character (in a path, write a "
+                           + "space as %20)"),
+    ("http://127.0.0.1:99999/", "'http://127.0.0.1:99999/' is not a valid URL (Port out of range 0-65535)"),
+    ("http://[::1]x/", "'http://[::1]x/' has a malformed host or port"),
+    ("{url}/?v=1", "'{url}/?v=1' has a query or fragment; a mirror is a base URL that file paths are appended to"),
+], ids=["unclosed-ipv6", "no-host", "space-in-path", "space-in-host", "port-out-of-range", "text-after-ipv6",
+        "query"])
+def test_a_mirror_that_cannot_work_is_refused_before_any_download(tmp_path, server, mirror, why):
+    dest = tmp_path / "data"
+    done = subprocess.run([sys.executable, "download.py", "--dest", str(dest), "--only", "stsb",
+                           "--mirror", mirror.format(url=server.url)], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "error" in line] == \
+        [f"download.py: error: argument --mirror: {why.format(url=server.url)}"]
+    assert server.log == [] and not dest.exists()  # nothing asked for, nothing written
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def wrong_size_line(tmp_path, server, served):
+    """The one error line for ag_news/test.csv, pinned at 10,000 bytes, when the mirror serves another size."""
+    return (f"error: {tmp_path}/ag_news/test.csv: {server.url}/ag_news/test.csv: serves {served} bytes, "
+            "but the pinned file has 10,000; the partial file was removed")
+
+
+@pytest.mark.parametrize("served", [8_000, 12_000])
+def test_a_mirror_file_of_another_size_is_refused_at_once(tmp_path, server, monkeypatch, capsys, fast, served):
+    monkeypatch.setattr(download, "FILES", [entry(server, "ag_news/test.csv", blob(10_000, 23))])
+    server.files["/ag_news/test.csv"] = blob(served, 23)  # a whole file, with its own Content-Length
+    assert download.main(["--dest", str(tmp_path), "--mirror", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert error_lines(err) == [wrong_size_line(tmp_path, server, f"{served:,}")]
+    assert server.log == [("/ag_news/test.csv", None)]  # not retried: a second try gets the same file
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ag_news"]
+
+
+def test_a_resumed_file_whose_total_is_not_the_pin_is_refused(tmp_path, server, monkeypatch, capsys, fast):
+    pinned = blob(10_000, 29)
+    monkeypatch.setattr(download, "FILES", [entry(server, "ag_news/test.csv", pinned)])
+    server.files["/ag_news/test.csv"] = pinned + b"more rows\n"  # answers the Range with "bytes 4000-10009/10010"
+    (tmp_path / "ag_news").mkdir()
+    (tmp_path / "ag_news" / "test.csv.part").write_bytes(pinned[:4_000])
+    assert download.main(["--dest", str(tmp_path), "--mirror", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert error_lines(err) == [wrong_size_line(tmp_path, server, "10,010")]
+    assert server.log == [("/ag_news/test.csv", "bytes=4000-")]
+    assert list((tmp_path / "ag_news").iterdir()) == []
+
+
+def test_a_file_without_a_stated_size_that_runs_past_the_pin_is_refused(tmp_path, server, monkeypatch, capsys,
+                                                                        fast):
+    monkeypatch.setattr(download, "FILES", [entry(server, "ag_news/test.csv", blob(10_000, 31))])
+    server.files["/ag_news/test.csv"] = blob(30_000, 31)
+    server.unsized.add("/ag_news/test.csv")
+    assert download.main(["--dest", str(tmp_path), "--mirror", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert error_lines(err) == [wrong_size_line(tmp_path, server, "more than 10,000")]
+    assert len(server.log) == 1 and list((tmp_path / "ag_news").iterdir()) == []
+
+
+def test_a_file_without_a_stated_size_that_ends_early_is_resumed(tmp_path, server, monkeypatch, fast):
+    """With no size to compare, a short body is a dropped connection: kept, and resumed with a Range."""
+    body = blob(10_000, 37)
+    monkeypatch.setattr(download, "FILES", [entry(server, "ag_news/test.csv", body)])
+    server.unsized.add("/ag_news/test.csv")
+    server.drop_after["/ag_news/test.csv"] = 6_000
+    assert download.main(["--dest", str(tmp_path), "--mirror", server.url]) == 0
+    assert (tmp_path / "ag_news" / "test.csv").read_bytes() == body
+    assert server.log == [("/ag_news/test.csv", None), ("/ag_news/test.csv", "bytes=6000-")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import BROKEN, FIXTURES, ROOT, TINY_PLAIN, broken_copy
 
+import embed
 from data import load_tokenizer
 from model import SentenceEncoder
 from model_folder import load_pretrained
@@ -21,10 +22,28 @@ def run_embed(*args, stdin=None):
                           capture_output=True, text=True, cwd=ROOT)
 
 
-def expected_vectors(pool, norm, embed_dim=None, seed=0):
+def expected_vectors(pool, norm, embed_dim=None, seed=0, sentences=SENTENCES):
     torch.manual_seed(seed)  # embed.py seeds before it builds the projection
     encoder = SentenceEncoder(load_pretrained(TINY_PLAIN), pool, embed_dim, norm)
-    return encoder.encode(SENTENCES, load_tokenizer(TINY_PLAIN))
+    return encoder.encode(sentences, load_tokenizer(TINY_PLAIN))
+
+
+def nearest_by_brute_force(vectors):
+    """For each row, the index and cosine of the most similar other row, from the whole N x N matrix."""
+    cos = torch.nn.functional.cosine_similarity(vectors[:, None], vectors[None], dim=2)
+    cos.fill_diagonal_(float("-inf"))
+    best, nearest = cos.max(dim=1)
+    return nearest.tolist(), best.tolist()
+
+
+def check_nearest_rows(rows, sentences, vectors):
+    """Rows "[i]   [j]   0.912  sentence": j and the cosine are the brute-force nearest of sentence i."""
+    nearest, best = nearest_by_brute_force(vectors)
+    assert len(rows) == len(sentences)
+    for i, row in enumerate(rows):
+        label, other, cosine, text = row.split(maxsplit=3)
+        assert (label, other, text) == (f"[{i}]", f"[{nearest[i]}]", sentences[i])
+        assert float(cosine) == pytest.approx(best[i], abs=6e-4)  # printed to 3 decimals
 
 
 def test_json_output_equals_the_library():
@@ -57,6 +76,34 @@ def test_projection_is_seeded_and_sentences_come_from_stdin():
     got = torch.tensor(first["embeddings"])
     assert got.shape == (3, 8)
     assert (got - expected_vectors("mean", "none", embed_dim=8, seed=7)).abs().max() <= 1e-6
+
+
+def test_past_the_table_limit_each_sentence_gets_its_nearest(capsys):
+    """TABLE_LIMIT sentences still get the table of every pair; one more, a line per sentence with its nearest."""
+    words = ["the cat sat", "the dog sat", "on the mat", "on the rug", "stocks fell", "stocks rose", "the team won"]
+    sentences = [f"{a} {b}" for a in words[:2] for b in words[2:]] + words[2:]
+    assert len(sentences) > embed.TABLE_LIMIT
+    assert embed.main(["--model", str(TINY_PLAIN), *sentences[:embed.TABLE_LIMIT]]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2 + 2 * embed.TABLE_LIMIT  # a header line, then the table
+    assert embed.main(["--model", str(TINY_PLAIN), *sentences]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 + len(sentences)
+    assert lines[0] == f"embedding size: 32 (pool=mean, normalize=none, max_len=64, {len(sentences)} sentences, cpu)"
+    assert lines[1] == ("more than 12 sentences: the nearest other sentence of each, instead of a table of every "
+                        "pair; --json > FILE writes the vectors")
+    assert lines[2] == "      nearest  cosine"
+    check_nearest_rows(lines[3:], sentences, expected_vectors("mean", "none", sentences=sentences))
+
+
+def test_nearest_table_in_blocks_equals_the_whole_matrix(monkeypatch):
+    """Blocks of 3 rows (the last one shorter) find what the whole N x N matrix finds."""
+    torch.manual_seed(0)
+    vectors = torch.randn(50, 8)
+    sentences = [f"sentence {i}" for i in range(50)]
+    monkeypatch.setattr(embed, "BLOCK", 3 * 50)
+    lines = embed.nearest_table(sentences, vectors).splitlines()
+    assert lines[0] == "      nearest  cosine"
+    check_nearest_rows(lines[1:], sentences, vectors)
 
 
 @pytest.mark.parametrize("case", BROKEN)
@@ -115,6 +162,37 @@ def test_config_and_input_problems_are_one_line(tmp_path):
                             input=b"caf\xe9\n", capture_output=True, check=False)
     assert result.returncode == 2
     assert result.stderr.decode() == "error: standard input: not UTF-8 text (byte 0xe9)\n"
+
+
+def test_an_argument_that_is_not_utf8_is_one_line():
+    """Python hands over an argument's bytes that are not UTF-8 as a str with surrogates in it."""
+    result = subprocess.run([sys.executable, str(ROOT / "embed.py"), "--model", str(TINY_PLAIN), "fine", b"caf\xe9"],
+                            capture_output=True, check=False)
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode() == "error: sentence 2: not UTF-8 text (byte 0xe9)\n"
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_stdin_line_endings_and_byte_order_mark_are_not_part_of_a_sentence():
+    saved = ("\ufeff" + "\r\n".join(SENTENCES) + "\r\n").encode()
+    result = subprocess.run([sys.executable, str(ROOT / "embed.py"), "--model", str(TINY_PLAIN), "--json"],
+                            input=saved, capture_output=True, check=False)
+    assert result.returncode == 0 and result.stderr == b""
+    out = json.loads(result.stdout)
+    assert out["sentences"] == SENTENCES
+    assert (torch.tensor(out["embeddings"]) - expected_vectors("mean", "none")).abs().max() <= 1e-6
+
+
+def test_help_gives_every_flag_a_text_and_no_empty_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        embed.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--batch-size BATCH_SIZE sentences per forward pass (default: 32) " in text
+    assert "--device {auto,cpu,cuda} auto: cuda where there is one (default: auto) " in text
+    assert "--seed SEED seeds the random projection of --embed-dim (default: 0) " in text
+    assert text.endswith("--json print the vectors as JSON instead of the similarities")
 
 
 def test_an_empty_model_folder_gets_the_download_hint(tmp_path):

@@ -136,8 +136,10 @@ def test_resume_encodes_only_the_epochs_still_to_run(tmp_path, data):
     fresh = set(rows_read(data, 0, 3)["ag"]) - set(rows_read(data, 0, 1)["ag"])  # CoNLL: all 24 read in epoch 1
     # ... and the 12 + 8 test rows, which the first invocation, ending at --stop-after, had no use for
     assert 0 < len(fresh) and resumed["feature_store"]["encoded"] == len(fresh) + 12 + 8
-    # A resume that repeats --stop-after 1 has passed epoch 1, so it trains to the end.
+    # --stop-after N trains N epochs per invocation: repeating the same command goes one epoch further each time.
     run(tmp_path / "again", data, "--epochs", 3, "--stop-after", 1)
+    again, _ = run(tmp_path / "again", data, "--epochs", 3, "--stop-after", 1, "--resume")
+    assert again is None and len((tmp_path / "again" / "metrics.jsonl").read_text().splitlines()) == 2
     again, _ = run(tmp_path / "again", data, "--epochs", 3, "--stop-after", 1, "--resume")
     assert same_scores(again, straight)
 

@@ -104,7 +104,7 @@ def test_gradual_unfreezing_across_epochs(tmp_path):
                        {"cls_head", "ner_head", "layer.1", "pooler", "layer.0"}, ALL_PARTS]
     for epoch, moving in enumerate(expected_moving, start=1):
         resume = ["--resume"] if epoch > 1 else []
-        assert train.main(flags + resume + ["--stop-after", str(epoch)]) == 0
+        assert train.main(flags + resume + ["--stop-after", "1"]) == 0  # one more epoch each time
         weights = checkpoint_weights(out)
         for name, value in weights.items():
             if name not in previous:

@@ -9,8 +9,10 @@ from conftest import BROKEN, FIXTURES, TINY_LEGACY, TINY_PLAIN, broken_copy
 from safetensors.torch import load_file, save_file
 
 from data import load_tokenizer
-from runtime import CheckpointError
-from model_folder import checkpoint_names, load_pretrained, read_config, to_checkpoint
+from model import MultiTaskModel, SentenceEncoder
+from model_folder import (checkpoint_names, copy_tokenizer, load_multitask, load_pretrained, read_config,
+                          save_trained, to_checkpoint)
+from runtime import CheckpointError, DataError
 
 REFERENCE = load_file(FIXTURES / "tiny_bert_reference.safetensors")
 
@@ -180,3 +182,142 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: encoder.layer.1.output.dense.weight holds NaN "
                                               r"or infinite values"):
         load_pretrained(folder)
+
+
+# --- A trained model's folder: weights that fit config.json, hints that fit a run ---
+
+def trained_folder(tmp_path, embed_dim=None):
+    """A model folder as train.py leaves it: the tiny encoder with its heads, and the tokenizer files."""
+    folder = tmp_path / "run"
+    torch.manual_seed(0)
+    save_trained(MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN), pool="mean", embed_dim=embed_dim)), folder)
+    copy_tokenizer(TINY_PLAIN, folder)
+    return folder
+
+
+def fit_message(folder, problem):
+    return (f"{folder / 'model.safetensors'}: {problem}; the weights do not fit {folder / 'config.json'} "
+            "(was it edited, or copied from another model?)")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"hidden_size": 16}, "shape mismatch: embeddings.LayerNorm.bias is (32,), config.json implies (16,) (and 36 more)"),
+    ({"vocab_size": 100}, "shape mismatch: embeddings.word_embeddings.weight is (101, 32), config.json implies (100, 32)"),
+    ({"intermediate_size": 30},
+     "shape mismatch: encoder.layer.0.intermediate.dense.bias is (37,), config.json implies (30,) (and 5 more)"),
+    ({"num_hidden_layers": 1}, "unexpected keys: encoder.layer.1.attention.output.LayerNorm.bias (and 15 more)"),
+    ({"num_hidden_layers": 3}, "missing keys: encoder.layer.2.attention.output.LayerNorm.bias (and 15 more)"),
+    ({"multitask": {"n_classes": 5}},
+     "shape mismatch: multitask.cls_head.out.bias is (4,), config.json implies (5,) (and 1 more)"),
+    ({"multitask": {"n_tags": 3}},
+     "shape mismatch: multitask.ner_head.out.bias is (9,), config.json implies (3,) (and 1 more)"),
+    ({"multitask": {"embed_dim": 8}}, "missing keys: multitask.encoder.project.bias (and 1 more)"),
+])
+def test_weights_that_do_not_fit_an_edited_config_are_one_line(tmp_path, capsys, edit, problem):
+    import predict
+    folder = trained_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in edit.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (folder / "config.json").write_text(json.dumps(config))
+    expected = fit_message(folder, problem)
+    loaders = [load_multitask] + ([] if "multitask" in edit else [load_pretrained])
+    for load in loaders:
+        with pytest.raises(CheckpointError) as info:
+            load(folder)
+        assert str(info.value) == expected
+    capsys.readouterr()
+    assert predict.main(["--model", str(folder), "a text"]) == 2
+    assert capsys.readouterr() == ("", f"error: {expected}\n")
+
+
+def test_a_trained_projection_must_fit_too(tmp_path):
+    folder = trained_folder(tmp_path, embed_dim=8)
+    config = json.loads((folder / "config.json").read_text())
+    config["multitask"]["embed_dim"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        load_multitask(folder)
+    assert str(info.value) == fit_message(folder, "unexpected keys: multitask.encoder.project.bias (and 1 more)")
+
+
+def test_a_sentence_pair_model_must_fit_its_settings_too(tmp_path, capsys):
+    from sentence_pairs import PairModel, load_pairs
+    folder = tmp_path / "pairs"
+    save_trained(PairModel(load_pretrained(TINY_PLAIN), "bi", embed_dim=8), folder)
+    load_pretrained(folder)  # a bi-encoder's projection is no head: embed.py reads it next, without a note
+    assert capsys.readouterr() == ("", "")
+    config = json.loads((folder / "config.json").read_text())
+    config["pairs"]["embed_dim"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        load_pairs(folder)
+    assert str(info.value) == fit_message(
+        folder, "shape mismatch: pairs.encoder.project.bias is (8,), config.json implies (4,) (and 1 more)")
+
+
+@pytest.mark.parametrize("state, missing, hint", [
+    ("stopped in its first epoch", "config.json",
+     ("{run} is a training run that has not saved a model yet (its first epoch did not finish): continue it with "
+      "--out {run} --resume")),
+    ("killed in its first epoch", "config.json",
+     ("{run} is a training run that has not saved a model yet (its first epoch did not finish), and has no "
+      "checkpoint to continue from: start it again")),
+    ("weights removed", "model.safetensors",
+     "{run} is a training run whose model.safetensors was removed: restore the file, or train the run again"),
+])
+def test_a_run_folder_without_its_model_gets_a_hint_that_fits_a_run(tmp_path, capsys, state, missing, hint):
+    import predict
+    run = trained_folder(tmp_path)
+    (run / ".lock").write_text("pid 1 on here\n")
+    if state == "weights removed":
+        (run / "summary.json").write_text("{}")
+        (run / "model.safetensors").unlink()
+    else:  # the model is saved at the end of the first epoch, its config.json last
+        (run / "config.json").unlink()
+        (run / "model.safetensors").unlink()
+    if state == "stopped in its first epoch":
+        (run / "checkpoint").mkdir()
+        (run / "checkpoint" / "checkpoint.safetensors").write_bytes(b"")
+    expected = f"{run / missing}: not found; {hint.format(run=run)}"
+    for load in (load_pretrained, load_multitask):
+        with pytest.raises(CheckpointError) as info:
+            load(run)
+        assert str(info.value) == expected and "download.py" not in expected
+    assert predict.main(["--model", str(run), "a text"]) == 2
+    assert capsys.readouterr() == ("", f"error: {expected}\n")
+
+
+def test_a_run_folder_without_its_tokenizer_gets_a_hint_that_fits_a_run(tmp_path):
+    run = trained_folder(tmp_path)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "vocab.txt").unlink()
+    with pytest.raises(DataError) as info:
+        load_tokenizer(run)
+    assert str(info.value) == (f"{run}: has neither tokenizer.json nor vocab.txt (nor vocab.json + merges.txt); {run} "
+                               "is a training run whose tokenizer files were removed: copy them back from the model "
+                               "folder it was trained from (its --model)")
+
+
+def test_a_plain_folder_without_weights_still_gets_the_download_hint(tmp_path):
+    folder, _ = broken_copy(tmp_path, "missing_weights")
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(folder)
+    assert str(info.value) == (f"{folder / 'model.safetensors'}: not found; `python download.py` fetches "
+                               "bert-base-uncased, `--only NAME` another backbone")
+
+
+@pytest.mark.parametrize("embed_dim, projection", [(None, ""), (8, " or its sentence projection")])
+def test_loading_only_the_encoder_of_a_trained_model_says_so(tmp_path, capsys, embed_dim, projection):
+    run = trained_folder(tmp_path, embed_dim)
+    trained = load_multitask(run)
+    capsys.readouterr()
+    bert = load_pretrained(run, new_heads=True)  # as train.py and pairs.py do
+    note = (f"note: {run} is a trained model; only its encoder is loaded, not its heads (cls_head, ner_head)"
+            f"{projection}: a model built on it starts them again from random\n")
+    assert capsys.readouterr() == ("", note)
+    assert all(torch.equal(a, b) for a, b in zip(bert.state_dict().values(), trained.bert.state_dict().values()))
+    load_pretrained(TINY_PLAIN, new_heads=True)
+    load_pretrained(run)  # embed.py: only the encoder was asked for
+    load_multitask(run)  # the whole model: nothing left behind
+    assert capsys.readouterr() == ("", "")

@@ -1,5 +1,6 @@
 """predict.py: a trained run folder on new text, checked against train.evaluate's predictions."""
 
+import io
 import json
 import subprocess
 import sys
@@ -113,6 +114,8 @@ def test_a_text_past_max_len_is_cut_with_a_warning(run_dir, capsys):
     (["--model", str(TINY_PLAIN), "text"], "has no 'multitask' settings; it is a plain BERT folder"),
     (["--max-len", "999", "text"], "error: argument --max-len: 999 is more than the model's max_position_embeddings"),
     (["--max-len", "2", "text"], "error: argument --max-len: must be at least 3, got 2"),
+    (["--max-len", "0", "text"], "error: argument --max-len: must be at least 3, got 0"),
+    (["--max-len", "-1", "text"], "error: argument --max-len: must be at least 3, got -1"),
     (["a text", "  "], "error: text 2 is empty"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_dir, extra, message):
@@ -121,6 +124,44 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, extra, message):
                             check=False, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and result.stdout == ""
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("texts, stdin, message", [
+    ([b"Apple opened a store.", b"caf\xe9 in Paris"], None, "error: text 2: not UTF-8 text (byte 0xe9)\n"),
+    ([], b"Apple opened a store.\n\ncaf\xe9 in Paris\n", "error: <stdin>:3: not UTF-8 text (byte 0xe9)\n"),
+])
+def test_text_that_is_not_utf8_is_one_line_and_exit_2(run_dir, texts, stdin, message):
+    """An argument's bytes reach Python as a str with surrogates in it, stdin's as bytes; both are named."""
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--model", str(run_dir), *texts], cwd=ROOT,
+                            input=stdin, capture_output=True, check=False)
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode() == message and "Traceback" not in result.stderr.decode()
+
+
+def test_stdin_line_endings_and_byte_order_mark_are_not_part_of_the_text(run_dir, capsys, monkeypatch):
+    """A file a Windows editor saved: a byte-order mark, then lines ending in "\r\n". The results are
+    those of the same texts given as arguments."""
+    texts = ["Apple opened a store in London.", "Rain in Spain ."]
+    assert predict.main(["--model", str(run_dir), "--json", *texts]) == 0
+    expected = capsys.readouterr().out
+    saved = ("\ufeff" + "\r\n\r\n".join(texts) + "\r\n").encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(saved)))
+    assert predict.main(["--model", str(run_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == expected
+    assert [json.loads(line)["text"] for line in captured.out.splitlines()] == texts
+
+
+def test_help_gives_every_flag_a_text_and_no_empty_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--max-len MAX_LEN word pieces per text, [CLS] and [SEP] included (default: the run's --max-len) " in text
+    assert "--batch-size BATCH_SIZE texts per forward pass (default: 32) " in text
+    assert "--device {auto,cpu,cuda} auto: cuda where there is one (default: auto)" in text
+    assert "--json one JSON object per text instead of readable lines --max-len" in text
 
 
 def test_the_run_folder_is_a_complete_model_folder(run_dir):
