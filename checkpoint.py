@@ -125,13 +125,17 @@ def read(path):
 
 
 def saved_flags(path):
-    """The flags of the run a checkpoint holds, from its metadata alone (read() checks the whole file
-    when the run resumes); a missing or foreign file raises what read() raises."""
+    """The flags of the run a checkpoint holds, with --data and --model as the resolved folders of its
+    fingerprint (the flags hold them as typed, relative to where the run started), from its metadata
+    alone: read() checks the whole file when the run resumes. A missing file is a UsageError; a
+    damaged or foreign one the CheckpointError read() raises."""
     if not Path(path).exists():
         raise UsageError(f"argument --resume: {path} not found")
     try:
         with safe_open(path, "pt") as f:
-            return {**ADDED_FLAGS, **json.loads(f.metadata()["state"])["run"]}
+            metadata = f.metadata()
+        folders = {what: where["path"] for what, where in json.loads(metadata["fingerprint"]).items()}
+        return {**ADDED_FLAGS, **json.loads(metadata["state"])["run"], **folders}
     except (SafetensorError, OSError, ValueError, KeyError, TypeError):
         read(path)  # raises CheckpointError, saying what is wrong with the file
         raise
@@ -139,7 +143,11 @@ def saved_flags(path):
 
 def _unpack(metadata, tensors):
     """The Checkpoint in a verified file's metadata and tensors."""
-    state = json.loads(metadata["state"])
+    # A file written before NaN was kept out of JSON may hold one (an undefined score): None, and a best
+    # epoch whose score was undefined is no best epoch.
+    state = json.loads(metadata["state"], parse_constant=lambda name: None)
+    if state.get("best") and state["best"]["score"] is None:
+        state["best"] = None
     progress = Progress(flags=state.pop("run"), **state)
     groups, scaler = json.loads(metadata["param_groups"]), json.loads(metadata["scaler"])
     state, rng = {}, [{} for _ in range(progress.world_size)]

@@ -47,7 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Read, tokenize and summarize AG News and CoNLL-2003.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", default="data", help="data directory written by download.py")
-    p.add_argument("--model", default="data/bert-base-uncased", help="model folder with the tokenizer")
+    p.add_argument("--model", help="model folder with the tokenizer (default: DATA/bert-base-uncased)")
     p.add_argument("--max-len", type=int, default=128, help="word pieces per example, [CLS] and [SEP] included")
     p.add_argument("--batch-size", type=int, default=32,
                    help="examples per batch of the training epoch whose padding is measured")
@@ -55,6 +55,7 @@ def main(argv=None):
     p.add_argument("--splits", default="train,valid,test", help="comma-separated, from train,valid,test")
     p.add_argument("--no-data-cache", action="store_true", help="tokenize again instead of using DATA/.cache")
     args = p.parse_args(argv)
+    args.model = args.model or str(Path(args.data) / "bert-base-uncased")
     splits = tuple(args.splits.split(","))
     try:
         if not splits or not set(splits) <= {"train", "valid", "test"}:

@@ -89,16 +89,17 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
 
 def parse(parser, argv):
     """The flags in argv. --model's default follows --data: DATA/bert-base-uncased. With --resume, the
-    flags the run was started with (in its checkpoint) are the defaults, so that `--out R --resume`
-    alone continues it as it was set up; a flag given as well must equal the saved one, except those
-    that a resume may change (checkpoint.check_resume). --stop-after is for one invocation only: it
-    is not carried over. (A checkpoint that cannot be read is left to check_flags, which says so.)"""
+    flags that shape the run are the defaults its checkpoint holds (--data and --model as the resolved
+    folders), so that `--out R --resume` alone continues it; a flag given as well must equal the saved
+    one (checkpoint.check_resume). Those a resume may change (checkpoint.RESUME_MAY_CHANGE: --device,
+    --stop-after, --no-data-cache, ...) are not carried over. (A checkpoint that cannot be read, or
+    another script's, is left to check_flags, which says so in one line.)"""
     args = parser.parse_args(argv)
     if args.resume and args.out is not None:
         with contextlib.suppress(UsageError, CheckpointError):
             saved = checkpoint.saved_flags(checkpoint.path_in(args.out))
             parser.set_defaults(**{flag: value for flag, value in saved.items()
-                                   if flag in vars(args) and flag not in ("out", "resume", "stop_after")})
+                                   if flag in vars(args) and flag not in checkpoint.RESUME_MAY_CHANGE})
             args = parser.parse_args(argv)
     if args.model is None:
         args.model = str(Path(args.data) / "bert-base-uncased")
@@ -126,8 +127,11 @@ def check_flags(args, rates=(), at_least=()):
     UsageError naming the flag."""
     if args.resume and args.out is None:
         raise UsageError("argument --resume: give --out, the folder of the run to continue")
-    if args.resume:  # a missing or unreadable checkpoint is said before what its flags would have set
-        checkpoint.saved_flags(checkpoint.path_in(args.out))
+    if args.resume:  # a missing, unreadable or other script's checkpoint is said before anything else
+        saved = checkpoint.saved_flags(checkpoint.path_in(args.out))
+        if ("encoder" in saved) != ("encoder" in vars(args)):  # pairs.py's runs have an --encoder, train.py's not
+            raise UsageError(f"argument --resume: {args.out} holds a run of "
+                             f"{'pairs.py' if 'encoder' in saved else 'train.py'}; continue it with that script")
     for flag in ("lr", "head_lr", "weight_decay", "clip", *rates):
         value = getattr(args, flag)
         if value is not None and value != AUTO and not (math.isfinite(value) and value >= 0):

@@ -113,14 +113,14 @@ def run_hint(model_dir, missing):
     model_dir = Path(model_dir)
     if not any((model_dir / name).exists() for name in RUN_FILES):
         return None
-    if missing == "tokenizer":
-        return (f"; {model_dir} is a training run whose tokenizer files were removed: copy them back from "
-                "the model folder it was trained from (its --model)")
     if not (model_dir / "config.json").exists() and not (model_dir / "model.safetensors").exists():
-        unsaved = f"; {model_dir} is a training run that has not saved a model yet (its first epoch did not finish)"
+        unsaved = f"; {model_dir} is a training run that has not saved a model yet (no epoch has finished)"
         if checkpoint.path_in(model_dir).exists():
             return f"{unsaved}: continue it with --out {model_dir} --resume"
         return f"{unsaved}, and has no checkpoint to continue from: start it again"
+    if missing == "tokenizer":
+        return (f"; {model_dir} is a training run whose tokenizer files were removed: copy them back from "
+                "the model folder it was trained from (its --model)")
     return f"; {model_dir} is a training run whose {missing} was removed: restore the file, or train the run again"
 
 

@@ -86,11 +86,11 @@ def check_args(args):
             raise UsageError(f"argument --{given[0].replace('_', '-')}: only for --encoder bi; the cross-encoder "
                              "scores the pair from its first token")
         args.head_dropout = 0.1 if args.head_dropout is None else args.head_dropout
-    elif args.head_dropout is not None and not args.resume:  # a resumed run's saved flags may hold the old default
-        raise UsageError("argument --head-dropout: only for --encoder cross; the bi-encoder has no head before "
-                         "its cosine")
     else:
         args.pool, args.normalize = args.pool or "mean", args.normalize or "none"
+    if args.encoder == "bi" and args.head_dropout is not None and not args.resume:  # a resumed run's saved flags
+        raise UsageError("argument --head-dropout: only for --encoder cross; the bi-encoder has no head before "
+                         "its cosine")  # may hold 0.1, the default of every encoder before
     if args.head_dropout is not None and not 0 <= args.head_dropout < 1:
         raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
     heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()  # the head, or the projection
@@ -145,11 +145,13 @@ def evaluate(model, data, place, batching, what="evaluation"):
     seconds = time.perf_counter() - start
     unit, count = ("sentences", 2 * len(data)) if model.kind == "bi" else ("pairs", len(data))
     correlations = {"spearman": spearman(predicted, data.scores), "pearson": pearson(predicted, data.scores)}
-    if math.isnan(correlations["spearman"]):  # no ranks to correlate: None (null in JSON), and why
-        why = ("every predicted score is the same (are the pairs cut to nothing by --max-len?)"
+    if undefined := [name for name, value in correlations.items() if math.isnan(value)]:  # None (null in JSON)
+        why = ("some predicted scores are not numbers" if not np.isfinite(predicted).all() else
+               "every predicted score is the same (are the pairs cut to nothing by --max-len?)"
                if np.ptp(predicted) == 0 else "every gold score is the same")
-        log(f"{what}: Spearman and Pearson are undefined: {why}")
-        correlations = dict.fromkeys(correlations)
+        verb = "are" if len(undefined) > 1 else "is"
+        log(f"{what}: {' and '.join(map(str.capitalize, undefined))} {verb} undefined: {why}")
+        correlations.update(dict.fromkeys(undefined))
     return {**correlations, f"{unit}_per_s": round(count / seconds, 1)}
 
 
@@ -253,8 +255,8 @@ def train(s):
     warmup_steps = int(args.warmup * total_steps)
     batching = Batching(2 * args.batch_size, model.bert.config.pad_token_id)  # evaluation: no activations kept
     final = [len(s.splits[split]) for split in ("valid", "test") if split in s.splits]
-    steps = StepLog(("sts",), place, args.log_every, Work(total_steps, s.sampler.batch_size, args.epochs,
-                                                          len(s.splits["valid"]), sum(final)))
+    steps = StepLog(("sts",), place, args.log_every, scaler, Work(total_steps, s.sampler.batch_size, args.epochs,
+                                                                  len(s.splits["valid"]), sum(final)))
     if not s.plan.trains(args.epochs):
         log(f"nothing trains (--epochs {args.epochs}, --freeze {args.freeze}): scoring the model as it is")
     else:
@@ -269,7 +271,7 @@ def train(s):
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
             freeze.set_train_mode(model, s.plan.frozen_at(epoch))
             batches = s.sampler.epoch(epoch)
-            steps.start_epoch(progress)
+            steps.start_epoch()
             for b in range(progress.batch, len(batches)):
                 _, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch
@@ -284,7 +286,7 @@ def train(s):
                     scaler.scale(loss).backward()
                     progress.skipped_steps += optimizer_step(optimizer, scaler, args.clip)  # unscale, clip, step
                 progress.step, progress.batch = progress.step + 1, b + 1
-                steps.add("sts", loss.detach(), len(global_batch))
+                steps.add("sts", loss.detach(), len(global_batch))  # then: a stop signal? a log line? a NaN loss?
                 if signum := steps.after_step(progress, stop.signum, optimizer, last=b + 1 == len(batches)):
                     return stop_mid_epoch(s, steps, signum)
 

@@ -32,7 +32,7 @@ import checkpoint
 import distributed
 from checkpoint import Checkpoint
 from model_folder import copy_tokenizer, save_trained
-from runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, os_error_line, write_json
+from runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, log, os_error_line, write_json
 
 _HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
 _MADE = []  # the run folders this process made: removed again if it ends having written nothing there
@@ -115,6 +115,9 @@ def claim(args, place):
     if args.resume:
         saved = checkpoint.read(folder.checkpoint)
         checkpoint.check_resume(folder.checkpoint, saved.progress, vars(args), place.world_size)
+        if (out / "summary.json").exists():
+            raise UsageError(f"argument --resume: {out} holds a finished run (summary.json): there is nothing "
+                             "left to train")
     return folder, saved
 
 
@@ -124,7 +127,7 @@ def contents(out):
     names = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     if not names:
         return ""
-    if checkpoint.path_in(out).exists():
+    if checkpoint.path_in(out).exists() and "summary.json" not in names:
         return "already holds a run; add --resume to continue it, or choose another --out"
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     what = ("a finished run" if "summary.json" in names else "a model" if "model.safetensors" in names
@@ -236,7 +239,10 @@ def exit_status(error, out):
     input (UsageError, DataError, CheckpointError), a run that diverged (Diverged) or a failing
     environment (a full disk, a permission, a folder gone); 128 + n for signal n, with what to do next.
     Anything else is a bug in this code, and is raised again with its traceback."""
-    if isinstance(error, (UsageError, DataError, CheckpointError, Diverged)):
+    if isinstance(error, Diverged):  # every rank found it at the same step: the first one says so
+        log(f"error: {error}", file=sys.stderr)
+        return 2
+    if isinstance(error, (UsageError, DataError, CheckpointError)):
         line, status = f"error: {error}", 2
     elif isinstance(error, OSError):
         line, status = f"error: {os_error_line(error)}", 2

@@ -62,8 +62,9 @@ def read_text(path):
 
 
 def check_arguments_utf8(texts, what):
-    """Command-line texts whose bytes are not UTF-8 arrive as surrogates (Python's surrogateescape): take
-    the bytes back, and refuse such a text with a UsageError that names it ("{what} N")."""
+    """Refuse a command-line text whose bytes are not UTF-8 with a UsageError that names it ("{what} N").
+    Python hands such bytes on as surrogates (surrogateescape); encoding them back gives the bytes,
+    which then fail to decode as UTF-8."""
     for n, text in enumerate(texts, start=1):
         try:
             text.encode("utf-8", "surrogateescape").decode("utf-8")

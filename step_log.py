@@ -3,19 +3,24 @@
     step 150/1218 | epoch 1 | loss ag 0.4127 ner 0.2210 | lr 2.00e-04 cls_head 1.00e-03 ner_head 1.00e-03 | ...
 
 A line comes every --log-every steps, at least every LOG_SECONDS, and at an
-epoch's last step. The losses stay tensors until a line is due. Under
-torchrun, after every step the ranks agree (one small collective) on whether
-a line is due, whether any of them got a stop signal, and whether the run
-diverged, so that all of them log and stop at the same step.
+epoch's last step. The losses stay tensors until a line is due: reading one
+waits for the GPU to finish everything queued so far. Under torchrun, after
+every step the ranks agree (one small collective) on whether a line is due
+and whether any of them got a stop signal, so that all of them log and stop
+at the same step.
 
-Divergence stops the run at once (runtime.Diverged: one line, exit status 2):
-a loss that is NaN or infinite, or in fp16 SKIPPED_IN_A_ROW steps in a row
-that the GradScaler skipped. A few skipped steps are fp16's normal search for
-a loss scale; each one halves the scale, so 25 in a row take it from 65,536
-below 0.002, and gradients that overflow even there will not recover. Nothing
-is saved from a diverged step on: the run folder keeps its last checkpoint.
-Checking the loss waits for this step's forward pass on a GPU, while its
-backward pass and update still run there.
+Divergence (runtime.Diverged: one line naming the step, the task and the
+rates, exit status 2) is checked where the losses are read anyway: at each
+log line, at an epoch's last step, and when a stop signal came; so before
+anything is saved, and at most --log-every steps (or LOG_SECONDS) after it
+began. It is a loss that is NaN or infinite; at an epoch's end or a stop,
+weights that are (a last update can break them while its loss was fine);
+and in fp16 a loss scale below MIN_LOSS_SCALE. The GradScaler halves its
+scale at each step it skips for inf/NaN gradients and doubles it after 2,000
+good ones: a few skips are its normal search for a scale, but MIN_LOSS_SCALE
+is 25 more halvings than doublings from its first 65,536, and gradients that
+overflow even there will not recover. Nothing is saved from then on: the run
+folder keeps its last checkpoint and best model.
 """
 
 import time
@@ -27,7 +32,8 @@ import distributed
 from runtime import Diverged, duration, log
 
 LOG_SECONDS = 10.0  # the longest a run goes without a log line, whatever --log-every says
-SKIPPED_IN_A_ROW = 25  # fp16 steps skipped one after another that count as divergence
+MIN_LOSS_SCALE = 2.0**-9  # an fp16 loss scale below this is divergence: 2**16 halved 25 times
+NO_STEP = 2**62  # check_divergence: no step had a bad loss
 
 
 @dataclass(frozen=True)
@@ -62,19 +68,18 @@ def current_rates(optimizer):
 class StepLog:
     """The losses and examples since the last line and since the epoch (re)started, and the line itself."""
 
-    def __init__(self, tasks, place, every, work):
-        self.tasks, self.place, self.every, self.work = tasks, place, every, work
-        self.in_a_row = 0  # fp16 steps skipped one after another, up to the last step
+    def __init__(self, tasks, place, every, scaler, work):
+        self.tasks, self.place, self.every, self.scaler, self.work = tasks, place, every, scaler, work
+        self.unchecked = []  # (step, task, loss tensor, rates) of each step since divergence was last checked
 
-    def start_epoch(self, progress):
+    def start_epoch(self):
         self.losses = {task: [] for task in self.tasks}  # loss tensors, turned into numbers only when logging
-        self.skipped = progress.skipped_steps  # fp16 steps skipped so far (after_step counts those in a row)
         self.epoch_start = self.interval_start = time.perf_counter()
         self.epoch_examples = self.interval_examples = 0
 
     def add(self, task, loss, examples):
         self.losses[task].append(loss)
-        self.last = task, loss
+        self.last_task = task
         self.interval_examples += examples
         self.epoch_examples += examples
 
@@ -92,29 +97,48 @@ class StepLog:
         return record
 
     def after_step(self, progress, signum, optimizer, last):
-        """Agree with the other ranks on a stop signal, on a line due (rank 0's clock) and on divergence
-        (raised as runtime.Diverged); print the line when it is due. Returns the signal number any rank
-        got (0: none)."""
+        """Agree with the other ranks on a stop signal and on a line due (rank 0's clock); there, at an
+        epoch's last step and at a stop, check for divergence (raises runtime.Diverged); print the
+        line when it is due. Returns the signal number any rank got (0: none)."""
+        loss = self.losses[self.last_task][-1]
+        self.unchecked.append((progress.step, self.last_task, loss, current_rates(optimizer)))
         due = self.place.rank == 0 and time.perf_counter() - self.interval_start >= LOG_SECONDS
-        task, loss = self.last
-        self.in_a_row = self.in_a_row + 1 if progress.skipped_steps > self.skipped else 0
-        self.skipped = progress.skipped_steps
-        finite = bool(torch.isfinite(loss))  # on a GPU this waits for the step's forward pass, not its backward
-        signum, due, bad, in_a_row = distributed.agree([signum, int(due), int(not finite), self.in_a_row],
-                                                       self.place)
-        if bad or in_a_row >= SKIPPED_IN_A_ROW:
-            if not finite:
-                what = f"the {task} loss is {loss.item()}"
-            elif bad:
-                what = "a loss on another rank is not finite"
-            else:
-                what = f"fp16 skipped {in_a_row} steps in a row for inf/NaN gradients"
-            raise Diverged(f"training diverged at step {progress.step} (epoch {progress.epoch + 1}, task {task}): "
-                           f"{what}; rates {current_rates(optimizer)}. The run folder keeps its last checkpoint; "
-                           "start again with lower rates (--lr, --head-lr)")
-        if progress.step % self.every == 0 or due or last:
+        signum, due = distributed.agree([signum, int(due)], self.place)
+        line = progress.step % self.every == 0 or due or last
+        if line or signum:
+            self.check_divergence(progress, optimizer, weights=last or signum)
+        if line:
             self.print_line(progress, optimizer)
         return signum
+
+    def check_divergence(self, progress, optimizer, weights):
+        """Raise runtime.Diverged for the first loss since the last check that is NaN or infinite, an
+        fp16 loss scale below MIN_LOSS_SCALE, or (weights=True) trained weights that are not finite; on
+        every rank alike, so that all of them stop together."""
+        steps, tasks, losses, rates = zip(*self.unchecked)
+        self.unchecked.clear()
+        finite = torch.isfinite(torch.stack(losses)).tolist()  # one wait for the device, as a log line's
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        trained = [torch.isfinite(p).all() for g in optimizer.param_groups for p in g["params"]] if weights else []
+        broken = bool(trained) and not bool(torch.stack(trained).all())
+        # The ranks agree on the earliest step with a bad loss, as -step (agree takes the largest number).
+        mine = -next((step for step, ok in zip(steps, finite) if not ok), NO_STEP)
+        minus_earliest, low, broken = distributed.agree([mine, int(scale < MIN_LOSS_SCALE), int(broken)], self.place)
+        earliest = -minus_earliest
+        at = steps.index(earliest) if earliest != NO_STEP else -1  # the step named: that one, or the last
+        if earliest != NO_STEP:
+            value = losses[at].item() if not finite[at] else "not finite on another rank"
+            what = f"the {tasks[at]} loss is {value}"
+        elif low:
+            what = (f"the fp16 loss scale fell to {scale:.3g}, below 2^-9: the scaler skipped steps for inf/NaN "
+                    "gradients 25 times more often than it could recover")
+        elif broken:
+            what = "the weights hold NaN or infinite values after its update"
+        else:
+            return
+        raise Diverged(f"training diverged at step {steps[at]} (epoch {progress.epoch + 1}, task {tasks[at]}): "
+                       f"{what}; rates {rates[at]}. The run folder keeps its last checkpoint; start again with lower "
+                       "rates (--lr, --head-lr)")
 
     def drain(self, progress):
         """The interval's losses as numbers, added to the epoch's running sum in progress. With several

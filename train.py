@@ -280,9 +280,9 @@ def train(s):
     fixed_norm = {task: s.sampler.batch_size * float(n.mean()) for task, n in n_labels.items()}  # --loss-norm fixed
     features = frozen_features(s, epochs)  # a backbone frozen all run: its outputs, computed once; else None
     ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in TASKS}
-    steps = StepLog(TASKS, place, args.log_every, Work(total_steps, s.sampler.batch_size, args.epochs,
-                                                      sum(len(by["valid"]) for by in s.splits.values()),
-                                                      sum(len(by["test"]) for by in s.splits.values())))
+    steps = StepLog(TASKS, place, args.log_every, scaler, Work(total_steps, s.sampler.batch_size, args.epochs,
+                                                              sum(len(by["valid"]) for by in s.splits.values()),
+                                                              sum(len(by["test"]) for by in s.splits.values())))
     log_plan(s, steps_per_epoch, warmup_steps)
     with run_folder.StopSignals() as stop:  # SIGINT, SIGTERM: the step finishes, a checkpoint is saved
         for epoch in epochs:
@@ -292,7 +292,7 @@ def train(s):
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
             freeze.set_train_mode(model, s.plan.frozen_at(epoch))
             batches = s.sampler.epoch(epoch)  # [(task, example indices)]: one task per batch
-            steps.start_epoch(progress)
+            steps.start_epoch()
             for b in range(progress.batch, len(batches)):
                 task, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch
@@ -310,7 +310,7 @@ def train(s):
                     scaler.scale(loss).backward()
                     progress.skipped_steps += optimizer_step(optimizer, scaler, args.clip)  # unscale, clip, step
                 progress.step, progress.batch = progress.step + 1, b + 1
-                steps.add(task, loss.detach(), len(global_batch))
+                steps.add(task, loss.detach(), len(global_batch))  # then: a stop signal? a log line? a NaN loss?
                 if signum := steps.after_step(progress, stop.signum, optimizer, last=b + 1 == len(batches)):
                     return stop_mid_epoch(s, steps, signum)
 

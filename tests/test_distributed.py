@@ -43,7 +43,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker(rank, world_size, port, argv, record, expect, signal_at=None):
+def worker(rank, world_size, port, argv, record, expect, signal_at=None, nan_at=None):
     """One rank: torchrun's environment, then train.main, recording weights and writes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
@@ -72,6 +72,14 @@ def worker(rank, world_size, port, argv, record, expect, signal_at=None):
             return task_loss(*args)
 
         train.task_loss = interrupting
+    if nan_at is not None and rank == 1:  # a NaN loss on rank 1 alone, in its step nan_at
+        task_loss, calls = train.task_loss, []
+
+        def diverging(*args):
+            calls.append(1)
+            return task_loss(*args) * (float("nan") if len(calls) == nan_at else 1.0)
+
+        train.task_loss = diverging
     run_folder.write_json = recording("write_json", run_folder.write_json)
     run_folder.save_trained = recording("save_trained", run_folder.save_trained)
     checkpoint.save = recording("save_checkpoint", checkpoint.save)
@@ -83,11 +91,11 @@ def worker(rank, world_size, port, argv, record, expect, signal_at=None):
         raise SystemExit(f"rank {rank}: train.main returned {code}, expected {expect}")
 
 
-def run_ranks(tmp_path, argv, world_size=2, expect=0, signal_at=None):
+def run_ranks(tmp_path, argv, world_size=2, expect=0, signal_at=None, nan_at=None):
     """Run train.main on world_size processes; returns per rank (weights at each evaluation, files written)."""
     record = tmp_path / f"record-{len(list(tmp_path.glob('record-*')))}"
     record.mkdir()
-    mp.spawn(worker, args=(world_size, free_port(), argv, record, expect, signal_at), nprocs=world_size)
+    mp.spawn(worker, args=(world_size, free_port(), argv, record, expect, signal_at, nan_at), nprocs=world_size)
     results = []
     for rank in range(world_size):
         flat = load_file(record / f"weights.{rank}.safetensors")
@@ -120,6 +128,19 @@ def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path, capfd)
                             Place(torch.device("cpu")), Batching(4))
     for key in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall", "ner_per_type"):
         assert summary[key] == single[key], key
+
+
+def test_a_nan_loss_on_one_rank_stops_both_at_the_same_step_with_one_line(tmp_path, capfd):
+    out = tmp_path / "run"
+    (_, writes0), (_, writes1) = run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2, "--batch-size", 2),
+                                           expect=2, nan_at=3)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err  # rank 0 says it; rank 1 stops as silently as it ran
+    assert lines[0].startswith("error: training diverged at step 3 (epoch 1, task ") and \
+        " loss is not finite on another rank; rates lr " in lines[0]  # rank 1's step 3, checked at step 5
+    assert "save_checkpoint" not in writes0 and "save_trained" not in writes0 and writes1 == []
+    assert not (out / "checkpoint").exists() and not (out / "model.safetensors").exists()
 
 
 def without_dropout(tmp_path):

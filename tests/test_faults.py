@@ -19,10 +19,11 @@ import run_folder
 import step_log
 import train
 from checkpoint import Progress
-from runtime import Diverged, Place
+from runtime import Diverged, Place, optimizer_step
 
 DATA = FIXTURES / "data"
 TASK_LOSS = train.task_loss
+OPTIMIZER_STEP = optimizer_step
 
 
 def flags(out, *extra, model=TINY_PLAIN):
@@ -36,11 +37,12 @@ def pair_flags(out, encoder, *extra, model=TINY_PLAIN):
 
 
 def sha256_of_folder(folder):
-    """Every file's name and bytes, so that any change, addition or removal shows."""
+    """Every file's name and bytes, so that any change, addition or removal shows (of a run's .lock, which
+    holds the pid of the last process to hold it, only the name)."""
     h = hashlib.sha256()
     for path in sorted(Path(folder).rglob("*")):
         h.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
+        if path.is_file() and path.name != ".lock":
             h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -82,6 +84,14 @@ def test_out_that_holds_the_pretrained_model_is_refused(tmp_path, capsys, script
 def test_a_finished_run_without_its_checkpoint_is_not_replaced(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 1)) == 0
+    before = sha256_of_folder(out)
+    capsys.readouterr()
+    assert train.main(flags(out, "--epochs", 1)) == 2  # with its checkpoint: finished, not one to continue
+    assert one_error_line(capsys).startswith(f"error: argument --out: {out} holds a finished run (checkpoint/, ")
+    assert train.main(flags(out, "--epochs", 1, "--resume")) == 2
+    assert one_error_line(capsys) == (f"error: argument --resume: {out} holds a finished run (summary.json): there "
+                                      "is nothing left to train")
+    assert sha256_of_folder(out) == before
     shutil.rmtree(out / "checkpoint")  # to save space, say
     before = sha256_of_folder(out)
     capsys.readouterr()
@@ -163,32 +173,67 @@ def test_a_nan_loss_in_epoch_2_keeps_epoch_1s_checkpoint_and_model(tmp_path, mon
     assert all(torch.equal(kept_weights[k], fresh_weights[k]) for k in fresh_weights)
     assert [strict_json(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (out / "summary.json").exists() and sha256_of_folder(out) == kept
-    assert train.main(["--out", str(out), "--resume"]) == 0  # and the run goes on from there
+    assert train.main(["--out", str(out), "--resume", "--no-data-cache"]) == 0  # and the run goes on from there
     assert_all_json_is_strict(out)
 
 
-def test_a_long_run_of_fp16_skipped_steps_is_divergence_and_a_short_one_is_not():
-    log = step_log.StepLog(("ag",), Place(torch.device("cpu"), torch.float16), 1000,
+class Scaler:
+    """An fp16 GradScaler as the log sees it: on, with the scale the test sets."""
+    scale = 2.0**16
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+
+def test_an_fp16_loss_scale_halved_25_times_more_than_doubled_is_divergence():
+    scaler = Scaler()
+    log = step_log.StepLog(("ag",), Place(torch.device("cpu"), torch.float16), 10, scaler,
                            step_log.Work(1000, 4, 1, 10, 10))
     progress = Progress(flags={})
-    log.start_epoch(progress)
+    log.start_epoch()
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     optimizer.param_groups[0]["name"] = "cls_head"
 
-    def step(skipped):
+    def step():
         progress.step += 1
-        progress.skipped_steps += skipped
         log.add("ag", torch.tensor(0.5), 4)
         return log.after_step(progress, 0, optimizer, last=False)
 
-    for _ in range(step_log.SKIPPED_IN_A_ROW - 1):  # 24 in a row: fp16 looking for its scale
-        assert step(True) == 0
-    assert step(False) == 0  # a good step ends the run of them
-    for _ in range(step_log.SKIPPED_IN_A_ROW - 1):
-        step(True)
-    with pytest.raises(Diverged, match=r"^training diverged at step 50 \(epoch 1, task ag\): fp16 skipped 25 "
-                                        r"steps in a row for inf/NaN gradients; rates cls_head 1.00e-03\."):
-        step(True)
+    for scale in (2.0**16, 2.0**3, 2.0**-9):  # its first scale; a few skips; 25 halvings: still its search
+        scaler.scale = scale
+        for _ in range(10):
+            assert step() == 0
+    scaler.scale = 2.0**-10
+    for _ in range(9):  # checked with the next log line, at step 40
+        step()
+    with pytest.raises(Diverged, match=r"^training diverged at step 40 \(epoch 1, task ag\): the fp16 loss scale fell "
+                                        r"to 0.000977, below 2\^-9: the scaler skipped steps for inf/NaN gradients 25 "
+                                        r"times more often than it could recover; rates cls_head 1.00e-03\."):
+        step()
+
+
+def test_weights_broken_by_an_epochs_last_update_are_caught_before_anything_is_saved(tmp_path, monkeypatch, capsys):
+    """The loss of step 12 was finite; its update made a weight NaN: the epoch's end checks the weights."""
+    steps = []
+
+    def breaking(optimizer, scaler, clip):
+        skipped = OPTIMIZER_STEP(optimizer, scaler, clip)
+        steps.append(1)
+        if len(steps) == 12:  # the last step of epoch 1
+            with torch.no_grad():
+                optimizer.param_groups[-1]["params"][0].fill_(float("nan"))
+        return skipped
+
+    monkeypatch.setattr(train, "optimizer_step", breaking)
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 2)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: training diverged at step 12 (epoch 1, task ")
+    assert "): the weights hold NaN or infinite values after its update; rates " in line
+    assert not out.exists()  # no model, no checkpoint, no metrics: the folder it made is gone again
 
 
 def test_an_undefined_spearman_is_null_with_its_reason(tmp_path, capsys):
@@ -215,15 +260,32 @@ def test_out_and_resume_alone_continue_with_the_saved_flags(tmp_path, capsys):
     assert train.main(flags(straight, *given)) == 0
     assert train.main(flags(out, *given, "--stop-after", 1)) == 0
     assert "continue with --out" in capsys.readouterr().out
-    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert train.main(["--out", str(out), "--resume", "--pool", "mean"]) == 2  # one given as well: the saved one
+    assert "changed: --pool max -> mean" in one_error_line(capsys)
+    assert train.main(["--out", str(out), "--resume", "--no-data-cache"]) == 0  # a flag a resume may change
     a, b = (strict_json((folder / "summary.json").read_text()) for folder in (straight, out))
     assert {k: a[k] for k in ("ag_accuracy", "ner_f1", "best_epoch")} == {k: b[k] for k in ("ag_accuracy", "ner_f1",
                                                                                            "best_epoch")}
     assert b["config"]["pool"] == "max" and b["config"]["seed"] == 3 and b["config"]["lr"] == 1e-3
-    assert b["config"]["no_data_cache"] and not (DATA / ".cache").exists()  # its own settings too
-    # A flag given as well must be the saved one.
-    assert train.main(["--out", str(out), "--resume", "--pool", "mean"]) == 2
-    assert "changed: --pool max -> mean" in one_error_line(capsys)
+    assert b["config"]["model"] == str(TINY_PLAIN.resolve()) and not (DATA / ".cache").exists()
+
+
+def test_a_run_resumes_from_another_working_folder_and_only_with_its_own_script(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "project" / "data"
+    shutil.copytree(DATA, data)
+    shutil.copytree(TINY_PLAIN, data / "bert-base-uncased")
+    monkeypatch.chdir(tmp_path / "project")  # the defaults: data, and data/bert-base-uncased
+    assert train.main(["--out", "../run", "--epochs", "2", "--stop-after", "1", "--max-len", "32"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert pairs.main(["--out", "run", "--resume"]) == 2
+    assert one_error_line(capsys) == ("error: argument --resume: run holds a run of train.py; continue it with "
+                                      "that script")
+    assert train.main(["--out", "run", "--resume"]) == 0  # data and model: the folders the run resolved
+    assert strict_json((tmp_path / "run" / "summary.json").read_text())["config"]["data"] == str(data.resolve())
+    assert pairs.main(pair_flags(tmp_path / "pairs", "bi", "--epochs", 2, "--stop-after", 1)) == 0
+    assert train.main(["--out", str(tmp_path / "pairs"), "--resume"]) == 2
+    assert one_error_line(capsys) == (f"error: argument --resume: {tmp_path / 'pairs'} holds a run of pairs.py; "
+                                      "continue it with that script")
 
 
 def test_pairs_resumes_from_the_folder_alone(tmp_path):

@@ -258,10 +258,10 @@ def test_a_sentence_pair_model_must_fit_its_settings_too(tmp_path, capsys):
 
 @pytest.mark.parametrize("state, missing, hint", [
     ("stopped in its first epoch", "config.json",
-     ("{run} is a training run that has not saved a model yet (its first epoch did not finish): continue it with "
+     ("{run} is a training run that has not saved a model yet (no epoch has finished): continue it with "
       "--out {run} --resume")),
     ("killed in its first epoch", "config.json",
-     ("{run} is a training run that has not saved a model yet (its first epoch did not finish), and has no "
+     ("{run} is a training run that has not saved a model yet (no epoch has finished), and has no "
       "checkpoint to continue from: start it again")),
     ("weights removed", "model.safetensors",
      "{run} is a training run whose model.safetensors was removed: restore the file, or train the run again"),
@@ -273,9 +273,10 @@ def test_a_run_folder_without_its_model_gets_a_hint_that_fits_a_run(tmp_path, ca
     if state == "weights removed":
         (run / "summary.json").write_text("{}")
         (run / "model.safetensors").unlink()
-    else:  # the model is saved at the end of the first epoch, its config.json last
-        (run / "config.json").unlink()
-        (run / "model.safetensors").unlink()
+    else:  # the model is saved at the end of the first epoch, its config.json and tokenizer files last
+        for path in run.iterdir():
+            if path.name != ".lock":
+                path.unlink()
     if state == "stopped in its first epoch":
         (run / "checkpoint").mkdir()
         (run / "checkpoint" / "checkpoint.safetensors").write_bytes(b"")
@@ -286,6 +287,10 @@ def test_a_run_folder_without_its_model_gets_a_hint_that_fits_a_run(tmp_path, ca
         assert str(info.value) == expected and "download.py" not in expected
     assert predict.main(["--model", str(run), "a text"]) == 2
     assert capsys.readouterr() == ("", f"error: {expected}\n")
+    if state != "weights removed":  # train.py and embed.py read the tokenizer first: the same hint
+        with pytest.raises(DataError) as info:
+            load_tokenizer(run)
+        assert str(info.value).endswith(f"; {hint.format(run=run)}")
 
 
 def test_a_run_folder_without_its_tokenizer_gets_a_hint_that_fits_a_run(tmp_path):
