@@ -137,7 +137,7 @@ class StepLog:
         else:
             return
         raise Diverged(f"training diverged at step {steps[at]} (epoch {progress.epoch + 1}, task {tasks[at]}): "
-                       f"{what}; rates {rates[at]}. The run folder keeps its last checkpoint; start again with lower "
+                       f"{what}; rates {rates[at]}. Nothing was saved from that step on; start again with lower "
                        "rates (--lr, --head-lr)")
 
     def drain(self, progress):

@@ -144,7 +144,7 @@ def test_a_huge_rate_diverges_in_one_line_and_leaves_no_nan(tmp_path, capsys):
     assert train.main(flags(out, "--epochs", 1, "--lr", "1e9", "--head-lr", "1e9", "--clip", 0, model=model)) == 2
     line = one_error_line(capsys)
     assert line.startswith("error: training diverged at step ") and " loss is nan; rates lr 1.00e+09 " in line
-    assert line.endswith("The run folder keeps its last checkpoint; start again with lower rates (--lr, --head-lr)")
+    assert line.endswith("Nothing was saved from that step on; start again with lower rates (--lr, --head-lr)")
     assert sha256_of_folder(model) == before
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
     assert_all_json_is_strict(out)
