@@ -27,6 +27,7 @@ on the same batches with the same random numbers as one that never stopped
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Progress:
     #                    the mean of AG accuracy and entity F1, pairs.py's the dev Spearman
     history: list = field(default_factory=list)  # one record per validation pass, as in metrics.jsonl
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped for inf/NaN gradients
+    precision: str = None  # what the steps ran in (runtime.PRECISION_NAMES): a resume must run in the same
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     eval_examples: int = 0  # examples evaluated so far: with eval_seconds, the rate behind the ETA
@@ -143,11 +145,8 @@ def saved_flags(path):
 
 def _unpack(metadata, tensors):
     """The Checkpoint in a verified file's metadata and tensors."""
-    # A file written before NaN was kept out of JSON may hold one (an undefined score): None, and a best
-    # epoch whose score was undefined is no best epoch.
-    state = json.loads(metadata["state"], parse_constant=lambda name: None)
-    if state.get("best") and state["best"]["score"] is None:
-        state["best"] = None
+    state = json.loads(metadata["state"])
+    _without_nan(state)
     progress = Progress(flags=state.pop("run"), **state)
     groups, scaler = json.loads(metadata["param_groups"]), json.loads(metadata["scaler"])
     state, rng = {}, [{} for _ in range(progress.world_size)]
@@ -164,6 +163,18 @@ def _unpack(metadata, tensors):
     model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     return Checkpoint(progress, model, {"state": state, "param_groups": groups}, scaler, rng,
                       json.loads(metadata["fingerprint"]))
+
+
+def _without_nan(state):
+    """A run state written before NaN was kept out of JSON may hold one: an undefined score becomes None,
+    a best epoch whose score was undefined no best epoch, and an epoch's loss sum that is not a number
+    starts again."""
+    for record in state["history"]:
+        record.update({k: None for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)})
+    if state.get("best") and not math.isfinite(state["best"]["score"]):
+        state["best"] = None
+    if not math.isfinite(state.get("loss_sum", 0.0)):
+        state["loss_sum"], state["loss_count"] = 0.0, 0
 
 
 # Flags that may change between a run and its --resume; every other flag must stay the same.

@@ -80,7 +80,8 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
         group.add_argument("--no-data-cache", action="store_true", help="do not cache tokenized data in DATA/.cache")
     group.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its checkpoint; the flags it was started with are the "
-                            "defaults, and a flag given as well must equal the saved one")
+                            "defaults (but --stop-after), and a flag given as well must equal the saved one, but for "
+                            "--device, --compile, --log-every and the cache flags")
     group.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="train at most N epochs in this invocation, then save a checkpoint and stop (an epoch "
                             "a signal cut short counts as one); repeating the same command with --resume trains N "
@@ -89,17 +90,17 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
 
 def parse(parser, argv):
     """The flags in argv. --model's default follows --data: DATA/bert-base-uncased. With --resume, the
-    flags that shape the run are the defaults its checkpoint holds (--data and --model as the resolved
-    folders), so that `--out R --resume` alone continues it; a flag given as well must equal the saved
-    one (checkpoint.check_resume). Those a resume may change (checkpoint.RESUME_MAY_CHANGE: --device,
-    --stop-after, --no-data-cache, ...) are not carried over. (A checkpoint that cannot be read, or
+    run's flags are the defaults its checkpoint holds (--data and --model as the resolved folders), so
+    that `--out R --resume` alone continues it as it ran; a flag given as well must equal the saved one,
+    but for those a resume may change (checkpoint.RESUME_MAY_CHANGE: --device, --log-every, ...).
+    --stop-after is for one invocation and is not carried over. (A checkpoint that cannot be read, or
     another script's, is left to check_flags, which says so in one line.)"""
     args = parser.parse_args(argv)
     if args.resume and args.out is not None:
         with contextlib.suppress(UsageError, CheckpointError):
             saved = checkpoint.saved_flags(checkpoint.path_in(args.out))
             parser.set_defaults(**{flag: value for flag, value in saved.items()
-                                   if flag in vars(args) and flag not in checkpoint.RESUME_MAY_CHANGE})
+                                   if flag in vars(args) and flag not in ("out", "resume", "stop_after")})
             args = parser.parse_args(argv)
     if args.model is None:
         args.model = str(Path(args.data) / "bert-base-uncased")

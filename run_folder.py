@@ -60,6 +60,7 @@ class RunFolder:
         """Everything --resume needs (checkpoint.Checkpoint). Call it on every rank: each hands in its
         random-number state (distributed.rng_states, a collective); rank 0 writes."""
         rngs = distributed.rng_states(self.place)
+        progress.precision = PRECISION_NAMES[self.place.amp_dtype]
         if self.place.rank == 0:
             checkpoint.save(self.checkpoint, Checkpoint(progress, model.state_dict(), optimizer.state_dict(),
                                                         scaler.state_dict(), rngs, fingerprint))
@@ -115,6 +116,11 @@ def claim(args, place):
     if args.resume:
         saved = checkpoint.read(folder.checkpoint)
         checkpoint.check_resume(folder.checkpoint, saved.progress, vars(args), place.world_size)
+        precision = PRECISION_NAMES[place.amp_dtype]
+        if saved.progress.precision not in (None, precision):  # None: written before it was recorded
+            raise CheckpointError(f"{folder.checkpoint}: the run trained in {saved.progress.precision}, and this one "
+                                  f"would in {precision} (--device {args.device}, --amp {args.amp}); resume it on "
+                                  "the same device and precision")
         if (out / "summary.json").exists():
             raise UsageError(f"argument --resume: {out} holds a finished run (summary.json): there is nothing "
                              "left to train")

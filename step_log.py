@@ -15,7 +15,7 @@ log line, at an epoch's last step, and when a stop signal came; so before
 anything is saved, and at most --log-every steps (or LOG_SECONDS) after it
 began. It is a loss that is NaN or infinite; at an epoch's end or a stop,
 weights that are (a last update can break them while its loss was fine);
-and in fp16 a loss scale below MIN_LOSS_SCALE. The GradScaler halves its
+and in fp16 a loss scale down to MIN_LOSS_SCALE. The GradScaler halves its
 scale at each step it skips for inf/NaN gradients and doubles it after 2,000
 good ones: a few skips are its normal search for a scale, but MIN_LOSS_SCALE
 is 25 more halvings than doublings from its first 65,536, and gradients that
@@ -32,7 +32,7 @@ import distributed
 from runtime import Diverged, duration, log
 
 LOG_SECONDS = 10.0  # the longest a run goes without a log line, whatever --log-every says
-MIN_LOSS_SCALE = 2.0**-9  # an fp16 loss scale below this is divergence: 2**16 halved 25 times
+MIN_LOSS_SCALE = 2.0**-9  # an fp16 loss scale this low is divergence: 2**16 halved 25 times
 NO_STEP = 2**62  # check_divergence: no step had a bad loss
 
 
@@ -113,25 +113,26 @@ class StepLog:
 
     def check_divergence(self, progress, optimizer, weights):
         """Raise runtime.Diverged for the first loss since the last check that is NaN or infinite, an
-        fp16 loss scale below MIN_LOSS_SCALE, or (weights=True) trained weights that are not finite; on
+        fp16 loss scale down to MIN_LOSS_SCALE, or (weights=True) trained weights that are not finite; on
         every rank alike, so that all of them stop together."""
         steps, tasks, losses, rates = zip(*self.unchecked)
         self.unchecked.clear()
         finite = torch.isfinite(torch.stack(losses)).tolist()  # one wait for the device, as a log line's
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # fp16's, else none to check
         trained = [torch.isfinite(p).all() for g in optimizer.param_groups for p in g["params"]] if weights else []
         broken = bool(trained) and not bool(torch.stack(trained).all())
         # The ranks agree on the earliest step with a bad loss, as -step (agree takes the largest number).
         mine = -next((step for step, ok in zip(steps, finite) if not ok), NO_STEP)
-        minus_earliest, low, broken = distributed.agree([mine, int(scale < MIN_LOSS_SCALE), int(broken)], self.place)
+        minus_earliest, low, broken = distributed.agree([mine, int(scale <= MIN_LOSS_SCALE), int(broken)],
+                                                        self.place)
         earliest = -minus_earliest
         at = steps.index(earliest) if earliest != NO_STEP else -1  # the step named: that one, or the last
         if earliest != NO_STEP:
             value = losses[at].item() if not finite[at] else "not finite on another rank"
             what = f"the {tasks[at]} loss is {value}"
         elif low:
-            what = (f"the fp16 loss scale fell to {scale:.3g}, below 2^-9: the scaler skipped steps for inf/NaN "
-                    "gradients 25 times more often than it could recover")
+            what = (f"the fp16 loss scale fell to {scale:.3g}, 2^-9 or less: the scaler halved it for steps with "
+                    "inf/NaN gradients 25 times more than it could double it back")
         elif broken:
             what = "the weights hold NaN or infinite values after its update"
         else:

@@ -4,6 +4,7 @@ status 2, or continues as the user meant; nothing that was there is lost, and no
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -202,16 +203,17 @@ def test_an_fp16_loss_scale_halved_25_times_more_than_doubled_is_divergence():
         log.add("ag", torch.tensor(0.5), 4)
         return log.after_step(progress, 0, optimizer, last=False)
 
-    for scale in (2.0**16, 2.0**3, 2.0**-9):  # its first scale; a few skips; 25 halvings: still its search
+    for scale in (2.0**16, 2.0**3, 2.0**-8):  # its first scale; a few skips; 24 halvings: still its search
         scaler.scale = scale
         for _ in range(10):
             assert step() == 0
-    scaler.scale = 2.0**-10
+    scaler.scale = 2.0**-9  # 25 halvings more than doublings
     for _ in range(9):  # checked with the next log line, at step 40
         step()
     with pytest.raises(Diverged, match=r"^training diverged at step 40 \(epoch 1, task ag\): the fp16 loss scale fell "
-                                        r"to 0.000977, below 2\^-9: the scaler skipped steps for inf/NaN gradients 25 "
-                                        r"times more often than it could recover; rates cls_head 1.00e-03\."):
+                                        r"to 0.00195, 2\^-9 or less: the scaler halved it for steps with inf/NaN "
+                                        r"gradients 25 times more than it could double it back; rates "
+                                        r"cls_head 1.00e-03\."):
         step()
 
 
@@ -252,6 +254,21 @@ def test_an_undefined_spearman_is_null_with_its_reason(tmp_path, capsys):
     assert_all_json_is_strict(out)
 
 
+def test_a_nan_prediction_leaves_both_correlations_undefined(capsys):
+    """NaN would take a rank of its own, and Spearman a value: both are null, and the log says why."""
+    from data import Batching, load_tokenizer
+    from model_folder import load_pretrained
+    from sentence_pairs import PairModel, load_stsb
+
+    dev = load_stsb(DATA, load_tokenizer(TINY_PLAIN), 32, "cross")["valid"]
+    model = PairModel(load_pretrained(TINY_PLAIN), "cross")
+    forward = model.forward
+    model.forward = lambda batch: forward(batch).index_fill(0, torch.tensor([0]), float("nan"))
+    metrics = pairs.evaluate(model, dev, Place(torch.device("cpu")), Batching(64), what="valid")
+    assert (metrics["spearman"], metrics["pearson"]) == (None, None)
+    assert "valid: Spearman and Pearson are undefined: some predicted scores are not numbers" in capsys.readouterr().out
+
+
 # --- Resume from the folder alone; --stop-after N per invocation ------------------------------------
 
 def test_out_and_resume_alone_continue_with_the_saved_flags(tmp_path, capsys):
@@ -286,6 +303,29 @@ def test_a_run_resumes_from_another_working_folder_and_only_with_its_own_script(
     assert train.main(["--out", str(tmp_path / "pairs"), "--resume"]) == 2
     assert one_error_line(capsys) == (f"error: argument --resume: {tmp_path / 'pairs'} holds a run of pairs.py; "
                                       "continue it with that script")
+
+
+def test_a_resume_keeps_the_device_and_precision_the_run_trained_in(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(flags(out, "--epochs", 2, "--stop-after", 1, "--device", "cpu", "--log-every", 7)) == 0
+    args = train.parse_args(["--out", str(out), "--resume"])
+    assert (args.device, args.log_every, args.no_data_cache, args.stop_after) == ("cpu", 7, True, None)
+    init = train.distributed.init
+    monkeypatch.setattr(train.distributed, "init", lambda device, amp: Place(init(device, amp).device, torch.bfloat16))
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--resume"]) == 2  # as on a machine where --amp auto means bf16
+    assert one_error_line(capsys) == (f"error: {out / 'checkpoint' / 'checkpoint.safetensors'}: the run trained in "
+                                      "fp32, and this one would in bf16 autocast (--device cpu, --amp auto); resume "
+                                      "it on the same device and precision")
+
+
+def test_a_state_written_with_nan_before_json_kept_it_out_is_read_without_it():
+    state = {"history": [{"epoch": 1, "spearman": math.nan, "pearson": 0.5}], "best": {"score": -math.inf, "epoch": 1},
+             "loss_sum": math.nan, "loss_count": 3}
+    checkpoint._without_nan(state)
+    assert state == {"history": [{"epoch": 1, "spearman": None, "pearson": 0.5}], "best": None, "loss_sum": 0.0,
+                     "loss_count": 0}
+    strict_json(json.dumps(state))
 
 
 def test_pairs_resumes_from_the_folder_alone(tmp_path):
