@@ -145,10 +145,11 @@ def evaluate(model, data, place, batching, what="evaluation"):
     seconds = time.perf_counter() - start
     unit, count = ("sentences", 2 * len(data)) if model.kind == "bi" else ("pairs", len(data))
     correlations = {"spearman": spearman(predicted, data.scores), "pearson": pearson(predicted, data.scores)}
-    if not np.isfinite(predicted).all():  # a NaN would take a rank of its own, and Spearman a value
+    finite = np.isfinite(predicted).all()
+    if not finite:  # a NaN would take a rank of its own, and Spearman a value
         correlations = dict.fromkeys(correlations, math.nan)
     if undefined := [name for name, value in correlations.items() if math.isnan(value)]:  # None (null in JSON)
-        why = ("some predicted scores are not numbers" if not np.isfinite(predicted).all() else
+        why = ("some predicted scores are not numbers" if not finite else
                "every predicted score is the same (are the pairs cut to nothing by --max-len?)"
                if np.ptp(predicted) == 0 else "every gold score is the same")
         verb = "are" if len(undefined) > 1 else "is"

@@ -35,7 +35,8 @@ class CheckpointError(ValueError):
 
 
 class Diverged(Exception):
-    """Training diverged (a loss that is NaN or infinite): the run stops, with one line and exit status 2."""
+    """Training diverged (a loss or weights that are NaN or infinite, or an fp16 loss scale that fell
+    too low: step_log.StepLog.check_divergence): the run stops, with one line and exit status 2."""
 
 
 def read_text(path):

@@ -55,9 +55,11 @@ def seconds_left(work, progress, speed):
     return (work.total_steps - progress.step) * work.batch_size / speed + to_evaluate / eval_rate
 
 
-def current_rates(optimizer):
-    """The learning rate now, of the top trained encoder layer and of each trained part above the encoder."""
-    rates = {g["name"]: g["lr"] for g in optimizer.param_groups if g["params"] and "no decay" not in g["name"]}
+def current_rates(optimizer, lrs=None):
+    """The learning rate now (or lrs: the groups' rates, as read at an earlier step), of the top trained
+    encoder layer and of each trained part above the encoder."""
+    lrs = lrs or [g["lr"] for g in optimizer.param_groups]
+    rates = {g["name"]: lr for g, lr in zip(optimizer.param_groups, lrs) if g["params"] and "no decay" not in g["name"]}
     encoder = [name for name in rates if name.startswith("layer.")]
     shown = [f"lr {rates[max(encoder, key=lambda n: int(n.split('.')[1]))]:.2e}"] if encoder else []
     shown += [f"{part} {rate:.2e}" for part, rate in rates.items()
@@ -70,7 +72,7 @@ class StepLog:
 
     def __init__(self, tasks, place, every, scaler, work):
         self.tasks, self.place, self.every, self.scaler, self.work = tasks, place, every, scaler, work
-        self.unchecked = []  # (step, task, loss tensor, rates) of each step since divergence was last checked
+        self.unchecked = []  # (step, task, loss tensor, groups' rates) of each step since the last check
 
     def start_epoch(self):
         self.losses = {task: [] for task in self.tasks}  # loss tensors, turned into numbers only when logging
@@ -101,7 +103,7 @@ class StepLog:
         epoch's last step and at a stop, check for divergence (raises runtime.Diverged); print the
         line when it is due. Returns the signal number any rank got (0: none)."""
         loss = self.losses[self.last_task][-1]
-        self.unchecked.append((progress.step, self.last_task, loss, current_rates(optimizer)))
+        self.unchecked.append((progress.step, self.last_task, loss, [g["lr"] for g in optimizer.param_groups]))
         due = self.place.rank == 0 and time.perf_counter() - self.interval_start >= LOG_SECONDS
         signum, due = distributed.agree([signum, int(due)], self.place)
         line = progress.step % self.every == 0 or due or last
@@ -138,8 +140,8 @@ class StepLog:
         else:
             return
         raise Diverged(f"training diverged at step {steps[at]} (epoch {progress.epoch + 1}, task {tasks[at]}): "
-                       f"{what}; rates {rates[at]}. Nothing was saved from that step on; start again with lower "
-                       "rates (--lr, --head-lr)")
+                       f"{what}; rates {current_rates(optimizer, rates[at])}. Nothing was saved from that step "
+                       "on; start again with lower rates (--lr, --head-lr)")
 
     def drain(self, progress):
         """The interval's losses as numbers, added to the epoch's running sum in progress. With several
