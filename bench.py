@@ -17,7 +17,17 @@ models; --compile ours leaves transformers' eager, the usual way to run it.
 prints the kernels that took the most device time. Output: a markdown table,
 and JSON with --json. Every number flag is checked before anything runs
 (AT_LEAST): a bad one is one line naming it, and exit status 2.
+
+    python bench.py --model DIR --lengths data/conll2003/train.txt --vs-transformers
+
+--lengths times batches of real examples instead, drawn as train.py draws
+them: random batches padded to their longest, run padded and unpadded
+(model.Packing), and batches grouped by length (--group-window 50), against
+transformers' model on the same random batches. Its table counts real
+tokens per second: padding is work done, not work wanted.
 """
+
+import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
 
 import argparse
 import json
@@ -28,9 +38,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import Bert, BertConfig, Head, MultiTaskModel, SentenceEncoder
+from data import MultiTaskSampler, collate, encode_file, load_tokenizer
+from model import UNPAD, Bert, BertConfig, Head, MultiTaskModel, SentenceEncoder
 from model_folder import config_json, load_pretrained
-from runtime import CheckpointError, HelpFormatter, Place, UsageError, exit_status_of, pick_device
+from runtime import CheckpointError, DataError, HelpFormatter, Place, UsageError, exit_status_of, pick_device
 
 SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
     # for RoBERTa and DistilBERT, so neither has one here)
@@ -70,18 +81,38 @@ class TransformersModel(torch.nn.Module):
 
 
 def make_batch(config, batch_size, seq_len, device):
-    """Random ids; a quarter of the rows padded to half length, as real batches are."""
+    """Random ids; a quarter of the rows padded to half length, as real batches are. The same batch serves
+    both tasks, one step each: [(task, input_ids, attention_mask, labels)]."""
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(min(1000, config.vocab_size // 2), config.vocab_size, (batch_size, seq_len), generator=g)
     mask = torch.ones_like(input_ids)
     mask[: batch_size // 4, seq_len // 2:] = 0
     tags = torch.randint(0, 9, (batch_size, seq_len), generator=g).masked_fill(mask == 0, -100)
     classes = torch.randint(0, 4, (batch_size,), generator=g)
-    return [t.to(device) for t in (input_ids.masked_fill(mask == 0, config.pad_token_id), mask, tags, classes)]
+    input_ids, mask, tags, classes = (t.to(device) for t in (input_ids.masked_fill(mask == 0, config.pad_token_id),
+                                                              mask, tags, classes))
+    return [("ag", input_ids, mask, classes), ("ner", input_ids, mask, tags)]
 
 
-def make_step(model, batch, device, dtype, freeze):
-    """A closure that runs one training step of `model`, alternating the two tasks."""
+def real_batches(args, config, device):
+    """--lengths: {"random": batches, "grouped": batches} of real examples, as make_batch gives them,
+    warmup + steps of each: the first batches of a train.py epoch (in shuffled order, so an unbiased
+    draw) with --group-window 0 and 50."""
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    task = "ner" if args.lengths.endswith(".txt") else "ag"
+    part = encode_file(args.lengths, task, tokenizer, args.seq_len)  # a CoNLL file, or an AG News CSV
+    out = {}
+    for name, window in (("random", 0), ("grouped", 50)):
+        batches = MultiTaskSampler({task: part.lengths()}, args.batch_size, 0, window).epoch(0)
+        chosen = [batches[i % len(batches)][1] for i in range(args.warmup + args.steps)]
+        out[name] = [(task, *(collate(part, indices, config.pad_token_id)[k].to(device)
+                              for k in ("input_ids", "attention_mask", "labels"))) for indices in chosen]
+    return out
+
+
+def make_step(model, batches, device, dtype, freeze):
+    """A closure that runs one training step of `model` on the next of `batches` (in turn, round and
+    round) and returns the batch's real tokens."""
     if freeze == "backbone":
         for p in model.bert.parameters():
             p.requires_grad_(False)
@@ -89,44 +120,46 @@ def make_step(model, batch, device, dtype, freeze):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    input_ids, mask, tags, classes = batch
+    real_tokens = [int(mask.sum()) for _, _, mask, _ in batches]  # counted once, before the clock runs
     count = [0]
 
     def step():
-        task = "ag" if count[0] % 2 == 0 else "ner"
+        task, input_ids, mask, labels = batches[count[0] % len(batches)]
         count[0] += 1
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(input_ids, mask, task)
         if task == "ag":
-            loss = F.cross_entropy(logits.float(), classes)
+            loss = F.cross_entropy(logits.float(), labels)
         else:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tags.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return real_tokens[(count[0] - 1) % len(batches)]
 
     return step
 
 
 def time_steps(steps_by_name, device, warmup, n):
-    """Median seconds per step of each model. The models take turns, step by step and in
-    alternating order, so that drifts of the machine (clock speed, other work) affect them alike."""
+    """{name: (median seconds per step, total seconds, real tokens)} of each model's n timed steps. The
+    models take turns, step by step and in alternating order, so that drifts of the machine (clock
+    speed, other work) affect them alike."""
     for step in steps_by_name.values():
         for _ in range(warmup):
             step()
-    times = {name: [] for name in steps_by_name}
+    times, tokens = {name: [] for name in steps_by_name}, dict.fromkeys(steps_by_name, 0)
     order = list(steps_by_name.items())
     for round_ in range(n):
         for name, step in order if round_ % 2 == 0 else order[::-1]:  # who goes first alternates too
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            step()
+            tokens[name] += step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), sum(t), tokens[name]) for name, t in times.items()}
 
 
 def matmul_tflops(device, n=8192, repeats=10):
@@ -157,9 +190,17 @@ def parser():
     p.add_argument("--model", help="a BERT folder (weights are loaded; only the shape matters for speed)")
     p.add_argument("--config", choices=tuple(SHAPES), default="minilm", help="a named shape, if no --model")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step")
-    p.add_argument("--seq-len", type=int, default=64,
-                   help="word pieces per example (a quarter of the rows are padding from halfway); at most the "
-                        "model's positions")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="word pieces per example (a quarter of the rows are padding from halfway; default 64); "
+                        "with --lengths the most an example keeps (default 128, train.py's --max-len); at most "
+                        "the model's positions")
+    p.add_argument("--lengths", metavar="FILE",
+                   help="time batches of real examples from FILE (a CoNLL-2003 .txt or an AG News .csv) instead: "
+                        "padded random, grouped by length and unpadded random batches")
+    p.add_argument("--tokenizer", metavar="DIR", help="with --lengths and --config: a model folder whose tokenizer "
+                                                      "cuts FILE into word pieces (default: --model)")
+    p.add_argument("--unpad", choices=UNPAD, default="auto",
+                   help="our model's unpadded path (model.Packing) for batches with padding; auto: on the CPU")
     p.add_argument("--precision", nargs="+", choices=tuple(DTYPES), default=["fp32"],
                    help="one table row each: fp32; tf32 (fp32 with TF32 matrix products); fp16 (autocast and a "
                         "GradScaler); bf16 (autocast). tf32 and fp16 need a CUDA GPU")
@@ -189,7 +230,7 @@ def check_numbers(args):
     would time empty steps."""
     for flag, low in AT_LEAST.items():
         value = getattr(args, flag)
-        if value < low:
+        if value is not None and value < low:  # None: the default that follows other flags
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, got {value}")
 
 
@@ -207,40 +248,80 @@ def pick_device_for(args):
     return device
 
 
+def build_models(args, config, device, names):
+    """{name: model on the device}: "ours" (unpadded as --unpad says), "ours padded", "transformers"; each
+    from the same seed, compiled as --compile says."""
+    models = {}
+    for name in names:
+        torch.manual_seed(0)
+        if name == "transformers":
+            model = TransformersModel(config)
+        else:
+            model = MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model else Bert(config)))
+            model.bert.unpad = "never" if name == "ours padded" else args.unpad
+        model = model.to(device)
+        if args.compile == "both" or (args.compile and name != "transformers"):
+            model = torch.compile(model)
+        models[name] = model
+    return models
+
+
 def measure(args, config, device, precision, freeze, peak_tflops):
     """One table row: our model's step, and transformers' with --vs-transformers, taking turns."""
-    builders = [("ours", lambda: MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model
-                                                                else Bert(config))))]
-    if args.vs_transformers:
-        builders.append(("transformers", lambda: TransformersModel(config)))
+    names = ["ours"] + (["transformers"] if args.vs_transformers else [])
     result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
     batch = make_batch(config, args.batch_size, args.seq_len, device)
     steps, peaks = {}, {}
-    for name, build in builders:
-        torch.manual_seed(0)
-        model = build().to(device)
+    for name, model in build_models(args, config, device, names).items():
         if name == "ours":
             result["parameters"] = sum(p.numel() for p in model.bert.parameters())
-        if args.compile == "both" or (args.compile and name == "ours"):
-            model = torch.compile(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         steps[name] = make_step(model, batch, device, DTYPES[precision], freeze)
         for _ in range(args.warmup):
             steps[name]()
         peaks[name] = Place(device).peak_memory_mb()  # after warm-up: weights, optimizer state, activations
-    seconds = time_steps(steps, device, 0, args.steps)
+    timed = time_steps(steps, device, 0, args.steps)
     for name in steps:
-        result[name] = {"ms": seconds[name] * 1e3, "samples_per_s": args.batch_size / seconds[name],
-                        "tokens_per_s": args.batch_size * args.seq_len / seconds[name], "peak_mb": peaks[name]}
+        seconds = timed[name][0]
+        result[name] = {"ms": seconds * 1e3, "samples_per_s": args.batch_size / seconds,
+                        "tokens_per_s": args.batch_size * args.seq_len / seconds, "peak_mb": peaks[name]}
         if peak_tflops:
             flops = train_flops(config, args.batch_size, args.seq_len, freeze == "backbone")
-            result[name]["mfu"] = flops / seconds[name] / 1e12 / peak_tflops
+            result[name]["mfu"] = flops / seconds / 1e12 / peak_tflops
     if args.vs_transformers:
         result["ratio"] = result["ours"]["ms"] / result["transformers"]["ms"]
     if args.profile:
         profile(steps["ours"], device, args.profile, f"{precision}, freeze {freeze}")
     return result
+
+
+# --lengths: each setting is (the model, the batches it runs)
+REAL_SETTINGS = {"padded random": ("ours padded", "random"), "grouped": ("ours padded", "grouped"),
+                 "unpadded random": ("ours", "random"), "transformers, padded random": ("transformers", "random")}
+
+
+def measure_real(args, config, device, precision, freeze, batches):
+    """--lengths: one table row per setting (REAL_SETTINGS), all taking turns step by step."""
+    settings = [s for s in REAL_SETTINGS if args.vs_transformers or REAL_SETTINGS[s][0] != "transformers"]
+    models = build_models(args, config, device, dict.fromkeys(REAL_SETTINGS[s][0] for s in settings))
+    steps = {s: make_step(models[REAL_SETTINGS[s][0]], batches[REAL_SETTINGS[s][1]], device, DTYPES[precision],
+                          freeze) for s in settings}
+    timed = time_steps(steps, device, args.warmup, args.steps)
+    rows = []
+    for setting in settings:
+        _, seconds, tokens = timed[setting]
+        timed_batches = batches[REAL_SETTINGS[setting][1]][args.warmup:]
+        positions = sum(ids.numel() for _, ids, _, _ in timed_batches)
+        rows.append({"precision": precision, "freeze": freeze, "setting": setting, "batch": args.batch_size,
+                     "tokens_per_s": tokens / seconds, "ms": seconds / args.steps * 1e3,
+                     "padding": 1 - tokens / positions})
+    base = rows[0]["tokens_per_s"]  # padded random
+    for row in rows:
+        row["vs_padded_random"] = row["tokens_per_s"] / base
+    if args.profile:
+        profile(steps["unpadded random"], device, args.profile, f"unpadded random, {precision}, freeze {freeze}")
+    return rows
 
 
 def profile(step, device, n, label, top=15):
@@ -286,25 +367,47 @@ def print_table(args, rows, device, peak_tflops):
         print(line)
 
 
+def print_real_table(args, rows, device):
+    print(f"{args.model or args.config}, {device}"
+          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; batches of {args.batch_size} from {args.lengths} (at most "
+          f"{args.seq_len} word pieces), {args.steps} timed steps each")
+    print("| precision | freeze | batches | real tokens/s | padding | ms/step, mean | vs padded random |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['freeze']} | {r['setting']} | {r['tokens_per_s']:,.0f} | {r['padding']:.1%} | "
+              f"{r['ms']:.1f} | {r['vs_padded_random']:.2f}x |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_numbers(args)
         device = pick_device_for(args)
         config = load_pretrained(args.model).config if args.model else SHAPES[args.config]
+        args.seq_len = args.seq_len or (min(128, config.max_len) if args.lengths else 64)
         if args.seq_len > config.max_len:
             raise UsageError(f"argument --seq-len: {args.seq_len} is more than the model's {config.max_len} positions")
-    except (UsageError, CheckpointError) as e:
+        if args.lengths and not (args.model or args.tokenizer):
+            raise UsageError("argument --lengths: needs a tokenizer: give --model, or --tokenizer with --config")
+        batches = real_batches(args, config, device) if args.lengths else None
+    except (UsageError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak_tflops = matmul_tflops(device) if device.type == "cuda" else None
+    peak_tflops = matmul_tflops(device) if device.type == "cuda" and not args.lengths else None
     rows = []
     for precision in args.precision:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         for freeze in args.freeze:
-            rows.append(measure(args, config, device, precision, freeze, peak_tflops))
-    print_table(args, rows, device, peak_tflops)
+            if batches:
+                rows += measure_real(args, config, device, precision, freeze, batches)
+            else:
+                rows.append(measure(args, config, device, precision, freeze, peak_tflops))
+    if batches:
+        print_real_table(args, rows, device)
+    else:
+        print_table(args, rows, device, peak_tflops)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.model or args.config, "device": str(device), "torch": torch.__version__,

@@ -276,14 +276,10 @@ def pad(rows, pad_id=0, multiple=1):
 
 
 def length_batches(lengths, batch_size, rank=0, world_size=1):
-    """Example indices in batches of similar length, longest first, over a whole split; batch b
-    goes to rank b % world_size only. For evaluation and for computing features, where order does
-    not matter and padding is waste.
-
-    Longest first, because the first batch then allocates the largest buffers and every later
-    batch fits in them. Shortest first, each batch needs slightly larger buffers than any freed
-    so far, and the process's heap grew to 12 GB over one pass of MiniLM on 120,000 rows.
-    """
+    """Example indices in batches of similar length over a whole split, for evaluation and features
+    (order does not matter there); batch b goes to rank b % world_size only. Longest first: the first
+    batch then allocates the largest buffers and every later one fits in them (shortest first, the
+    heap grew to 12 GB over one pass of MiniLM on 120,000 rows)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[start:start + batch_size].tolist() for b, start in enumerate(range(0, len(lengths), batch_size))
             if b % world_size == rank]
@@ -305,8 +301,7 @@ class MultiTaskSampler:
       time, so consecutive epochs see different examples and all are used.
     - Every batch holds one task; the order of the tasks' batches is shuffled.
     - group_window > 0 sorts examples by length inside windows of that many
-      batches before cutting batches, so a batch holds similar lengths and
-      needs less padding. 0 turns it off.
+      batches before cutting batches: less padding, but less random batches.
     - With world_size > 1 (data-parallel training), batches are global:
       batch_size x world_size examples, and share() gives rank r its r-th
       part. So every rank runs the same task at the same step, shares are

@@ -9,6 +9,8 @@ Up to TABLE_LIMIT sentences print as a table of every pair's cosine; more print 
 nearest other sentence.
 """
 
+import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+
 import argparse
 import json
 import sys

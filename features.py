@@ -320,3 +320,19 @@ def _encode(model, missing, unique, place, batching, cache):
         log(f"encoded {plural(len(missing), 'example')} in {duration(report.seconds())} "
             f"({len(missing) / report.seconds():,.0f} examples/s)")
     return out
+
+
+def frozen_features(s, epochs):
+    """With the whole backbone frozen for the whole run, its outputs for every example the run will read, as
+    a FeatureStore. None otherwise, with --no-feature-store, or where they would not fit in memory. s: the
+    run's train.Setup; epochs: the range of epochs this invocation runs."""
+    args = s.args
+    if not s.plan.backbone_fixed() or args.no_feature_store:
+        return None
+    train_rows = s.sampler.reads(epochs.start, s.progress.batch, epochs.stop) if epochs else {}  # what epochs draw
+    evaluated = (["valid"] if epochs else []) + (["test"] if not epochs or epochs.stop == args.epochs else [])
+    wanted = rows_wanted(s.splits, train_rows, evaluated, s.batching.size, s.place)  # + this rank's eval rows
+    on_disk = None
+    if not args.no_data_cache and args.feature_cache_limit_mb > 0:  # DATA/.cache/features, for later runs
+        on_disk = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb)
+    return FeatureStore.build(s.model, wanted, s.place, s.batching, args.feature_store_limit_mb, on_disk)

@@ -16,6 +16,7 @@ from pathlib import Path
 import checkpoint
 import freeze
 from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate
+from model import UNPAD
 from runtime import CheckpointError, UsageError
 
 MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
@@ -73,6 +74,9 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
                        help="auto: bf16 on GPUs that have it, else fp16; off (fp32) on the CPU")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: cuda where there is one")
+    group.add_argument("--unpad", choices=UNPAD, default="auto",
+                       help="compute only the real tokens of batches with padding (model.Packing): always, never, "
+                            "or auto: on the CPU, where it is measured faster (docs/performance.md)")
     group.add_argument("--seed", type=int, default=0, help=f"seeds heads, dropout and batch order (0 to {MAX_SEED})")
     group.add_argument("--limit", type=int, default=None, help="use at most N examples per task and split")
     group.add_argument("--log-every", type=int, default=50, help="steps between log lines")

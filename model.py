@@ -9,17 +9,14 @@ FAMILIES holds those differences as data, and one class runs all three
 (tests/test_families.py matches RobertaModel and DistilBertModel).
 
 Reading order:
-  the encoder   FAMILIES, BertConfig -> Embeddings -> SelfAttention -> Layer
-                -> Bert (encoder + pooler); their Dropout is nn.Dropout's, drawn
-                faster on the CPU (cpu_dropout.py)
+  the encoder   FAMILIES, BertConfig -> Embeddings -> SelfAttention -> Layer -> Packing
+                (the unpadded path) -> Bert (encoder + pooler); Dropout is nn.Dropout's,
+                drawn faster on the CPU (cpu_dropout.py)
   Task 1        pool_tokens / SentenceEncoder: one vector per sentence
   Task 2        Head / MultiTaskModel: one encoder, two task heads, and
                 parameter_part, the names freezing and learning rates use
 
-The weights come from a model folder: model_folder.py reads config.json and
-model.safetensors in through each family's rename table, and writes trained
-models back in the same layout. Masks follow the Hugging Face convention everywhere: attention_mask is (B, T)
-with 1 = a real token, 0 = padding.
+model_folder.py reads and writes the weights. attention_mask is (B, T), 1 = a real token, 0 = padding.
 """
 
 from dataclasses import dataclass
@@ -91,7 +88,7 @@ class Embeddings(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
         self.position_start, self.pad_id = config.position_start, config.pad_token_id
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids, token_type_ids, packing=None):
         if self.position_start:
             # RoBERTa numbers the real tokens pad_token_id + 1, + 2, ... and gives padding
             # pad_token_id, as transformers' create_position_ids_from_input_ids does.
@@ -99,7 +96,10 @@ class Embeddings(nn.Module):
             positions = torch.cumsum(real, dim=1) * real + (self.position_start - 1)  # (B, T)
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.word(input_ids) + self.position(positions)  # (B, T, H)
+        if packing is not None:  # the unpadded path: (B, T) -> (N,), the real tokens' ids only
+            input_ids, positions, token_type_ids = (packing.pack(t.expand_as(input_ids))
+                                                    for t in (input_ids, positions, token_type_ids))
+        x = self.word(input_ids) + self.position(positions)  # (B, T, H), or (N, H)
         if self.token_type is not None:
             x = x + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
@@ -118,30 +118,37 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x, keep):
-        B, T, H = x.shape
-        hs = H // self.n_head
-        # (B, T, 3H) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs) -> q, k, v, each (B, nh, T, hs)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.training and self.dropout_p > 0 and x.device.type == "cpu":
-            y = self._attend_with_dropout(q, k, v, keep)
-        else:
-            # keep: (B, 1, 1, T) boolean, True = this key may be attended to; None = no padding,
-            # which lets SDPA pick its fastest kernel. A query whose keys are all masked (an
-            # all-padding row) gets zeros from SDPA, not NaN: checked on CPU and CUDA.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                               dropout_p=self.dropout_p if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, H)  # (B, nh, T, hs) -> (B, T, H)
+    def forward(self, x, keep, packing=None):
+        """x (B, T, H) -> (B, T, H); on the unpadded path x (N, H) -> (N, H), the real tokens of a Packing."""
+        qkv = self.qkv(x)  # (B, T, 3H), or (N, 3H)
+        H, nh = x.shape[-1], self.n_head
+        if packing is None:
+            B, T, _ = x.shape
+            # (B, T, 3H) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs) -> q, k, v, each (B, nh, T, hs)
+            q, k, v = qkv.view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4).unbind(0)
+            y = self.attend(q, k, v, keep).transpose(1, 2).reshape(B, T, H)  # (B, nh, T, hs) -> (B, T, H)
+        elif x.device.type == "cuda":  # unpadded: one kernel for all sequences (Packing.attend)
+            y = packing.attend(qkv, nh, self.dropout_p if self.training else 0.0)
+        else:  # unpadded on the CPU: each sequence attends on its own, nothing masked (measured fastest)
+            q, k, v = qkv.view(len(x), 3, nh, H // nh).permute(1, 2, 0, 3).unbind(0)  # each (nh, N, hs)
+            per_sequence = zip(*(t.split(packing.lengths, dim=1) for t in (q, k, v)))  # (nh, T_b, hs) each
+            y = torch.cat([self.attend(q, k, v, None) for q, k, v in per_sequence], dim=1)  # (nh, N, hs)
+            y = y.transpose(0, 1).reshape(len(x), H)  # (nh, N, hs) -> (N, H)
         return self.out(y)
 
-    def _attend_with_dropout(self, q, k, v, keep):
-        """SDPA's own math, written out for CPU training.
+    def attend(self, q, k, v, keep):
+        """softmax(q k^T / sqrt(hs)) v, with dropout on the weights in training: (..., T, hs) -> (..., T, hs)."""
+        if self.training and self.dropout_p > 0 and q.device.type == "cpu":
+            return self._attend_with_dropout(q, k, v, keep)
+        # keep: (B, 1, 1, T) boolean, True = this key may be attended to; None = no padding,
+        # which lets SDPA pick its fastest kernel. A query whose keys are all masked (an
+        # all-padding row) gets zeros from SDPA, not NaN: checked on CPU and CUDA.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                              dropout_p=self.dropout_p if self.training else 0.0)
 
-        SDPA has no CPU kernel that applies dropout, so it falls back to these
-        same steps but draws the dropout mask with bernoulli_; dropout() is
-        cheaper. A row with every key masked would get uniform weights here
-        (SDPA gives zeros); training rows always hold [CLS] and [SEP], so none is.
-        """
+    def _attend_with_dropout(self, q, k, v, keep):
+        """SDPA's own math for CPU training, which SDPA runs with the costlier bernoulli_ masks. A row with
+        every key masked would get uniform weights (SDPA: zeros); training rows always hold [CLS] and [SEP]."""
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T); scaling q is the cheaper side
         if keep is not None:
             scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)  # in place: the product's backward needs q, k only
@@ -163,10 +170,44 @@ class Layer(nn.Module):
         attention_dropout = FAMILIES[config.model_type].attention_output_dropout
         self.attn_dropout = Dropout(config.hidden_dropout_prob if attention_dropout else 0.0)
 
-    def forward(self, x, keep):
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, keep)))  # (B, T, H)
+    def forward(self, x, keep, packing=None):
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, keep, packing)))  # (B, T, H), or (N, H) packed
         h = F.gelu(self.ffn_in(x))  # (B, T, I), I = intermediate_size; exact erf GELU, as BERT was trained
         return self.ffn_norm(x + self.dropout(self.ffn_out(h)))  # (B, T, H)
+
+
+class Packing:
+    """The unpadded path: where a batch's real tokens are, so that only they are computed. All of a layer
+    but attention works token by token, so it runs on the N real tokens packed into one (N, H) tensor.
+    Attention reads each sequence's tokens together: SelfAttention splits them per sequence on the CPU;
+    on a GPU, SDPA takes them all as nested jagged tensors (attend)."""
+
+    def __init__(self, attention_mask):
+        self.shape = attention_mask.shape  # (B, T)
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,): each real token's place in B * T
+        lengths = attention_mask.sum(1)  # (B,)
+        self.offsets = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,): sequence b is packed rows offsets[b:b + 2]
+        self.lengths = lengths.tolist()
+
+    def pack(self, x):
+        """(B, T, ...) -> (N, ...): the real tokens, row after row."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x):
+        """(N, ...) -> (B, T, ...), with zeros where the padding was."""
+        out = x.new_zeros(self.shape.numel(), *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(*self.shape, *x.shape[1:])
+
+    def attend(self, qkv, n_head, dropout_p):
+        """Attention per sequence on packed tokens, (N, 3H) -> (N, H): SDPA on nested jagged tensors."""
+        q, k, v = (t.contiguous() for t in qkv.view(len(qkv), 3, n_head, -1).unbind(1))  # each (N, nh, hs)
+        nested = [torch.nested.nested_tensor_from_jagged(t, self.offsets).transpose(1, 2) for t in (q, k, v)]
+        y = F.scaled_dot_product_attention(*nested, dropout_p=dropout_p)  # (B, nh, j, hs), j jagged
+        return y.transpose(1, 2).values().flatten(1)  # (N, nh, hs) -> (N, H)
+
+
+UNPAD = ("auto", "always", "never")  # Bert.unpad: which batches with padding run unpadded (Bert.packs)
+PACK_FROM = 0.2  # auto packs a CPU batch from this share of padding up: faster there, slower below (measured)
 
 
 class Bert(nn.Module):
@@ -177,9 +218,9 @@ class Bert(nn.Module):
     token's final state as it is: no random pooler is ever used.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, unpad="auto"):
         super().__init__()
-        self.config = config
+        self.config, self.unpad = config, unpad
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.has_pooler else None
@@ -188,22 +229,30 @@ class Bert(nn.Module):
         """input_ids (B, T) -> hidden (B, T, H), pooled (B, H)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        # The one place the 1 = keep mask becomes SDPA's boolean mask:
-        # (B, T) -> (B, 1, 1, T), broadcast over heads and query positions.
-        # A batch without padding needs no mask (None), and SDPA then has its
-        # fastest kernels to choose from. The check reads one value back from
-        # the device (on a GPU, a wait for the work queued so far), and it is
-        # skipped inside torch.compile, where it would split the graph.
-        keep = None
+        # The one place the 1 = keep mask becomes SDPA's boolean mask: (B, T) -> (B, 1, 1, T), broadcast
+        # over heads and queries. A batch without padding needs no mask (None): SDPA then has its fastest
+        # kernels, and nothing is packed. The checks wait for the device, and would split a compiled graph.
+        keep, packing = None, None
         if attention_mask is not None:
             keep = attention_mask.bool()[:, None, None, :]
-            if not torch.compiler.is_compiling() and keep.all():
-                keep = None
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
+            if not torch.compiler.is_compiling():
+                if keep.all():
+                    keep = None
+                elif self.packs(attention_mask):
+                    packing = Packing(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids, packing)  # (B, T, H), or unpadded (N, H)
         for layer in self.layers:
-            x = layer(x, keep)
+            x = layer(x, keep, packing)
+        x = x if packing is None else packing.unpack(x)  # unpadded: (N, H) -> (B, T, H), zeros at padding
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else x[:, 0]  # (B, H), from [CLS]
         return x, pooled
+
+    def packs(self, attention_mask):
+        """Whether a batch with padding runs unpadded (self.unpad). auto: on the CPU from PACK_FROM padding
+        up (random batches, not length-grouped ones: docs/performance.md); a GPU pads until measured there."""
+        if self.unpad != "auto":
+            return self.unpad == "always"
+        return attention_mask.device.type == "cpu" and 1 - attention_mask.float().mean() >= PACK_FROM
 
 
 # --- Sentence embeddings (Task 1) ----------------------------------------------
@@ -215,11 +264,9 @@ NORMS = ("none", "l1", "l2")
 def pool_tokens(hidden, pooled, attention_mask, pool):
     """Reduce token states (B, T, H) to one vector per sentence (B, H).
 
-    mean: average of the real tokens; cls: the pooler output (dense + tanh on
-    [CLS]), or the first token's state where the model has no pooler; max:
-    per-feature maximum over the real tokens. Padding never counts,
-    and for mean and max a row with no real tokens pools to zeros (cls reads
-    position 0 whatever it holds).
+    mean: average of the real tokens; cls: the pooler output (dense + tanh on [CLS]), or the first
+    token's state where the model has no pooler; max: per-feature maximum over the real tokens.
+    Padding never counts; for mean and max a row with no real tokens pools to zeros.
     """
     if pool == "cls":
         return pooled
@@ -255,13 +302,10 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if normalize not in NORMS:
             raise ValueError(f"normalize must be one of {NORMS}, got {normalize!r}")
-        self.bert = bert
-        self.pool = pool
-        self.norm = normalize
-        hidden = bert.config.hidden_size
+        self.bert, self.pool, self.norm = bert, pool, normalize
         # The projection is new and untrained: it starts random and learns with a task.
-        self.project = nn.Linear(hidden, embed_dim) if embed_dim else None
-        self.embed_dim = embed_dim or hidden
+        self.project = nn.Linear(bert.config.hidden_size, embed_dim) if embed_dim else None
+        self.embed_dim = embed_dim or bert.config.hidden_size
 
     def forward(self, input_ids, attention_mask):
         hidden, pooled = self.bert(input_ids, attention_mask)
@@ -290,13 +334,10 @@ class SentenceEncoder(nn.Module):
         out = []
         for start in range(0, len(texts), batch_size):
             encodings = tokenizer.encode_batch(texts[start:start + batch_size])
-            ids = [e.ids if len(e.ids) <= max_len else e.ids[:max_len - 1] + e.ids[-1:] for e in encodings]
-            width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), self.bert.config.pad_token_id)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for row, seq in enumerate(ids):
-                input_ids[row, :len(seq)] = torch.tensor(seq)
-                attention_mask[row, :len(seq)] = 1
+            rows = [torch.tensor(e.ids if len(e.ids) <= max_len else e.ids[:max_len - 1] + e.ids[-1:])
+                    for e in encodings]
+            input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.bert.config.pad_token_id)
+            attention_mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
             out.append(self(input_ids.to(device), attention_mask.to(device)).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)

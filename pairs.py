@@ -21,6 +21,8 @@ keep the best, checkpoint); test. The data and the model are in
 sentence_pairs.py; the rest is the same plain helpers train.py calls.
 """
 
+import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+
 import argparse
 import math
 import sys
@@ -210,6 +212,7 @@ def set_up(args):
     log("stsb: " + ", ".join(f"{s} {plural(len(d), 'pair')} ({sum(d.truncated)} truncated)" for s, d in splits.items()))
 
     torch.manual_seed(args.seed)  # the same initial head on every rank
+    bert.unpad = args.unpad  # which batches compute only their real tokens (model.Packing)
     model = PairModel(bert, args.encoder, args.pool, args.embed_dim, args.normalize, args.head_dropout)
     model = model.to(place.device)
     if args.encoder == "bi" and (note := pooling_note(bert.config, args.pool)):

@@ -13,6 +13,8 @@ chunk rules of metrics.py (conlleval's). Each entity carries its character
 offsets in the input: text[start:end] is the entity.
 """
 
+import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+
 import argparse
 import json
 import re

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import distributed
-from runtime import Diverged, duration, log
+from runtime import Diverged, duration, log, plural
 
 LOG_SECONDS = 10.0  # the longest a run goes without a log line, whatever --log-every says
 MIN_LOSS_SCALE = 2.0**-9  # an fp16 loss scale this low is divergence: 2**16 halved 25 times
@@ -163,3 +163,15 @@ class StepLog:
         log(f"step {progress.step}/{self.work.total_steps} | epoch {progress.epoch + 1} | loss {shown} | "
             f"{current_rates(optimizer)} | {speed:.1f} samples/s | ETA {duration(eta)}{skipped}", flush=True)
         self.interval_start, self.interval_examples = time.perf_counter(), 0
+
+
+def log_plan(s, steps_per_epoch, warmup_steps):
+    """The line that says what a run will do; s: its train.Setup."""
+    args, world_size = s.args, s.place.world_size
+    if not s.plan.trains(args.epochs):
+        log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is, on the test split only")
+        return
+    shown = (f"global batch {s.sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
+             if world_size > 1 else f"batch {args.batch_size}")
+    log(f"training: {plural(args.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} ({s.sampler.per_task:,} "
+        f"examples per task per epoch, {shown}); warmup {plural(warmup_steps, 'step')}")

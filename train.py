@@ -5,14 +5,15 @@
     python train.py --out runs/NAME --resume          # continue an interrupted run
     python predict.py --model runs/NAME "Apple opened a store in London."   # then use it
 
-Reading order: the flags; task_loss and evaluate; set_up, which reads the data and builds the model
-and its optimizer; train, the loop: for each epoch, for each batch, forward, loss, backward,
-optimizer step, and at each epoch's end evaluate, keep the best, checkpoint; test; main. The rest is
-one-line calls to modules named for what they hold: freeze.py and lr.py (Tasks 3 and 4), features.py
-(a frozen backbone's outputs, computed once), run_folder.py (the --out folder, stop signals, exit
-status), step_log.py, checkpoint.py, distributed.py (torchrun), runtime.py (device, precision). Only
-rank 0 prints and writes the run folder (README.md lists its files).
+Reading order: the flags; task_loss and evaluate; set_up (data, model, optimizer); train, the loop:
+for each epoch, for each batch, forward, loss, backward, optimizer step, and at each epoch's end
+evaluate, keep the best, checkpoint; test; main. The rest is one-line calls to modules named for
+what they hold: freeze.py and lr.py (Tasks 3 and 4), features.py (a frozen backbone's outputs),
+run_folder.py (the --out folder, signals), step_log.py, checkpoint.py, distributed.py (torchrun),
+runtime.py. Only rank 0 prints and writes the run folder (README.md lists its files).
 """
+
+import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
 
 import argparse
 import sys
@@ -32,13 +33,13 @@ import run_folder
 from checkpoint import Progress
 from data import (AG_CLASSES, AG_VALID_FRACTION, IGNORE_INDEX, NER_TAGS, Batching, MultiTaskSampler, collate,
                   length_batches, limit_split, load_splits, load_tokenizer, word_tags)
-from features import DiskCache, FeatureStore, rows_wanted, weights_hash
+from features import frozen_features, weights_hash
 from lr import format_groups, lr_factor, param_groups, part_rates
 from metrics import entity_counts, scores_from_counts
 from model import NORMS, POOLS, MultiTaskModel, SentenceEncoder
 from model_folder import check_fits, load_multitask, load_pretrained, pooling_note
-from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
-from step_log import StepLog, Work
+from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step
+from step_log import StepLog, Work, log_plan
 
 TASKS = tuple(MultiTaskModel.heads)  # ("ag", "ner"): one loss, one log column, one head each
 
@@ -93,22 +94,12 @@ def check_args(args):
 # --- The loss and evaluation ----------------------------------------------------------
 
 def task_loss(logits, labels, task, normalizer=None):
-    """Cross-entropy in fp32 over examples (ag) or first word pieces (ner).
-
-    The mean, or with a normalizer the sum divided by it. Data-parallel runs
-    pass (labels in the global batch) / (number of ranks): DDP averages the
-    ranks' gradients, and that average is then the gradient of the mean over
-    the global batch, however the labels fall between ranks. With
-    --loss-norm fixed the divisor is the same for every batch of a task (the
-    labels of an average global batch), so every word piece weighs the same
-    in every batch: batches grouped by length then weigh as random ones do,
-    where a per-batch mean would give a batch of 3-word lines as much weight
-    as a batch of 40-word sentences (docs/defaults.md).
-    """
-    if task == "ag":
-        logits, labels = logits.float(), labels
-    else:
-        logits, labels = logits.float().flatten(0, 1), labels.flatten()
+    """Cross-entropy in fp32 over examples (ag) or first word pieces (ner): the mean, or the sum divided by
+    normalizer. Data-parallel runs pass (labels in the global batch) / (ranks): DDP averages the ranks'
+    gradients, which is then the gradient of the global batch's mean however its labels fall between ranks.
+    --loss-norm fixed divides every batch of a task by the labels of an average batch, so every word piece
+    weighs the same in short and long batches (docs/defaults.md)."""
+    logits, labels = (logits.float(), labels) if task == "ag" else (logits.float().flatten(0, 1), labels.flatten())
     if normalizer is None:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / normalizer
@@ -188,8 +179,7 @@ class Setup:
 
     @property
     def batching(self):
-        """Evaluation batches, twice the training size (no activations are kept for backward); under
-        --compile every batch is padded to a multiple of 8 tokens."""
+        """Evaluation batches: twice the training size (no activations kept), widths of 8k under --compile."""
         return Batching(2 * self.args.batch_size, self.model.bert.config.pad_token_id, 8 if self.args.compile else 1)
 
 
@@ -251,6 +241,7 @@ def base_rates(args, num_layers):
 
 def build_model(args, bert, plan, place):
     """The two-head model on the device, frozen as the plan says for epoch 0, compiled with --compile."""
+    bert.unpad = args.unpad  # which batches compute only their real tokens (model.Packing)
     encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize)  # Task 1's, shared by both heads
     model = MultiTaskModel(encoder, len(AG_CLASSES), len(NER_TAGS), args.head_dropout).to(place.device)
     if note := pooling_note(bert.config, args.pool):
@@ -338,33 +329,6 @@ def train(s):
         log(f"stopping after epoch {epochs.stop} (--stop-after); continue with --out {s.folder.path} --resume")
         return 0
     return evaluate_best(s, features)
-
-
-def log_plan(s, steps_per_epoch, warmup_steps):
-    """The line that says what the run will do."""
-    args, world_size = s.args, s.place.world_size
-    if not s.plan.trains(args.epochs):
-        log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is, on the test split only")
-        return
-    shown = (f"global batch {s.sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
-             if world_size > 1 else f"batch {args.batch_size}")
-    log(f"training: {plural(args.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} ({s.sampler.per_task:,} "
-        f"examples per task per epoch, {shown}); warmup {plural(warmup_steps, 'step')}")
-
-
-def frozen_features(s, epochs):
-    """With the whole backbone frozen for the whole run, its outputs for every example the run will read
-    (features.py). None otherwise, with --no-feature-store, or where they would not fit in memory."""
-    args = s.args
-    if not s.plan.backbone_fixed() or args.no_feature_store:
-        return None
-    train_rows = s.sampler.reads(epochs.start, s.progress.batch, epochs.stop) if epochs else {}  # what epochs draw
-    evaluated = (["valid"] if epochs else []) + (["test"] if not epochs or epochs.stop == args.epochs else [])
-    wanted = rows_wanted(s.splits, train_rows, evaluated, s.batching.size, s.place)  # + this rank's eval rows
-    on_disk = None
-    if not args.no_data_cache and args.feature_cache_limit_mb > 0:  # DATA/.cache/features, for later runs
-        on_disk = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb)
-    return FeatureStore.build(s.model, wanted, s.place, s.batching, args.feature_store_limit_mb, on_disk)
 
 
 def stop_mid_epoch(s, steps, signum):

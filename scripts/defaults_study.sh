@@ -31,6 +31,8 @@ old="--lr 5e-5 --lr-decay 0.9 --head-lr 1e-3 --warmup 0.1 --group-window 50 --lo
 flags() {  # NAME -> the command after `python`, without --model/--data/--out/--seed
   case $1 in
     defaults) echo "train.py" ;;
+    grouped-padded) echo "train.py --group-window 50 --unpad never" ;;  # the defaults before the unpadded path
+    random-unpadded) echo "train.py --group-window 0 --unpad always" ;;  # the defaults since, on the CPU
     lr1e-4-window0) echo "train.py $old --lr 1e-4 --group-window 0" ;;
     lr1e-4-window10) echo "train.py $old --lr 1e-4 --group-window 10" ;;
     lr2e-4-window0) echo "train.py $old --lr 2e-4 --group-window 0" ;;

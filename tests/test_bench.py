@@ -3,9 +3,11 @@
 import json
 
 import pytest
-from conftest import TINY_PLAIN
+import torch
+from conftest import FIXTURES, TINY_PLAIN
 
 import bench
+from model_folder import load_pretrained
 
 
 def test_bench_reports_every_setting_and_the_ratio(tmp_path, capsys):
@@ -87,7 +89,7 @@ def test_the_shortest_sequence_and_batch_run(tmp_path, capsys):
 
 def test_every_flag_has_help_and_the_defaults_that_mean_something(capsys):
     flags = [a for a in bench.parser()._actions if a.option_strings != ["-h", "--help"]]
-    assert len(flags) == 13 and [a.option_strings for a in flags if not a.help] == []
+    assert len(flags) == 16 and [a.option_strings for a in flags if not a.help] == []
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(["--help"])
     assert exit_.value.code == 0
@@ -108,3 +110,36 @@ def test_a_trained_model_folder_times_its_encoder_without_a_note(tmp_path, capsy
     out, err = capsys.readouterr()
     assert err == ""  # only its encoder's shape matters for speed: no note about the heads
     assert [line.split(" | ")[1] for line in out.splitlines()[3:]] == ["none", "backbone"]
+
+
+def test_real_lengths_time_the_same_random_batches_padded_and_unpadded(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    conll = FIXTURES / "data" / "conll2003" / "train.txt"
+    argv = ["--model", str(TINY_PLAIN), "--lengths", str(conll), "--batch-size", "4", "--warmup", "1", "--steps",
+            "3", "--vs-transformers", "--json", str(out), "--device", "cpu"]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["padded random", "grouped", "unpadded random",
+                                            "transformers, padded random"]
+    by = {r["setting"]: r for r in rows}
+    # The same random batches, so the same padding share; grouping leaves less of it.
+    assert by["padded random"]["padding"] == by["unpadded random"]["padding"] == by[
+        "transformers, padded random"]["padding"] > by["grouped"]["padding"] >= 0
+    random = bench.real_batches(bench.parse_args(argv + ["--seq-len", "64"]), load_pretrained(TINY_PLAIN).config,
+                                torch.device("cpu"))["random"][1:]
+    tokens = sum(int(mask.sum()) for _, _, mask, _ in random)
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(tokens / (3 * r["ms"] / 1e3)) or r["setting"] == "grouped"
+        assert r["vs_padded_random"] == pytest.approx(r["tokens_per_s"] / by["padded random"]["tokens_per_s"])
+    assert {task for task, *_ in random} == {"ner"}
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].startswith("| precision | freeze | batches | real tokens/s | padding") and len(table) == 7
+
+
+def test_real_lengths_need_a_tokenizer_and_a_readable_file(tmp_path, capsys):
+    assert bench.main(["--config", "minilm", "--lengths", "x.txt", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: argument --lengths: needs a tokenizer: give --model, or "
+                                               "--tokenizer with --config")
+    assert bench.main(["--model", str(TINY_PLAIN), "--lengths", str(tmp_path / "none.txt"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none.txt'}:")

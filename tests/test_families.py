@@ -62,9 +62,12 @@ def test_roberta_positions_skip_the_padding_id():
     seen = []
     hook = model.embeddings.position.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():
-        model(ids, (ids != 1).long())
+        for unpad in ("never", "always"):  # the unpadded path looks up the real tokens' positions only
+            model.unpad = unpad
+            model(ids, (ids != 1).long())
     hook.remove()
     assert seen[0].tolist() == [[2, 3, 4, 5, 1, 1]]
+    assert seen[1].tolist() == [2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -42,6 +42,7 @@ def encode_padded(tokenizer, texts):
 @pytest.mark.parametrize("folder", [TINY_PLAIN, TINY_LEGACY], ids=["plain", "legacy"])
 def test_matches_golden_reference(folder):
     model = load_pretrained(folder).eval()
+    model.unpad = "never"  # the padded path computes the padding too, so every position compares
     with torch.no_grad():
         hidden, pooled = model(REFERENCE["input_ids"], REFERENCE["attention_mask"], REFERENCE["token_type_ids"])
     assert REFERENCE["attention_mask"].sum(1).tolist() == [11, 7, 3, 1]  # padded batch
@@ -52,6 +53,7 @@ def test_matches_golden_reference(folder):
 def test_token_types_matter():
     """Segment embeddings are used: dropping row 0's segment B changes its states."""
     model = load_pretrained(TINY_PLAIN).eval()
+    model.unpad = "never"
     with torch.no_grad():
         hidden, _ = model(REFERENCE["input_ids"], REFERENCE["attention_mask"])
     assert (hidden[0] - REFERENCE["last_hidden_state"][0]).abs().max() > 1e-2
@@ -90,6 +92,7 @@ def test_live_tiny_against_transformers():
     transformers = pytest.importorskip("transformers")
     reference = transformers.BertModel.from_pretrained(str(TINY_PLAIN)).eval()
     ours = load_pretrained(TINY_PLAIN).eval()
+    ours.unpad = "never"  # padded positions compare too; tests/test_unpadded.py matches the unpadded path
     torch.manual_seed(1)
     input_ids = torch.randint(5, 101, (3, 17))
     mask = torch.ones_like(input_ids)
@@ -106,6 +109,7 @@ def test_live_minilm_against_transformers(minilm_dir):
     transformers = pytest.importorskip("transformers")
     reference = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
     ours = load_pretrained(minilm_dir).eval()
+    ours.unpad = "never"
     input_ids, mask = encode_padded(load_tokenizer(minilm_dir), SENTENCES)
     assert len(set(mask.sum(1).tolist())) >= 8  # varied lengths
     with torch.no_grad():
@@ -115,6 +119,12 @@ def test_live_minilm_against_transformers(minilm_dir):
     # to ~4e-5 (transformers' own sdpa and eager paths differ there by 3e-5).
     assert (hidden - expected.last_hidden_state).abs().max() <= 1e-4
     assert (pooled - expected.pooler_output).abs().max() <= 1e-4
+    ours.unpad = "always"  # the real tokens only: to 1e-5
+    with torch.no_grad():
+        hidden, pooled = ours(input_ids, mask)
+    real = mask.bool()
+    assert (hidden[real] - expected.last_hidden_state[real]).abs().max() <= 1e-5
+    assert (pooled - expected.pooler_output).abs().max() <= 1e-5
 
 
 def test_config_reads_json_and_rejects_other_activations(tmp_path):

@@ -1,8 +1,12 @@
 """The project's own promises: CI runs the README's test command; the code and docs keep the shape they claim."""
 
 import ast
+import os
 import re
+import subprocess
+import sys
 
+import pytest
 from conftest import ROOT
 
 MODULES = sorted(ROOT.glob("*.py"))  # the project's own top-level modules
@@ -114,3 +118,27 @@ def test_the_training_scripts_write_out_their_step_in_one_function():
                  and any(isinstance(n, ast.For) for n in ast.walk(node))]
         assert len(loops) == 1, f"{script}: {[n.name for n in loops]}"
         assert loops[0].end_lineno - loops[0].lineno + 1 <= 80, script
+
+
+TORCH_SCRIPTS = ("train", "pairs", "predict", "embed", "bench")  # the scripts that run torch
+
+
+def test_every_torch_script_sets_the_cpu_threads_waiting_before_anything_else():
+    for name in TORCH_SCRIPTS:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        first = next(node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+        assert isinstance(first, ast.Import) and [a.name for a in first.names] == ["cpu_threads"], name
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, "5000"),  # cpu_threads.SPIN_COUNT: a thread spins briefly, then sleeps
+    ({"GOMP_SPINCOUNT": "70000"}, "70000"),  # the user's own setting wins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, None),  # a wait policy the user chose sets the spinning itself
+])
+def test_the_spin_count_is_set_before_torch_starts_unless_the_user_chose(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import sys, os; import train; "
+            "print(os.environ.get('GOMP_SPINCOUNT'), sys.modules['cpu_threads'].__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **given}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [str(expected), "cpu_threads"]

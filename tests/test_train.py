@@ -12,6 +12,7 @@ import torch
 from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors import safe_open
 
+import features
 import run_folder
 import step_log
 import train
@@ -519,13 +520,13 @@ def test_a_full_disk_while_saving_weights_leaves_no_config_without_them(tmp_path
 
 
 def test_a_signal_in_the_feature_build_ends_with_the_hint(tmp_path, monkeypatch, capsys):
-    build = train.FeatureStore.build
+    build = features.FeatureStore.build
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(train.FeatureStore, "build", interrupted)
+    monkeypatch.setattr(features.FeatureStore, "build", interrupted)
     out = tmp_path / "run"
     assert train.main(flags(out, "--epochs", 1, "--freeze", "backbone")) == 128 + signal.SIGINT
     assert capsys.readouterr().err.endswith("stopped by signal 2; no checkpoint was written yet: start the run again\n")

@@ -1,0 +1,180 @@
+"""The unpadded path (model.Packing) against the padded one: the same outputs and gradients on real tokens.
+
+Every comparison is in fp32, to 1e-5, with dropout off: the two paths draw
+their dropout masks over tensors of different shapes, so with dropout on they
+are two equally good random runs, not one.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES, TINY_PLAIN
+from safetensors.torch import load_file
+
+import model as model_module
+import train
+from data import IGNORE_INDEX
+from model import POOLS, MultiTaskModel, Packing, SentenceEncoder
+from model_folder import load_pretrained
+
+FAMILIES = {"bert": TINY_PLAIN, "roberta": FIXTURES / "tiny_roberta_plain",
+            "distilbert": FIXTURES / "tiny_distilbert_plain"}
+
+
+def padded_batch(config, lengths=(9, 4, 12, 2, 7), seed=0):
+    """Random ids right-padded with the family's pad id, token types with a segment B, NER tags and classes."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()  # (B, T)
+    ids = torch.randint(5, config.vocab_size, (len(lengths), width), generator=g)
+    ids = ids.masked_fill(mask == 0, config.pad_token_id)
+    types = torch.zeros_like(ids)
+    if config.type_vocab_size > 1:
+        types[0, 5:9] = 1
+    tags = torch.randint(0, 9, ids.shape, generator=g).masked_fill(mask == 0, IGNORE_INDEX)
+    classes = torch.randint(0, 4, (len(lengths),), generator=g)
+    return ids, mask, types, tags, classes
+
+
+def run(model, unpad, batch):
+    """Outputs and gradients of both tasks on one path; eval mode, so no dropout."""
+    ids, mask, types, tags, classes = batch
+    model.bert.unpad = unpad
+    model.zero_grad(set_to_none=True)
+    hidden, pooled = model.bert(ids, mask, types)
+    ag = model(ids, mask, "ag")
+    ner = model(ids, mask, "ner")
+    loss = F.cross_entropy(ag, classes) + F.cross_entropy(ner.flatten(0, 1), tags.flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    real = mask.bool()
+    return {"hidden": hidden[real], "pooled": pooled, "ag": ag, "ner": ner[real], "loss": loss}, grads
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unpadded_outputs_and_gradients_equal_the_padded_ones(family, pool):
+    torch.manual_seed(0)
+    bert = load_pretrained(FAMILIES[family])
+    model = MultiTaskModel(SentenceEncoder(bert, pool, embed_dim=16, normalize="l2")).eval()
+    batch = padded_batch(bert.config)
+    padded, padded_grads = run(model, "never", batch)
+    unpadded, unpadded_grads = run(model, "always", batch)
+    for name, value in padded.items():
+        assert (unpadded[name] - value).abs().max() <= 1e-5, name
+    assert padded_grads.keys() == unpadded_grads.keys()
+    unread_pooler = 2 * (pool != "cls" and bert.pooler is not None)  # its weight and bias
+    assert len(padded_grads) == len(list(model.parameters())) - unread_pooler
+    for name, grad in padded_grads.items():
+        assert (unpadded_grads[name] - grad).abs().max() <= 1e-5, name
+        assert grad.abs().max() > 0 or name.startswith("encoder.bert.embeddings.token_type"), name
+
+
+def test_unpadded_path_skips_the_padding_and_fills_it_with_zeros():
+    bert = load_pretrained(TINY_PLAIN).eval()
+    ids, mask, types, *_ = padded_batch(bert.config)
+    seen = []
+    hook = bert.layers[0].ffn_in.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        hidden, _ = bert(ids, mask, types)  # auto: unpadded on the CPU
+    hook.remove()
+    assert seen == [torch.Size([int(mask.sum()), bert.config.hidden_size])]  # (N, H): the 34 real tokens only
+    assert torch.equal(hidden[mask == 0], torch.zeros(int((mask == 0).sum()), bert.config.hidden_size))
+
+
+def test_packing_packs_row_after_row_and_unpacks_back():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    x = torch.arange(12.0).view(3, 4)
+    packing = Packing(mask)
+    assert packing.pack(x).tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    assert packing.offsets.tolist() == [0, 3, 5, 9] and packing.lengths == [3, 2, 4]
+    assert packing.unpack(packing.pack(x)).tolist() == [[0, 1, 2, 0], [4, 5, 0, 0], [8, 9, 10, 11]]
+
+
+def test_auto_unpads_cpu_batches_with_a_fifth_of_padding_or_more(monkeypatch):
+    bert = load_pretrained(TINY_PLAIN).eval()
+    made = []
+    monkeypatch.setattr(model_module, "Packing", lambda mask: made.append(mask.shape) or Packing(mask))
+    ids, mask, *_ = padded_batch(bert.config)  # 34 real tokens of 60 positions: 43% padding
+    little = torch.ones_like(mask)
+    little[0, -11:] = 0  # 11 of 60: 18% padding, below PACK_FROM
+    with torch.no_grad():
+        bert(ids, torch.ones_like(mask))  # no padding: nothing to leave out
+        bert(ids, little)
+        assert made == []
+        bert(ids, mask)
+        assert made == [mask.shape]
+        bert.unpad = "always"
+        bert(ids, little)
+        assert made == [mask.shape] * 2
+        bert.unpad = "never"
+        bert(ids, mask)
+    assert made == [mask.shape] * 2
+    assert model_module.PACK_FROM == 0.2
+    bert.unpad = "auto"
+    assert not bert.packs(mask.to("meta"))  # another device than the CPU pads, until measured there
+def test_nested_tensor_attention_for_the_gpu_equals_per_sequence_attention():
+    """Packing.attend (SDPA on nested jagged tensors, the GPU's kernel) run here on the CPU's math backend."""
+    bert = load_pretrained(TINY_PLAIN).eval()
+    attention = bert.layers[1].attn
+    ids, mask, *_ = padded_batch(bert.config)
+    packing = Packing(mask)
+    x = torch.randn(int(mask.sum()), bert.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    x_nested, x_split = x.clone().requires_grad_(), x.clone().requires_grad_()
+    nested = attention.out(packing.attend(attention.qkv(x_nested), attention.n_head, 0.0))
+    split = attention(x_split, mask.bool()[:, None, None, :], packing)  # the CPU's way: per sequence
+    padded = packing.pack(attention(packing.unpack(x), mask.bool()[:, None, None, :]))
+    assert (nested - split).abs().max() <= 1e-5 and (split - padded).abs().max() <= 1e-5
+    (nested * x).sum().backward()
+    (split * x).sum().backward()
+    assert (x_nested.grad - x_split.grad).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_unpadded_path_matches_the_padded_one(dtype):
+    bert = load_pretrained(TINY_PLAIN).cuda().eval()
+    ids, mask, types, *_ = (t.cuda() for t in padded_batch(bert.config))
+    outputs = {}
+    for unpad in ("never", "always"):
+        bert.unpad = unpad
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            outputs[unpad] = bert(ids, mask, types)[0][mask.bool()].float()
+    assert (outputs["never"] - outputs["always"]).abs().max() <= (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_golden_reference_on_real_tokens_unpadded():
+    reference = load_file(FIXTURES / "tiny_bert_reference.safetensors")
+    bert = load_pretrained(TINY_PLAIN).eval()
+    bert.unpad = "always"
+    with torch.no_grad():
+        hidden, pooled = bert(reference["input_ids"], reference["attention_mask"], reference["token_type_ids"])
+    real = reference["attention_mask"].bool()
+    assert (hidden[real] - reference["last_hidden_state"][real]).abs().max() <= 1e-5
+    assert (pooled - reference["pooler_output"]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("store", ["feature store", "no feature store"])
+def test_a_frozen_backbone_run_is_the_same_unpadded(tmp_path, store):
+    """Heads trained on a frozen backbone's outputs, stored once or computed at every step: the encoder runs in
+    eval mode, the heads' dropout sees the same (B, T, H) tensors on both paths, so whole runs agree."""
+    runs = {}
+    for unpad in ("never", "always"):
+        out = tmp_path / unpad
+        argv = ["--model", str(TINY_PLAIN), "--data", str(FIXTURES / "data"), "--out", str(out), "--epochs", "2",
+                "--freeze", "backbone", "--no-data-cache", "--unpad", unpad, "--batch-size", "4",
+                "--max-len", "64"]
+        assert train.main(argv + (["--no-feature-store"] if store == "no feature store" else [])) == 0
+        runs[unpad] = (load_file(out / "model.safetensors"), json.loads((out / "summary.json").read_text()),
+                       [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    (padded, padded_summary, padded_rows), (unpadded, unpadded_summary, unpadded_rows) = runs.values()
+    assert padded.keys() == unpadded.keys()
+    for name, tensor in padded.items():
+        assert (unpadded[name] - tensor).abs().max() <= 1e-5, name
+    for before, after in zip(padded_rows, unpadded_rows):
+        assert abs(before["train_loss"] - after["train_loss"]) <= 1e-5
+        assert (before["ag_accuracy"], before["ner_f1"]) == (after["ag_accuracy"], after["ner_f1"])
+    assert padded_summary["ner_f1"] == unpadded_summary["ner_f1"]
+    assert (padded_summary["feature_store"] is None) == (store == "no feature store")
