@@ -248,22 +248,19 @@ def pick_device_for(args):
     return device
 
 
-def build_models(args, config, device, names):
-    """{name: model on the device}: "ours" (unpadded as --unpad says), "ours padded", "transformers"; each
-    from the same seed, compiled as --compile says."""
-    models = {}
-    for name in names:
-        torch.manual_seed(0)
-        if name == "transformers":
-            model = TransformersModel(config)
-        else:
-            model = MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model else Bert(config)))
-            model.bert.unpad = "never" if name == "ours padded" else args.unpad
-        model = model.to(device)
-        if args.compile == "both" or (args.compile and name != "transformers"):
-            model = torch.compile(model)
-        models[name] = model
-    return models
+def build_model(args, config, device, name):
+    """One model on the device: "ours" (unpadded as --unpad says), "ours padded" or "transformers", each from
+    the same seed, compiled as --compile says."""
+    torch.manual_seed(0)
+    if name == "transformers":
+        model = TransformersModel(config)
+    else:
+        model = MultiTaskModel(SentenceEncoder(load_pretrained(args.model) if args.model else Bert(config)))
+        model.bert.unpad = "never" if name == "ours padded" else args.unpad
+    model = model.to(device)
+    if args.compile == "both" or (args.compile and name != "transformers"):
+        model = torch.compile(model)
+    return model
 
 
 def measure(args, config, device, precision, freeze, peak_tflops):
@@ -272,7 +269,8 @@ def measure(args, config, device, precision, freeze, peak_tflops):
     result = {"precision": precision, "freeze": freeze, "batch": args.batch_size, "seq": args.seq_len}
     batch = make_batch(config, args.batch_size, args.seq_len, device)
     steps, peaks = {}, {}
-    for name, model in build_models(args, config, device, names).items():
+    for name in names:  # each built when its turn comes, so that its peak memory is measured as before
+        model = build_model(args, config, device, name)
         if name == "ours":
             result["parameters"] = sum(p.numel() for p in model.bert.parameters())
         if device.type == "cuda":
@@ -304,7 +302,8 @@ REAL_SETTINGS = {"padded random": ("ours padded", "random"), "grouped": ("ours p
 def measure_real(args, config, device, precision, freeze, batches):
     """--lengths: one table row per setting (REAL_SETTINGS), all taking turns step by step."""
     settings = [s for s in REAL_SETTINGS if args.vs_transformers or REAL_SETTINGS[s][0] != "transformers"]
-    models = build_models(args, config, device, dict.fromkeys(REAL_SETTINGS[s][0] for s in settings))
+    names = dict.fromkeys(REAL_SETTINGS[s][0] for s in settings)  # each model once, in the settings' order
+    models = {name: build_model(args, config, device, name) for name in names}
     steps = {s: make_step(models[REAL_SETTINGS[s][0]], batches[REAL_SETTINGS[s][1]], device, DTYPES[precision],
                           freeze) for s in settings}
     timed = time_steps(steps, device, args.warmup, args.steps)
