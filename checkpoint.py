@@ -56,6 +56,9 @@ class Progress:
     eval_examples: int = 0  # examples evaluated so far: with eval_seconds, the rate behind the ETA
     loss_sum: float = 0.0  # the current epoch's logged training losses so far, for its mean
     loss_count: int = 0
+    interval_losses: list = field(default_factory=list)  # the epoch's rows: {"step", mean loss per task} every
+    #                                                       --log-every steps and at its end (metrics.jsonl)
+    pending_losses: dict = field(default_factory=dict)  # task -> [sum, count] of the losses since the last row
 
 
 @dataclass

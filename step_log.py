@@ -91,11 +91,13 @@ class StepLog:
         return self.epoch_seconds
 
     def epoch_record(self, progress, elapsed):
-        """The training fields of the epoch's line in metrics.jsonl: the mean of its logged losses (then
-        reset for the next epoch), the run's time so far, and the epoch's speed."""
+        """The training fields of the epoch's line in metrics.jsonl: the mean of its logged losses and
+        the loss per task of each log line (interval_losses; both then reset for the next epoch), the
+        run's time so far, and the epoch's speed."""
         record = {"train_loss": progress.loss_sum / max(progress.loss_count, 1), "elapsed_s": round(elapsed, 1),
-                  "samples_per_s": round(self.epoch_examples / self.epoch_seconds, 1)}
-        progress.loss_sum, progress.loss_count = 0.0, 0
+                  "samples_per_s": round(self.epoch_examples / self.epoch_seconds, 1),
+                  "interval_losses": progress.interval_losses}
+        progress.loss_sum, progress.loss_count, progress.interval_losses = 0.0, 0, []
         return record
 
     def after_step(self, progress, signum, optimizer, last):
@@ -110,7 +112,7 @@ class StepLog:
         if line or signum:
             self.check_divergence(progress, optimizer, weights=last or signum)
         if line:
-            self.print_line(progress, optimizer)
+            self.print_line(progress, optimizer, row=progress.step % self.every == 0 or last)
         return signum
 
     def check_divergence(self, progress, optimizer, weights):
@@ -143,19 +145,29 @@ class StepLog:
                        f"{what}; rates {current_rates(optimizer, rates[at])}. Nothing was saved from that step "
                        "on; start again with lower rates (--lr, --head-lr)")
 
-    def drain(self, progress):
-        """The interval's losses as numbers, added to the epoch's running sum in progress. With several
-        ranks each loss is the mean over ranks: the mean loss of the global batch."""
+    def drain(self, progress, row=False):
+        """The interval's losses as numbers, added to the epoch's running sum in progress and to the
+        pending sums of the next row of interval_losses; row: write that row now (every --log-every
+        steps and at an epoch's last step). With several ranks each loss is the mean over ranks: the
+        mean loss of the global batch."""
         losses = {task: distributed.mean(torch.stack(values), self.place).tolist()
                   for task, values in self.losses.items() if values}
         progress.loss_sum += sum(map(sum, losses.values()))
         progress.loss_count += sum(map(len, losses.values()))
+        for task, values in losses.items():  # summed in step order, a stop and resume included
+            total, count = progress.pending_losses.get(task, (0.0, 0))
+            progress.pending_losses[task] = [sum(values, total), count + len(values)]
+        if row:  # a row of interval_losses (metrics.jsonl): only at steps that do not depend on the clock
+            progress.interval_losses.append({"step": progress.step, **{task: round(total / count, 6)
+                                                                       for task, (total, count) in
+                                                                       progress.pending_losses.items()}})
+            progress.pending_losses = {}
         for values in self.losses.values():
             values.clear()
         return losses
 
-    def print_line(self, progress, optimizer):
-        losses = self.drain(progress)
+    def print_line(self, progress, optimizer, row):
+        losses = self.drain(progress, row)
         speed = self.interval_examples / (time.perf_counter() - self.interval_start)
         eta = seconds_left(self.work, progress, speed)
         shown = " ".join(f"{t} {sum(losses[t]) / len(losses[t]):.4f}" if t in losses else f"{t} -" for t in self.tasks)

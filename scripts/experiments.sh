@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The training runs behind the README's Task 2-4 tables. Usage:
-#   scripts/experiments.sh MODEL_DIR DATA_DIR OUT_DIR
+#   scripts/experiments.sh MODEL_DIR DATA_DIR OUT_DIR [NAME ...]    # NAMEs: only those runs
 # Each run writes OUT_DIR/NAME/summary.json; scripts/results_table.py turns them into tables.
 # The tables were measured with the defaults that train.py had before docs/defaults.md's study,
 # so every run starts from those (a run's own flags come later and win).
 set -euo pipefail
-model=$1 data=$2 out=$3
+model=$1 data=$2 out=$3; shift 3
+only=" $* "
 before_study=(--lr 5e-5 --lr-decay 0.9 --loss-norm batch)
 run() {  # NAME FLAGS...
   local name=$1; shift
   [ -f "$out/$name/summary.json" ] && return 0
+  [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
   python train.py --model "$model" --data "$data" --out "$out/$name" --log-every 100 "${before_study[@]}" "$@" \
     > "$out/$name.log" 2>&1
 }

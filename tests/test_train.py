@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,12 @@ def test_full_tiny_run_writes_every_output(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"], r["split"]) for r in records] == [(1, 12, "valid"), (2, 24, "valid")]
     assert set(records[0]) == {"epoch", "step", "split", "ag_accuracy", "ner_f1", "ner_precision", "ner_recall",
-                               "train_loss", "elapsed_s", "samples_per_s"}
+                               "train_loss", "elapsed_s", "samples_per_s", "interval_losses"}
+    # A row per --log-every steps and at the epoch's end, with the losses its log line shows.
+    rows = [row for r in records for row in r["interval_losses"]]
+    assert [row["step"] for row in rows] == [5, 10, 12, 15, 20, 24]
+    shown = {int(m[0]): (float(m[1]), float(m[2])) for m in re.findall(r"step (\d+)/24 .*?loss ag (\S+) ner (\S+)", log)}
+    assert [shown[row["step"]] for row in rows] == [(round(row["ag"], 4), round(row["ner"], 4)) for row in rows]
     summary = json.loads((out / "summary.json").read_text())
     scores = [(r["ag_accuracy"] + r["ner_f1"]) / 2 for r in records]
     assert summary["best_epoch"] == 1 + scores.index(max(scores))
