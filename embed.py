@@ -1,7 +1,8 @@
 """Task 1 on the command line: sentence embeddings and their cosine similarities.
 
     python embed.py --model DIR --pool max --normalize l2 "a sentence" "another"
-    python embed.py --model runs/bi "a sentence" "another"   # a bi-encoder trained by pairs.py, as trained
+    python embed.py --model runs/bi "a sentence" "another"   # a run of pairs.py or train.py, as trained
+    python embed.py --model ST_DIR "a sentence"              # a sentence-transformers folder, as its modules.json says
     python embed.py --model DIR --json "a sentence"          # the vectors as JSON
     cat sentences.txt | python embed.py --model DIR          # one sentence per line
 
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+import interop
 from data import load_tokenizer
 from model import NORMS, POOLS, SentenceEncoder
-from model_folder import check_fits, load_pretrained, pooling_note, trained_settings
+from model_folder import check_fits, load_multitask, load_pretrained, pooling_note, trained_settings
 from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
                      pick_device)
 from sentence_pairs import load_pairs
@@ -49,12 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="BERT folder: config.json, model.safetensors, "
                                                   "tokenizer.json or vocab.txt")
     p.add_argument("--pool", choices=POOLS, default=None, help="mean of token states, the [CLS] pooler output, or "
-                                                               "max over tokens (default: mean, or for a bi-encoder "
-                                                               "trained by pairs.py its own)")
+                                                               "max over tokens (default: the folder's own, for a "
+                                                               "run of pairs.py or train.py or a sentence-"
+                                                               "transformers folder; else mean)")
     p.add_argument("--embed-dim", type=at_least(1), default=None,
                    help="add a linear projection to this size (random until trained; seeded by --seed)")
-    p.add_argument("--normalize", choices=NORMS, default=None, help="divide by the L1 or L2 norm (default: none, "
-                                                                    "or a trained bi-encoder's own)")
+    p.add_argument("--normalize", choices=NORMS, default=None, help="divide by the L1 or L2 norm (default: the "
+                                                                    "folder's own, as for --pool; else none)")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="sentences per forward pass")
     p.add_argument("--max-len", type=at_least(2), default=None,
                    help="cut inputs to this many word pieces (default: max_seq_length from the folder's "
@@ -143,20 +146,34 @@ def pairs_settings(model_dir):
     return settings
 
 
-def sentence_encoder(args, bert, settings):
-    """The SentenceEncoder the flags ask for. A bi-encoder trained by pairs.py (its settings) gives its
-    own pooling, normalization and projection, which flags may change but for the projection's size."""
-    if settings is None:
+def folder_encoder(model_dir, bert):
+    """The sentence vector model_dir holds, and the words that say where it comes from; (None, None) for a
+    plain BERT folder. A bi-encoder of pairs.py and a run of train.py hold their own pooling, projection
+    and normalization (config.json); a sentence-transformers folder holds its modules.json (interop.py)."""
+    if pairs_settings(model_dir) is not None:
+        return load_pairs(model_dir).encoder, f"{model_dir} is a bi-encoder trained with"
+    if trained_settings(model_dir, "multitask") is not None:
+        return load_multitask(model_dir).encoder, f"{model_dir} is a train.py run trained with"
+    modules = interop.read_modules(model_dir, bert.config.hidden_size)
+    if modules is not None:
+        return modules.encoder(bert), f"{modules.path} gives"
+    return None, None
+
+
+def sentence_encoder(args, bert):
+    """The SentenceEncoder the flags ask for: the folder's own sentence vector (folder_encoder), where it has
+    one, with --pool and --normalize changing it (a note says so); else the flags' on the plain BERT."""
+    encoder, source = folder_encoder(args.model, bert)
+    if encoder is None:
         return SentenceEncoder(bert, args.pool or "mean", args.embed_dim, args.normalize or "none")
-    if args.embed_dim is not None and args.embed_dim != settings.get("embed_dim"):
-        raise UsageError(f"argument --embed-dim: {args.model} is a bi-encoder trained with --embed-dim "
-                         f"{settings.get('embed_dim')}; leave --embed-dim out")
-    encoder = load_pairs(args.model).encoder
+    embed_dim = None if encoder.project is None else encoder.embed_dim
+    if args.embed_dim is not None and args.embed_dim != embed_dim:
+        raise UsageError(f"argument --embed-dim: {source} "
+                         f"{'no --embed-dim' if embed_dim is None else f'--embed-dim {embed_dim}'}; leave --embed-dim out")
     for flag, name in (("pool", "pool"), ("normalize", "norm")):
         value = getattr(args, flag)
         if value is not None and value != getattr(encoder, name):
-            print(f"note: {args.model} was trained with --{flag} {getattr(encoder, name)}; using --{flag} {value}",
-                  file=sys.stderr)
+            print(f"note: {source} --{flag} {getattr(encoder, name)}; using --{flag} {value}", file=sys.stderr)
             setattr(encoder, name, value)
     return encoder
 
@@ -171,14 +188,14 @@ def main(argv=None):
             raise DataError("no sentences given (pass them as arguments or on stdin)")
         tokenizer = load_tokenizer(args.model)
         bert = load_pretrained(args.model)
-        settings = pairs_settings(args.model)
+        config = bert.config  # as the weights have it, before a sentence-transformers folder sets the pooler
         max_len = args.max_len or default_max_len(args.model, bert.config)
         check_fits(tokenizer, bert.config, max_len, args.model)
-        encoder = sentence_encoder(args, bert, settings).to(device)
+        encoder = sentence_encoder(args, bert).to(device)
     except (CheckpointError, DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if note := pooling_note(bert.config, encoder.pool):
+    if note := pooling_note(config, encoder.pool):
         print(note, file=sys.stderr)
     vectors = encoder.encode(sentences, tokenizer, batch_size=args.batch_size, max_len=max_len)
     if args.json:

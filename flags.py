@@ -2,7 +2,8 @@
 
 Reading order: add_freeze_flags, add_feature_store_flags, add_rate_flags,
 add_run_flags (each adds flags to an argparse group, with defaults a script
-may change) -> Renamed, a flag that was renamed -> resolve_auto_rates (--lr auto, --lr-decay auto) ->
+may change) -> Renamed, a flag that was renamed -> resolve_defaults (--lr auto, --lr-decay auto, and
+the sentence flags a sentence-transformers folder gives) ->
 check_flags (what a parser cannot see; UsageError names the flag) ->
 freeze_plan (--freeze and --unfreeze as a freeze.Plan).
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import checkpoint
 import freeze
+import interop
 from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate
 from model import UNPAD
+from model_folder import cross_encoder_note
 from runtime import CheckpointError, UsageError
 
 MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
@@ -111,11 +114,24 @@ def parse(parser, argv):
     return args
 
 
+def resolve_defaults(args, config):
+    """Resolve what depends on the model: --lr and --lr-decay "auto" (resolve_auto_rates) and the sentence
+    flags (sentence_defaults). Returns (the lines that say what was chosen, or None; the model folder's
+    interop.SentenceModules, or None). Call it before the run folder records the flags, so that --resume
+    compares the resolved values."""
+    notes = [note] if (note := resolve_auto_rates(args, config)) else []
+    modules = sentence_defaults(args, config, notes)
+    if getattr(args, "normalize", None) == "l1":
+        notes.append(interop.l1_note("the run folder"))
+    if getattr(args, "encoder", None) == "cross" and (note := cross_encoder_note(config, "the run folder")):
+        notes.append(note)
+    return "\n".join(notes) or None, modules
+
+
 def resolve_auto_rates(args, config):
     """--lr and --lr-decay "auto" -> numbers for this backbone (lr.auto_top_rate, lr.auto_decay);
     returns a line that says what auto chose, or None. The numbers are printed in full, so that
-    passing them back gives the same run (and --resume compares them exactly). Resolve them before
-    the run folder records the flags."""
+    passing them back gives the same run (and --resume compares them exactly)."""
     chose = []
     if args.lr == AUTO:
         args.lr = auto_top_rate(config.hidden_size)
@@ -124,6 +140,43 @@ def resolve_auto_rates(args, config):
         args.lr_decay = auto_decay(config.num_hidden_layers)
         chose.append(f"--lr-decay {args.lr_decay!r} ({config.num_hidden_layers} layers)")
     return "auto rates: " + ", ".join(chose) if chose else None
+
+
+SENTENCE_DEFAULTS = {"pool": "mean", "embed_dim": None, "normalize": "none"}
+
+
+def sentence_defaults(args, config, notes):
+    """The sentence flags a model folder of sentence-transformers gives (interop.read_modules): train.py's
+    --pool, and a bi-encoder's --pool, --embed-dim and --normalize. A flag given wins, and a note (added to
+    notes) says so; a flag left out takes the folder's value, or else SENTENCE_DEFAULTS'. Returns the
+    SentenceModules (whose projection a bi-encoder starts from), or None."""
+    if getattr(args, "encoder", None) == "cross":
+        return None
+    flags = ("pool", "embed_dim", "normalize") if getattr(args, "encoder", None) == "bi" else ("pool",)
+    modules = interop.read_modules(args.model, config.hidden_size)
+    if modules is None:
+        for flag in flags:
+            setattr(args, flag, SENTENCE_DEFAULTS[flag] if getattr(args, flag) is None else getattr(args, flag))
+        return None
+    if args.pool is None and modules.pool == "cls" and modules.pooler is None and config.has_pooler:
+        raise UsageError(f"argument --pool: {modules.path} pools the first token's state as it is, but the weights "
+                         "hold a pooler, which --pool cls reads (dense + tanh); give --pool cls to train with the "
+                         "pooler, or --pool mean or max")
+    shown = {"pool": modules.pool, "embed_dim": modules.embed_dim, "normalize": modules.normalize}
+    taken = []
+    for flag in flags:
+        name = "--" + flag.replace("_", "-")
+        if getattr(args, flag) is None:
+            setattr(args, flag, shown[flag])
+            taken.append(f"{name} {shown[flag]}")
+        elif getattr(args, flag) != shown[flag]:
+            notes.append(f"note: {name} {getattr(args, flag)} given; {modules.path} gives {shown[flag]}: using "
+                         f"{getattr(args, flag)}")
+    left = [f"--{flag.replace('_', '-')} {shown[flag]}" for flag in SENTENCE_DEFAULTS
+            if flag not in flags and shown[flag] not in (None, "none")]
+    notes.append(f"{modules.path}: {modules.describe()}; taken: {', '.join(taken) or 'nothing (flags given)'}"
+                 + (f"; not taken by this script: {', '.join(left)} (give them as flags)" if left else ""))
+    return modules
 
 
 def check_flags(args, rates=(), at_least=()):

@@ -22,6 +22,7 @@ load_pretrained -> save_trained / load_trained (a trained model: the
 encoder in its family's layout, the heads beside it) -> the tokenizer files.
 """
 
+import hashlib
 import io
 import json
 import shutil
@@ -30,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
@@ -267,9 +268,14 @@ def read_weights(model_dir):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
     # A model trained by train.py or pairs.py (save_trained) also holds its heads; they are not BERT's.
-    sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in json.loads((model_dir / "config.json").read_text()))
+    raw = json.loads((model_dir / "config.json").read_text())
+    sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in raw)
+    cross = CROSS_LAYOUT.get(config.model_type, {}) if raw.get("architectures") == [CROSS_ARCHITECTURE.get(
+        config.model_type)] and "pairs" in raw else {}  # a cross-encoder in transformers' layout: theirs -> ours
+    tensors.update(_read_heads(model_dir, path, sections))
     renamed, trained = {}, {}
     for key, tensor in tensors.items():
+        key = next((ours + key[len(theirs):] for theirs, ours in cross.items() if key.startswith(theirs + ".")), key)
         own = key.startswith(sections)  # a trained model's own tensor (a head), kept under its file name
         name = key if own else _plain_name(key, family)
         if name is None:
@@ -295,6 +301,35 @@ def read_weights(model_dir):
     return model, trained
 
 
+def _read_heads(model_dir, model_path, sections):
+    """The tensors of model_dir/heads.safetensors, where save_trained keeps a trained model's heads (folders
+    written before it held them in model.safetensors); they must come from the same save as model_path's."""
+    path = model_dir / HEADS_FILE
+    if not path.exists():
+        return {}
+    try:
+        with safe_open(model_path, "pt") as f:
+            digest = (f.metadata() or {}).get("heads")
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if heads_digest(tensors) != digest:
+        raise CheckpointError(f"{path}: not the heads that {model_path} was saved with (was a save cut short?); "
+                              "continue the run with --resume, or train it again")
+    if stray := [key for key in tensors if not key.startswith(sections)]:
+        raise CheckpointError(f"{path}: unexpected keys: {_list_keys(stray, limit=1)}; it holds only a trained "
+                              f"model's heads, under the name of its settings in config.json")
+    return tensors
+
+
+def heads_digest(tensors):
+    """A short SHA-256 of named tensors: model.safetensors names the heads saved with it."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + tensors[name].to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_pretrained(model_dir, device="cpu", new_heads=False):
     """Build a Bert from model_dir/config.json and copy in model_dir/model.safetensors (read_weights).
 
@@ -308,7 +343,9 @@ def load_pretrained(model_dir, device="cpu", new_heads=False):
     # A sentence projection alone is no head: a pairs.py bi-encoder holds nothing else. On stderr, so
     # that a script's output (JSON) stays as it is.
     if heads and new_heads:
-        projection = " or its sentence projection" if any(n.startswith("encoder.") for n in inner) else ""
+        # A projection that modules.json also holds is the business of the line that reads it (flags.py).
+        projection = " or its sentence projection" if any(n.startswith("encoder.") for n in inner) and not (
+            Path(model_dir) / "modules.json").exists() else ""
         log(f"note: {model_dir} is a trained model; only its encoder is loaded, not its heads ({', '.join(heads)})"
             f"{projection}: a model built on it starts them again from random", file=sys.stderr)
     return bert.to(device)
@@ -317,29 +354,67 @@ def load_pretrained(model_dir, device="cpu", new_heads=False):
 # --- A trained model -----------------------------------------------------------------
 
 TRAINED_SECTIONS = ("multitask", "pairs")  # config.json's settings, and the tensors' prefix, of a trained model
+HEADS_FILE = "heads.safetensors"  # a trained model's heads, beside the encoder that transformers loads
+
+# A pairs.py cross-encoder as transformers' sequence-classification model, which CrossEncoder loads:
+# where our pooler and score head sit there (the encoder under its family's prefix). RoBERTa's
+# classifier is dense + tanh on the first token, then a projection: our pooler, then our head.
+# DistilBERT's has a ReLU where we have none, and a model without a pooler has nothing to map to it:
+# those stay in our own layout (cross_encoder_note).
+CROSS_ARCHITECTURE = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"}
+CROSS_LAYOUT = {"bert": {"bert.pooler.dense": "pooler.dense", "classifier": "pairs.cls_head.out"},
+                "roberta": {"classifier.dense": "pooler.dense", "classifier.out_proj": "pairs.cls_head.out"}}
+
+
+def cross_encoder_note(config, out_dir):
+    """The line a cross-encoder run on this backbone prints when CrossEncoder cannot load it as trained, else None."""
+    if config.model_type in CROSS_LAYOUT and config.has_pooler:
+        return None
+    why = "no pooler" if config.model_type in CROSS_LAYOUT else "a classifier with a ReLU, which ours lacks"
+    return (f"note: transformers' {config.model_type} sequence-classification model has {why}: CrossEncoder cannot "
+            f"load {out_dir} as trained; score pairs with pairs.py (--epochs 0)")
 
 
 def save_trained(model, out_dir, extra=None):
-    """Write out_dir/model.safetensors and config.json, atomically, for a MultiTaskModel or a PairModel.
+    """Write a MultiTaskModel or a PairModel into out_dir, each file atomically: heads.safetensors,
+    model.safetensors and config.json.
 
-    The encoder's tensors and config.json keep the names of its family's
-    plain layout, so load_pretrained (and transformers) read the folder as
-    that model; the rest of the model (heads, projection) sits under the
-    model's SECTION ("multitask." or "pairs."), and config.json holds its
-    settings under the same name.
+    model.safetensors holds the encoder, under the names of its family's
+    plain layout, which load_pretrained and transformers' AutoModel read as
+    that model. The rest (heads, projection) is in heads.safetensors, under
+    the model's SECTION ("multitask." or "pairs."); config.json holds its
+    settings under the same name. A cross-encoder is written in transformers'
+    sequence-classification layout instead (CROSS_LAYOUT), where it can be.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors, bert = {}, model.bert.config
+    bert = model.bert.config
+    kind = model.settings().get("kind")  # a PairModel's: bi or cross
+    cross = {} if kind != "cross" or cross_encoder_note(bert, out_dir) else CROSS_LAYOUT[bert.model_type]
+    theirs = {ours: theirs for theirs, ours in cross.items()}
+    encoder, heads = {}, {}
     for name, tensor in model.state_dict().items():
         inner = name.removeprefix("encoder.bert.")
         tensor = tensor.detach().to("cpu", torch.float32)
         parts = to_checkpoint(inner, tensor, bert.model_type) if inner != name else {f"{model.SECTION}.{name}": tensor}
-        tensors.update((key, t.contiguous()) for key, t in parts.items())
+        for key, t in parts.items():
+            module, _, suffix = key.rpartition(".")
+            if cross:  # the encoder under its prefix, the pooler and head where the layout puts them
+                key = f"{theirs[module]}.{suffix}" if module in theirs else NAMES[bert.model_type].prefix + key
+            (heads if key.startswith(model.SECTION + ".") else encoder)[key] = t.contiguous()
     config = {**config_json(bert), model.SECTION: model.settings(), **(extra or {})}
-    # The weights first: a folder gets its config.json only once its weights are whole, so a write
-    # that fails (a full disk) never leaves a config.json that promises a missing model.safetensors.
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+    if cross:
+        config.update(architectures=[CROSS_ARCHITECTURE[bert.model_type]], id2label={"0": "LABEL_0"},
+                      label2id={"LABEL_0": 0}, classifier_dropout=model.settings()["head_dropout"],
+                      sentence_transformers={"activation_fn": "torch.nn.modules.activation.Sigmoid"})
+    # The heads first, and their digest in model.safetensors: a folder whose save was cut short between
+    # the two files is refused (_read_heads). The weights before config.json: a folder gets its config.json
+    # only once its weights are whole, so a write that fails (a full disk) never leaves a config.json
+    # that promises a missing model.safetensors.
+    if heads:
+        atomic_write(out_dir / HEADS_FILE, lambda tmp: save_file(heads, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({"heads": heads_digest(heads)} if heads else {})}
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(encoder, tmp, metadata=metadata))
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
@@ -370,8 +445,8 @@ def load_trained(model_dir, cls, device="cpu"):
     rest = {name: t for name, t in trained.items() if name.startswith(prefix)}  # under the file's names
     expected = {prefix + name: tuple(t.shape) for name, t in model.state_dict().items()
                 if not name.startswith("encoder.bert.")}
-    check_fit(model_dir / "model.safetensors", model_dir / "config.json",
-              {name: tuple(t.shape) for name, t in rest.items()}, expected)
+    heads_path = model_dir / (HEADS_FILE if (model_dir / HEADS_FILE).exists() else "model.safetensors")
+    check_fit(heads_path, model_dir / "config.json", {name: tuple(t.shape) for name, t in rest.items()}, expected)
     model.load_state_dict({name.removeprefix(prefix): t for name, t in rest.items()}, strict=False)
     return model.to(device)
 
@@ -479,12 +554,21 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "t
                    "special_tokens_map.json")  # what load_tokenizer reads, and what tells transformers how
 
 
-def copy_tokenizer(model_dir, out_dir):
+def copy_tokenizer(model_dir, out_dir, max_len=None):
     """Copy the tokenizer files of a model folder to out_dir (a run folder), so that out_dir is a
-    complete model folder: load_tokenizer, predict.py and embed.py read it as they read model_dir."""
+    complete model folder: load_tokenizer, predict.py and embed.py read it as they read model_dir.
+    max_len: the word pieces the run kept, written as tokenizer_config.json's model_max_length, where
+    transformers' tokenizers (and CrossEncoder with them) cut a text as the run did."""
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).exists():
             atomic_write(Path(out_dir) / name, lambda tmp: shutil.copyfile(Path(model_dir) / name, tmp))
+    if max_len is not None:
+        path = Path(out_dir) / "tokenizer_config.json"
+        settings = json.loads(read_text(path)) if path.exists() else {}
+        if not isinstance(settings, dict):
+            raise DataError(f"{Path(model_dir) / path.name}: expected a JSON object")
+        settings["model_max_length"] = max_len
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
 
 
 def pooling_note(config, pool):

@@ -37,6 +37,7 @@ import checkpoint
 import distributed
 import flags
 import freeze
+import interop
 import run_folder
 from checkpoint import Progress
 from data import Batching, MultiTaskSampler, length_batches, limit_split, load_tokenizer
@@ -88,8 +89,6 @@ def check_args(args):
             raise UsageError(f"argument --{given[0].replace('_', '-')}: only for --encoder bi; the cross-encoder "
                              "scores the pair from its first token")
         args.head_dropout = 0.1 if args.head_dropout is None else args.head_dropout
-    else:
-        args.pool, args.normalize = args.pool or "mean", args.normalize or "none"
     if args.encoder == "bi" and args.head_dropout is not None and not args.resume:  # a resumed run's saved flags
         raise UsageError("argument --head-dropout: only for --encoder cross; the bi-encoder has no head before "
                          "its cosine")  # may hold 0.1, the default of every encoder before
@@ -202,7 +201,8 @@ def set_up(args):
     place = distributed.init(args.device, args.amp)
     tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model, new_heads=True)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
-    if note := flags.resolve_auto_rates(args, bert.config):
+    note, modules = flags.resolve_defaults(args, bert.config)  # --lr auto; a sentence-transformers folder's
+    if note:  # pooling, projection and normalization, as a bi-encoder's defaults
         log(note)
     plan = flags.freeze_plan(args, bert.config, heads)
     folder, saved = run_folder.claim(args, place)
@@ -214,6 +214,8 @@ def set_up(args):
     torch.manual_seed(args.seed)  # the same initial head on every rank
     bert.unpad = args.unpad  # which batches compute only their real tokens (model.Packing)
     model = PairModel(bert, args.encoder, args.pool, args.embed_dim, args.normalize, args.head_dropout)
+    if modules is not None and (note := interop.start_from(model.encoder, modules)):
+        log(note)  # the folder's pooler and projection, where they fit the flags
     model = model.to(place.device)
     if args.encoder == "bi" and (note := pooling_note(bert.config, args.pool)):
         log(note)

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import distributed
+import interop
 from checkpoint import Checkpoint
 from model_folder import copy_tokenizer, save_trained
 from runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, log, os_error_line, write_json
@@ -50,11 +51,15 @@ class RunFolder:
             write_json(self.path / name, data, lines)
 
     def save_model(self, model):
-        """model.safetensors and config.json (model_folder.save_trained), the run's flags under "run", and
-        the pretrained folder's tokenizer files: OUT is a complete model folder (predict.py, embed.py)."""
+        """The model (model_folder.save_trained) with the run's flags under "run" in config.json, the
+        pretrained folder's tokenizer files, and for a sentence vector (train.py's, a bi-encoder's) its
+        sentence-transformers modules (interop.write_modules): OUT is a complete model folder for
+        predict.py and embed.py, and for sentence-transformers and transformers."""
         if self.place.rank == 0:
+            if getattr(model, "kind", None) != "cross":  # train.py's model and a bi-encoder have a sentence vector
+                interop.write_modules(self.path, model.encoder, self.flags["max_len"])
             save_trained(model, self.path, extra={"run": self.flags})
-            copy_tokenizer(self.flags["model"], self.path)
+            copy_tokenizer(self.flags["model"], self.path, self.flags["max_len"])
 
     def save_checkpoint(self, progress, model, optimizer, scaler, fingerprint):
         """Everything --resume needs (checkpoint.Checkpoint). Call it on every rank: each hands in its
@@ -130,7 +135,9 @@ def claim(args, place):
 def contents(out):
     """What a folder holds that a new run must not replace, in words, or "" for a new or empty folder
     (a .lock alone is left by a run that ended, or by another rank of this one)."""
-    names = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    names = [p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock"] if out.is_dir() else []
+    names.sort(key=lambda name: (name[:1].isdigit(), name))  # sentence-transformers' module folders (1_Pooling/)
+    # last: they only repeat, for that library, what the other files hold
     if not names:
         return ""
     if checkpoint.path_in(out).exists() and "summary.json" not in names:

@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="pretrained BERT folder (default: DATA/bert-base-uncased)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<date>-<time>)")
     g = p.add_argument_group("model")
-    g.add_argument("--pool", choices=POOLS, default="mean", help="sentence pooling for the classification head")
+    g.add_argument("--pool", choices=POOLS, help="sentence pooling for the classification head (default: the "
+                   "--model folder's, where sentence-transformers saved it; else mean)")
     g.add_argument("--embed-dim", type=int, default=None, help="project the sentence embedding to this size")
     g.add_argument("--normalize", choices=NORMS, default="none", help="normalize the sentence embedding")
     g.add_argument("--head-dropout", type=float, default=0.1, help="dropout before each head")
@@ -191,8 +192,8 @@ def set_up(args):
     place = distributed.init(args.device, args.amp)  # under torchrun, after joining the process group
     tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model, new_heads=True)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
-    if note := flags.resolve_auto_rates(args, bert.config):
-        log(note)  # before the folder records the flags, so that --resume compares the numbers
+    if note := flags.resolve_defaults(args, bert.config)[0]:  # --lr auto; --pool from a sentence-transformers
+        log(note)  # folder. Before the folder records the flags, so that --resume compares the values
     flags.check_compile(args, bert.config)
     plan = flags.freeze_plan(args, bert.config, tuple(MultiTaskModel.heads.values()))
     folder, saved = run_folder.claim(args, place)  # with --resume, the checkpoint read and checked

@@ -3,6 +3,7 @@
 # one after the other on the same machine. Usage:
 #   scripts/pairs_study.sh MODEL_DIR DATA_DIR OUT_DIR [SEEDS...]
 #   ENCODERS=cross scripts/pairs_study.sh MODEL_DIR DATA_DIR OUT_DIR 3 4     # more seeds of one encoder
+#   REFERENCE=0 scripts/pairs_study.sh MODEL_DIR DATA_DIR OUT_DIR               # pairs.py's runs only
 # DATA_DIR holds stsb/sts-{train,dev}.csv. The reference needs `datasets` and `accelerate` besides
 # sentence-transformers, which are not project dependencies: install them where you run this.
 # scripts/pairs_table.py OUT_DIR turns the outputs into the tables of docs/pairs.md.
@@ -17,6 +18,7 @@ ours() {  # NAME FLAGS...
 }
 reference() {  # NAME FLAGS...
   local name=$1; shift
+  [ "${REFERENCE:-1}" = 0 ] && return 0
   [ -f "$out/$name.json" ] && return 0
   python scripts/st_reference_pairs.py --model "$model" --data "$data/stsb" --out "$out/$name.json" "$@" \
     > "$out/$name.log" 2>&1

@@ -206,7 +206,8 @@ def trained_folder(tmp_path, embed_dim=None):
 
 
 def fit_message(folder, problem):
-    return (f"{folder / 'model.safetensors'}: {problem}; the weights do not fit {folder / 'config.json'} "
+    weights = "heads.safetensors" if problem.split(": ")[1].startswith(("multitask.", "pairs.")) else "model.safetensors"
+    return (f"{folder / weights}: {problem}; the weights do not fit {folder / 'config.json'} "
             "(was it edited, or copied from another model?)")
 
 
@@ -286,7 +287,7 @@ def test_a_run_folder_without_its_model_gets_a_hint_that_fits_a_run(tmp_path, ca
     else:  # the model is saved at the end of the first epoch, its config.json and tokenizer files last
         for path in run.iterdir():
             if path.name != ".lock":
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     if state == "stopped in its first epoch":
         (run / "checkpoint").mkdir()
         (run / "checkpoint" / "checkpoint.safetensors").write_bytes(b"")

@@ -1,0 +1,168 @@
+"""Pictures of runs: training curves, or what each run cost against what it scored, several runs in one picture.
+
+    python scripts/plot_runs.py runs/a runs/b --out curves.png                    # loss per step, scores per epoch
+    python scripts/plot_runs.py runs/freeze-* --view cost --out cost.png          # trainable parameters, train time
+    python scripts/plot_runs.py runs/bi runs/cross --view cost --x search_s --out search.png
+
+A RUN is a folder that train.py or pairs.py wrote. curves reads metrics.jsonl:
+the training loss of each task at every row of interval_losses (one per
+--log-every steps), and each validation score at the end of each epoch. cost
+reads summary.json and the best epoch's validation scores (the zero-shot run
+of pairs.py, which has no epoch, its dev scores), and puts one point per run
+against each --x:
+  params     trainable parameters (log scale)
+  train_s    seconds of training steps
+  search_s   seconds to score --queries queries against --documents documents at
+             the run's measured inference rate: a bi-encoder embeds each text once,
+             a cross-encoder runs every (query, document) pair (docs/pairs.md)
+matplotlib is needed here only (requirements-dev.txt); training never imports it.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SCORES = {"ag_accuracy": "AG accuracy", "ner_f1": "entity F1", "spearman": "STS-B Spearman"}
+X_AXES = {"params": "trainable parameters", "train_s": "training time (s)",
+          "search_s": "time to search (s)"}
+
+
+class RunError(Exception):
+    """A run folder that cannot be drawn; the message names the file."""
+
+
+def read_run(folder):
+    """(metrics.jsonl records, summary.json or None) of a run folder."""
+    folder = Path(folder)
+    records, summary = [], None
+    try:
+        if (folder / "metrics.jsonl").exists():
+            lines = (folder / "metrics.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        if (folder / "summary.json").exists():
+            summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{folder}: a file of the run cannot be read ({e})") from None
+    if not records and summary is None:
+        raise RunError(f"{folder}: neither metrics.jsonl nor summary.json; give folders that train.py or pairs.py wrote")
+    return records, summary
+
+
+def curves(runs, labels, plt):
+    """Left: the training loss per logged step, a line per run and task; right: each score per epoch."""
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (records, _), label in zip(runs, labels):
+        rows = [row for record in records for row in record.get("interval_losses", [])]
+        if not rows:
+            raise RunError(f"{label}: metrics.jsonl has no interval_losses (written by an older version); "
+                           "train it again to draw its loss")
+        for task in [key for key in rows[0] if key != "step"]:
+            points = [(row["step"], row[task]) for row in rows if task in row]
+            losses.plot(*zip(*points), label=f"{label} {task}", linewidth=1.2)
+        for key, name in SCORES.items():
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                scores.plot(*zip(*points), marker="o", label=f"{label} {name}")
+    losses.set(xlabel="step", ylabel="training loss (mean per log row)", title="training loss")
+    scores.set(xlabel="step (end of each epoch)", ylabel="validation score", title="validation")
+    for axes in (losses, scores):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    return figure
+
+
+def best_scores(records, summary, label):
+    """The validation scores of the run's best epoch (summary.json's best_epoch), or the dev scores of a
+    run with no epoch."""
+    best = summary.get("best_epoch") if summary else None
+    record = next((r for r in records if r.get("epoch") == best), None) or (summary or {}).get("dev") or {}
+    found = {key: record[key] for key in SCORES if record.get(key) is not None}
+    if not found:
+        raise RunError(f"{label}: no validation score to draw (metrics.jsonl, summary.json)")
+    return found
+
+
+def x_value(summary, x, label, queries, documents):
+    """One run's cost on the axis x."""
+    if summary is None:
+        raise RunError(f"{label}: no summary.json (an unfinished run): its cost is not known yet")
+    if x == "params":
+        return summary["parameters"]["trainable"]
+    if x == "train_s":
+        return summary["timings_s"]["train"]
+    rate = summary.get("inference", {})
+    if "sentences_per_s" in rate:  # a bi-encoder: each query and each document once
+        return (queries + documents) / rate["sentences_per_s"]
+    if "pairs_per_s" in rate:  # a cross-encoder: every pair
+        return queries * documents / rate["pairs_per_s"]
+    raise RunError(f"{label}: summary.json has no inference rate (only pairs.py's runs have one)")
+
+
+def cost(runs, labels, plt, xs, queries, documents):
+    """One panel per x: a point per run and score, against the run's cost."""
+    figure, panels = plt.subplots(1, len(xs), figsize=(6 * len(xs), 4.5), squeeze=False)
+    for x, axes in zip(xs, panels[0]):
+        for (records, summary), label in zip(runs, labels):
+            where = x_value(summary, x, label, queries, documents)
+            for key, value in best_scores(records, summary, label).items():
+                axes.scatter(where, value, label=f"{label} {SCORES[key]}")
+                axes.annotate(label, (where, value), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        title = X_AXES[x] + (f" ({queries:,} queries x {documents:,} documents)" if x == "search_s" else "")
+        axes.set(xlabel=title, ylabel="validation score (best epoch)", xscale="log" if x != "train_s" else "linear")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    return figure
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Draw runs of train.py or pairs.py into one PNG.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl and summary.json)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--view", choices=("curves", "cost"), default="curves",
+                   help="curves: loss per step and scores per epoch; cost: one point per run against --x")
+    p.add_argument("--x", default="params,train_s", help=f"cost: comma list of {', '.join(X_AXES)}")
+    p.add_argument("--labels", default=None, help="comma list, one per run (default: the folders' names)")
+    p.add_argument("--title", default=None, help="a title over the picture")
+    p.add_argument("--queries", type=int, default=1000, help="search_s: the queries")
+    p.add_argument("--documents", type=int, default=100_000, help="search_s: the documents each query is scored on")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
+    xs = args.x.split(",")
+    try:
+        if len(labels) != len(args.runs):
+            raise RunError(f"argument --labels: {len(labels)} labels for {len(args.runs)} runs")
+        if bad := [x for x in xs if x not in X_AXES]:
+            raise RunError(f"argument --x: {bad[0]} is not one of {', '.join(X_AXES)}")
+        runs = [read_run(run) for run in args.runs]
+        try:
+            import matplotlib
+        except ImportError:
+            raise RunError("matplotlib is not installed: pip install -r requirements-dev.txt") from None
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+        if args.view == "curves":
+            figure = curves(runs, labels, plt)
+        else:
+            figure = cost(runs, labels, plt, xs, args.queries, args.documents)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.title:
+        figure.suptitle(args.title)
+    figure.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    tmp.replace(args.out)  # whole or not at all
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
