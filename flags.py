@@ -165,13 +165,13 @@ def sentence_defaults(args, config, notes):
     shown = {"pool": modules.pool, "embed_dim": modules.embed_dim, "normalize": modules.normalize}
     taken = []
     for flag in flags:
-        name = "--" + flag.replace("_", "-")
-        if getattr(args, flag) is None:
+        name, given = "--" + flag.replace("_", "-"), getattr(args, flag)
+        if given is None:
             setattr(args, flag, shown[flag])
-            taken.append(f"{name} {shown[flag]}")
-        elif getattr(args, flag) != shown[flag]:
-            notes.append(f"note: {name} {getattr(args, flag)} given; {modules.path} gives {shown[flag]}: using "
-                         f"{getattr(args, flag)}")
+            taken += [f"{name} {shown[flag]}"] if shown[flag] is not None else []
+        elif given != shown[flag]:
+            notes.append(f"note: {name} {given} given; {modules.path} gives "
+                         f"{'no projection' if shown[flag] is None else shown[flag]}: using {given}")
     left = [f"--{flag.replace('_', '-')} {shown[flag]}" for flag in SENTENCE_DEFAULTS
             if flag not in flags and shown[flag] not in (None, "none")]
     notes.append(f"{modules.path}: {modules.describe()}; taken: {', '.join(taken) or 'nothing (flags given)'}"

@@ -60,12 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data", help="data folder: reads stsb/sts-{train,dev,test}.csv (test if there)")
     p.add_argument("--model", help="pretrained BERT folder (default: DATA/bert-base-uncased)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<date>-<time>)")
-    g = p.add_argument_group("model")
-    g.add_argument("--pool", choices=POOLS, default=None, help="bi: sentence pooling (default mean)")
-    g.add_argument("--embed-dim", type=int, default=None, help="bi: project the sentence embedding to this size")
-    g.add_argument("--normalize", choices=NORMS, default=None, help="bi: normalize the embedding (default none; "
-                                                                    "the cosine is the same either way)")
-    g.add_argument("--head-dropout", type=float, default=None, help="cross: dropout before the head (default: 0.1)")
+    g = p.add_argument_group("bi-encoder (default: what the --model folder's sentence-transformers modules.json "
+                             "gives, with its projection's weights; else mean, no projection, none)")
+    g.add_argument("--pool", choices=POOLS, default=None, help="sentence pooling")
+    g.add_argument("--embed-dim", type=int, default=None, help="project the sentence embedding to this size")
+    g.add_argument("--normalize", choices=NORMS, default=None, help="normalize the embedding (the cosine is the "
+                                                                    "same either way)")
+    g = p.add_argument_group("cross-encoder")
+    g.add_argument("--head-dropout", type=float, default=None, help="dropout before the head (default: 0.1)")
     g = p.add_argument_group("freezing")
     flags.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head (the cross-encoder's "
                               "head, or the bi-encoder's --embed-dim projection)")

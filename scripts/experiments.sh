@@ -12,7 +12,7 @@ run() {  # NAME FLAGS...
   local name=$1; shift
   [ -f "$out/$name/summary.json" ] && return 0
   [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
-  python train.py --model "$model" --data "$data" --out "$out/$name" --log-every 100 "${before_study[@]}" "$@" \
+  python train.py --model "$model" --data "$data" --out "$out/$name" --log-every 10 "${before_study[@]}" "$@" \
     > "$out/$name.log" 2>&1
 }
 mkdir -p "$out"

@@ -12,6 +12,7 @@ of pairs.py, which has no epoch, its dev scores), and puts one point per run
 against each --x:
   params     trainable parameters (log scale)
   train_s    seconds of training steps
+  total_s    seconds of the whole run: reading the data, a frozen backbone's features, training, evaluation
   search_s   seconds to score --queries queries against --documents documents at
              the run's measured inference rate: a bi-encoder embeds each text once,
              a cross-encoder runs every (query, document) pair (docs/pairs.md)
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 SCORES = {"ag_accuracy": "AG accuracy", "ner_f1": "entity F1", "spearman": "STS-B Spearman"}
-X_AXES = {"params": "trainable parameters", "train_s": "training time (s)",
+X_AXES = {"params": "trainable parameters", "train_s": "training time (s)", "total_s": "whole run (s)",
           "search_s": "time to search (s)"}
 
 
@@ -49,26 +50,31 @@ def read_run(folder):
     return records, summary
 
 
+STYLES = ("-", "--", ":")  # a run's tasks (and scores): one colour per run, one line style per task
+
+
 def curves(runs, labels, plt):
-    """Left: the training loss per logged step, a line per run and task; right: each score per epoch."""
-    figure, (losses, scores) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (records, _), label in zip(runs, labels):
+    """Left: the training loss per logged step, a line per run and task; right: each score per epoch.
+    Each run has a colour, each task (or score) a line style."""
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(12, 6))
+    for n, ((records, _), label) in enumerate(zip(runs, labels)):
+        colour = f"C{n % 10}"
         rows = [row for record in records for row in record.get("interval_losses", [])]
         if not rows:
             raise RunError(f"{label}: metrics.jsonl has no interval_losses (written by an older version); "
                            "train it again to draw its loss")
-        for task in [key for key in rows[0] if key != "step"]:
+        for task, style in zip([key for key in rows[0] if key != "step"], STYLES):
             points = [(row["step"], row[task]) for row in rows if task in row]
-            losses.plot(*zip(*points), label=f"{label} {task}", linewidth=1.2)
-        for key, name in SCORES.items():
+            losses.plot(*zip(*points), color=colour, linestyle=style, label=f"{label} {task}", linewidth=1.2)
+        present = [key for key in SCORES if any(r.get(key) is not None for r in records)]
+        for key, style in zip(present, STYLES):
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                scores.plot(*zip(*points), marker="o", label=f"{label} {name}")
+            scores.plot(*zip(*points), color=colour, linestyle=style, marker="o", label=f"{label} {SCORES[key]}")
     losses.set(xlabel="step", ylabel="training loss (mean per log row)", title="training loss")
     scores.set(xlabel="step (end of each epoch)", ylabel="validation score", title="validation")
     for axes in (losses, scores):
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: no line hidden
     return figure
 
 
@@ -89,8 +95,8 @@ def x_value(summary, x, label, queries, documents):
         raise RunError(f"{label}: no summary.json (an unfinished run): its cost is not known yet")
     if x == "params":
         return summary["parameters"]["trainable"]
-    if x == "train_s":
-        return summary["timings_s"]["train"]
+    if x in ("train_s", "total_s"):
+        return summary["timings_s"][x.removesuffix("_s")]
     rate = summary.get("inference", {})
     if "sentences_per_s" in rate:  # a bi-encoder: each query and each document once
         return (queries + documents) / rate["sentences_per_s"]
@@ -99,19 +105,27 @@ def x_value(summary, x, label, queries, documents):
     raise RunError(f"{label}: summary.json has no inference rate (only pairs.py's runs have one)")
 
 
-def cost(runs, labels, plt, xs, queries, documents):
-    """One panel per x: a point per run and score, against the run's cost."""
+def cost(runs, labels, plt, xs, queries, documents, join=False):
+    """One panel per x: a point per run and score against the run's cost, each score a colour of its own,
+    each point named by its run; join: each score's points joined in order of cost (a series of runs)."""
     figure, panels = plt.subplots(1, len(xs), figsize=(6 * len(xs), 4.5), squeeze=False)
     for x, axes in zip(xs, panels[0]):
+        points = {}  # score -> [(cost, value, run label)]
         for (records, summary), label in zip(runs, labels):
             where = x_value(summary, x, label, queries, documents)
             for key, value in best_scores(records, summary, label).items():
-                axes.scatter(where, value, label=f"{label} {SCORES[key]}")
+                points.setdefault(key, []).append((where, value, label))
+        for key, rows in points.items():
+            rows.sort()
+            axes.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", linestyle=":" if join else "",
+                      label=SCORES[key])
+            for where, value, label in rows:
                 axes.annotate(label, (where, value), fontsize=7, xytext=(4, 4), textcoords="offset points")
         title = X_AXES[x] + (f" ({queries:,} queries x {documents:,} documents)" if x == "search_s" else "")
-        axes.set(xlabel=title, ylabel="validation score (best epoch)", xscale="log" if x != "train_s" else "linear")
+        axes.set(xlabel=title, ylabel="validation score (best epoch)",
+                 xscale="log" if x in ("params", "search_s") else "linear")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=8)
     return figure
 
 
@@ -123,6 +137,8 @@ def parse_args(argv=None):
     p.add_argument("--view", choices=("curves", "cost"), default="curves",
                    help="curves: loss per step and scores per epoch; cost: one point per run against --x")
     p.add_argument("--x", default="params,train_s", help=f"cost: comma list of {', '.join(X_AXES)}")
+    p.add_argument("--join", action="store_true", help="cost: join each score's points in order of cost, for "
+                                                        "runs that form a series (more of one thing)")
     p.add_argument("--labels", default=None, help="comma list, one per run (default: the folders' names)")
     p.add_argument("--title", default=None, help="a title over the picture")
     p.add_argument("--queries", type=int, default=1000, help="search_s: the queries")
@@ -149,7 +165,7 @@ def main(argv=None):
         if args.view == "curves":
             figure = curves(runs, labels, plt)
         else:
-            figure = cost(runs, labels, plt, xs, args.queries, args.documents)
+            figure = cost(runs, labels, plt, xs, args.queries, args.documents, args.join)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,11 +3,12 @@ CrossEncoder's sequence-classification layout, transformers' AutoModel; and fold
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, TINY_PLAIN
+from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
 import embed
@@ -18,7 +19,10 @@ import train
 from data import load_tokenizer
 from model_folder import HEADS_FILE, load_multitask, load_pretrained
 from runtime import CheckpointError
-from sentence_pairs import collate_pairs, encode_pairs, load_pairs, read_stsb
+from sentence_pairs import collate_pairs, encode_pairs, load_pairs
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import st_scores_run  # noqa: E402
 
 SENTENCES = ["A cat sits on a mat.", "A boy rides a bike quickly today.", "Stocks fell in London."]
 PAIRS = [("A cat sits on a mat.", "A cat is sitting."), ("A boy rides a bike.", "The stock market fell.")]
@@ -296,20 +300,19 @@ def test_live_a_bi_encoder_run_in_sentence_transformers(tmp_path, capsys, pool, 
     run = pair_run(tmp_path / "bi", "bi", *extra)
     shown, _ = embed_json(capsys, "--model", run, *SENTENCES)
     assert torch.allclose(st_vectors(run), torch.tensor(shown["embeddings"]), atol=1e-5)
-    # And its dev Spearman, from sentence-transformers' vectors, is the one summary.json holds.
-    dev = read_stsb(DATA / "stsb" / "sts-dev.csv")
-    a, b = st_vectors(run, [p[0] for p in dev]), st_vectors(run, [p[1] for p in dev])
-    from metrics import spearman
-    theirs = spearman(F.cosine_similarity(a, b).numpy(), [p[2] for p in dev])
-    assert theirs == pytest.approx(json.loads((run / "summary.json").read_text())["dev"]["spearman"], abs=1e-6)
+    # And sentence-transformers' own evaluator gives the dev Spearman that summary.json holds.
+    capsys.readouterr()
+    assert st_scores_run.main([str(run), "--data", str(DATA), "--tolerance", "1e-9"]) == 0
+    assert json.loads(capsys.readouterr().out)["sentence_transformers_spearman"] == \
+        json.loads((run / "summary.json").read_text())["dev"]["spearman"]
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_live_a_cross_encoder_run_in_cross_encoder(tmp_path, family):
+def test_live_a_cross_encoder_run_in_cross_encoder(tmp_path, capsys, family):
     st = pytest.importorskip("sentence_transformers", reason="pip install -r requirements-dev.txt")
     run = pair_run(tmp_path / "cross", "cross", model=FIXTURES / f"tiny_{family}_plain")
     config = json.loads((run / "config.json").read_text())
-    assert config["architectures"] == [f"{family.capitalize().replace('Roberta', 'Roberta')}ForSequenceClassification"]
+    assert config["architectures"] == [{"bert": "Bert", "roberta": "Roberta"}[family] + "ForSequenceClassification"]
     pairs_long = PAIRS + [("A man is playing a large flute in the park today.", "A man plays the flute loudly "
                                                                                   "and a crowd listens to him.")]
     theirs = torch.tensor(st.CrossEncoder(str(run), device="cpu").predict(pairs_long))
@@ -319,6 +322,8 @@ def test_live_a_cross_encoder_run_in_cross_encoder(tmp_path, family):
     with torch.no_grad():
         ours = torch.sigmoid(model(collate_pairs(data, list(range(len(pairs_long))), model.bert.config.pad_token_id)))
     assert torch.allclose(ours, theirs, atol=1e-5)
+    capsys.readouterr()
+    assert st_scores_run.main([str(run), "--data", str(DATA), "--tolerance", "1e-9"]) == 0
 
 
 def test_a_distilbert_cross_encoder_says_it_has_no_cross_encoder_layout(tmp_path, capsys):

@@ -40,7 +40,7 @@ def test_two_runs_on_one_picture(runs, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="pip install -r requirements-dev.txt")
     out = tmp_path / "curves.png"
     assert plot_runs.main([str(runs / "a"), str(runs / "b"), "--out", str(out)]) == 0
-    assert png_size(out) == (1320, 495)  # 12 x 4.5 inches at 110 dots per inch
+    assert png_size(out) == (1320, 660)  # 12 x 6 inches at 110 dots per inch
     import matplotlib.pyplot as plt
     figure = plot_runs.curves([plot_runs.read_run(runs / name) for name in "ab"], ["a", "b"], plt)
     losses, scores = figure.axes
@@ -62,6 +62,7 @@ def test_cost_puts_one_point_per_run_against_its_cost(runs, tmp_path):
     assert plot_runs.x_value(bi, "search_s", "bi", 10, 1000) == 1010 / bi["inference"]["sentences_per_s"]
     assert plot_runs.x_value(cross, "search_s", "cross", 10, 1000) == 10_000 / cross["inference"]["pairs_per_s"]
     assert plot_runs.x_value(bi, "params", "bi", 10, 1000) == bi["parameters"]["trainable"]
+    assert plot_runs.x_value(bi, "total_s", "bi", 10, 1000) == bi["timings_s"]["total"]
     records, summary = plot_runs.read_run(runs / "a")
     best = next(r for r in records if r["epoch"] == summary["best_epoch"])
     assert plot_runs.best_scores(records, summary, "a") == {"ag_accuracy": best["ag_accuracy"],
@@ -73,7 +74,7 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {tmp_path}: neither metrics.jsonl nor summary.json; give folders "
                                        "that train.py or pairs.py wrote\n")
     assert plot_runs.main([str(runs / "a"), "--view", "cost", "--x", "speed", "--out", str(tmp_path / "x.png")]) == 2
-    assert capsys.readouterr().err == "error: argument --x: speed is not one of params, train_s, search_s\n"
+    assert capsys.readouterr().err == "error: argument --x: speed is not one of params, train_s, total_s, search_s\n"
     assert not (tmp_path / "x.png").exists()
 
 
