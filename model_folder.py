@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
@@ -272,7 +272,7 @@ def read_weights(model_dir):
     sections = tuple(f"{s}." for s in TRAINED_SECTIONS if s in raw)
     cross = CROSS_LAYOUT.get(config.model_type, {}) if raw.get("architectures") == [CROSS_ARCHITECTURE.get(
         config.model_type)] and "pairs" in raw else {}  # a cross-encoder in transformers' layout: theirs -> ours
-    tensors.update(_read_heads(model_dir, path, sections))
+    tensors.update(_read_heads(model_dir, raw.get("heads_digest"), sections))
     renamed, trained = {}, {}
     for key, tensor in tensors.items():
         key = next((ours + key[len(theirs):] for theirs, ours in cross.items() if key.startswith(theirs + ".")), key)
@@ -301,21 +301,20 @@ def read_weights(model_dir):
     return model, trained
 
 
-def _read_heads(model_dir, model_path, sections):
+def _read_heads(model_dir, digest, sections):
     """The tensors of model_dir/heads.safetensors, where save_trained keeps a trained model's heads (folders
-    written before it held them in model.safetensors); they must come from the same save as model_path's."""
+    written before it held them in model.safetensors); they must be the ones config.json's heads_digest
+    names, which the same save wrote last."""
     path = model_dir / HEADS_FILE
     if not path.exists():
         return {}
     try:
-        with safe_open(model_path, "pt") as f:
-            digest = (f.metadata() or {}).get("heads")
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if heads_digest(tensors) != digest:
-        raise CheckpointError(f"{path}: not the heads that {model_path} was saved with (was a save cut short?); "
-                              "continue the run with --resume, or train it again")
+        raise CheckpointError(f"{path}: not the heads that {model_dir / 'config.json'} was saved with (was a save "
+                              "cut short?); continue the run with --resume, or train it again")
     if stray := [key for key in tensors if not key.startswith(sections)]:
         raise CheckpointError(f"{path}: unexpected keys: {_list_keys(stray, limit=1)}; it holds only a trained "
                               f"model's heads, under the name of its settings in config.json")
@@ -323,7 +322,7 @@ def _read_heads(model_dir, model_path, sections):
 
 
 def heads_digest(tensors):
-    """A short SHA-256 of named tensors: model.safetensors names the heads saved with it."""
+    """A short SHA-256 of named tensors: config.json names the heads saved with it."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode() + tensors[name].to(torch.float32).contiguous().numpy().tobytes())
@@ -407,14 +406,13 @@ def save_trained(model, out_dir, extra=None):
         config.update(architectures=[CROSS_ARCHITECTURE[bert.model_type]], id2label={"0": "LABEL_0"},
                       label2id={"LABEL_0": 0}, classifier_dropout=model.settings()["head_dropout"],
                       sentence_transformers={"activation_fn": "torch.nn.modules.activation.Sigmoid"})
-    # The heads first, and their digest in model.safetensors: a folder whose save was cut short between
-    # the two files is refused (_read_heads). The weights before config.json: a folder gets its config.json
-    # only once its weights are whole, so a write that fails (a full disk) never leaves a config.json
-    # that promises a missing model.safetensors.
+    # The weights before config.json: a folder gets its config.json only once its weights are whole, so
+    # a write that fails (a full disk) never leaves a config.json that promises a missing model.safetensors;
+    # and config.json names the heads it was saved with, so a save cut short after the heads is refused.
     if heads:
-        atomic_write(out_dir / HEADS_FILE, lambda tmp: save_file(heads, tmp, metadata={"format": "pt"}))
-    metadata = {"format": "pt", **({"heads": heads_digest(heads)} if heads else {})}
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(encoder, tmp, metadata=metadata))
+        config["heads_digest"] = heads_digest(heads)
+        atomic_write(out_dir / HEADS_FILE, lambda tmp: save_file(heads, tmp))
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(encoder, tmp))
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
