@@ -23,6 +23,16 @@ def minilm_dir():
     return Path(package.get_model_path())
 
 
+def assert_close(actual, expected, atol=1e-5, what="the result"):
+    """actual == expected to atol (no relative tolerance): on failure, torch's account of the largest
+    difference and where it is, and for small tensors both of them, so that a learner who rewrote the
+    function sees what it should have returned (docs/course.md)."""
+    def message(report):
+        shown = f"\nexpected:\n{expected}\ngot:\n{actual}" if expected.numel() <= 64 else ""
+        return f"{what}: not what it should be.\n{report}{shown}"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=message)
+
+
 def broken_copy(tmp_path, case):
     """A copy of the tiny model with one kind of damage; returns (folder, expected message)."""
     folder = tmp_path / case

@@ -1,11 +1,12 @@
 """The hand-written encoder against transformers.BertModel, and checkpoint loading."""
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
-from conftest import BROKEN, FIXTURES, TINY_LEGACY, TINY_PLAIN, broken_copy
+from conftest import assert_close, BROKEN, FIXTURES, TINY_LEGACY, TINY_PLAIN, broken_copy
 from safetensors.torch import load_file, save_file
 
 from data import load_tokenizer
@@ -46,8 +47,31 @@ def test_matches_golden_reference(folder):
     with torch.no_grad():
         hidden, pooled = model(REFERENCE["input_ids"], REFERENCE["attention_mask"], REFERENCE["token_type_ids"])
     assert REFERENCE["attention_mask"].sum(1).tolist() == [11, 7, 3, 1]  # padded batch
-    assert (hidden - REFERENCE["last_hidden_state"]).abs().max() <= 1e-5
-    assert (pooled - REFERENCE["pooler_output"]).abs().max() <= 1e-5
+    assert_close(hidden, REFERENCE["last_hidden_state"], what="the hidden states (transformers.BertModel's)")
+    assert_close(pooled, REFERENCE["pooler_output"], what="the pooler output (transformers.BertModel's)")
+
+
+def test_attend_is_softmax_attention_over_the_real_keys_only():
+    """SelfAttention.attend (eval): softmax(q k^T / sqrt(head size)) v, where a key that keep masks (padding)
+    gets no weight at all. The expected values are computed here, one query and one key at a time."""
+    attention = load_pretrained(TINY_PLAIN).layers[0].attn.eval()
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # 3 positions, head size 2
+    k = torch.tensor([[1.0, 2.0], [0.5, -1.0], [9.0, 9.0]])  # the third position is padding
+    v = torch.tensor([[1.0, 10.0], [2.0, 20.0], [1000.0, 1000.0]])
+    keep = torch.tensor([True, True, False])
+
+    def by_hand(real):
+        rows = []
+        for qi in q.tolist():
+            scores = [math.exp(sum(a * b for a, b in zip(qi, k[j].tolist())) / math.sqrt(2)) for j in real]
+            rows.append([sum(s * v[j, d].item() for s, j in zip(scores, real)) / sum(scores) for d in range(2)])
+        return torch.tensor(rows)
+
+    with torch.no_grad():
+        masked = attention.attend(q[None, None], k[None, None], v[None, None], keep.view(1, 1, 1, 3))[0, 0]
+        unmasked = attention.attend(q[None, None], k[None, None], v[None, None], None)[0, 0]
+    assert_close(masked, by_hand([0, 1]), what="attend(q, k, v, keep) with the third key masked")
+    assert_close(unmasked, by_hand([0, 1, 2]), atol=1e-3, what="attend(q, k, v, None): every key counts")
 
 
 def test_token_types_matter():

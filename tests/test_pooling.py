@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, TINY_PLAIN
+from conftest import FIXTURES, TINY_PLAIN, assert_close
 from safetensors import safe_open
 
 from data import load_tokenizer
@@ -45,7 +45,8 @@ def test_max_ignores_padding_even_when_padding_is_largest(tiny):
     input_ids, mask = batch()
     hidden, pooled = tiny(input_ids, mask)
     poisoned = hidden.masked_fill(mask[:, :, None] == 0, 1e4)  # padding would win any unmasked max
-    assert torch.equal(pool_tokens(poisoned, pooled, mask, "max"), pool_tokens(hidden, pooled, mask, "max"))
+    assert_close(pool_tokens(poisoned, pooled, mask, "max"), pool_tokens(hidden, pooled, mask, "max"), atol=0,
+                 what="max pooling with the padding set to 1e4 (padding must never win)")
     assert pool_tokens(poisoned, pooled, mask, "max").max() < 1e3
 
 
@@ -59,7 +60,7 @@ def test_appending_padding_changes_nothing(tiny, pool):
     with torch.no_grad():
         short, long = encoder(input_ids, mask), encoder(longer_ids, longer_mask)
     # Not bit-equal: a longer row changes how the attention kernel sums in fp32.
-    assert (short - long).abs().max() <= 1e-5
+    assert_close(long, short, what=f"{pool} pooling of the same rows with 5 more padding positions")
 
 
 def test_cls_is_the_pooler_output(tiny):
@@ -69,7 +70,7 @@ def test_cls_is_the_pooler_output(tiny):
         out = SentenceEncoder(tiny, "cls")(input_ids, mask)
         by_hand = torch.tanh(hidden[:, 0] @ tiny.pooler.weight.T + tiny.pooler.bias)
     assert torch.equal(out, pooled)
-    assert (out - by_hand).abs().max() <= 1e-6
+    assert_close(out, by_hand, atol=1e-6, what="cls pooling: tanh(pooler(first token's state))")
 
 
 def test_projection_then_normalization(tiny):
@@ -86,16 +87,18 @@ def test_projection_then_normalization(tiny):
         projected = encoder.project(mean)
     expected = projected[:2] / projected[:2].norm(dim=1, keepdim=True)
     assert out.shape == (3, 8) and encoder.embed_dim == 8
-    assert (out[:2] - expected).abs().max() <= 1e-6
+    assert_close(out[:2], expected, atol=1e-6, what="mean pooling, then the projection, then L2")
     # The all-padding row pools to zeros; the projection adds its bias, then L2 scales it.
     bias = encoder.project.bias
-    assert (out[2] - bias / bias.norm()).abs().max() <= 1e-6
+    assert_close(out[2], bias / bias.norm(), atol=1e-6, what="an all-padding row: zeros, projected, then L2")
 
 
 def test_normalize_values():
     x = torch.tensor([[3.0, -4.0], [0.0, 0.0], [1.0, 1.0]])
-    assert torch.allclose(normalize_rows(x, "l2"), torch.tensor([[0.6, -0.8], [0.0, 0.0], [2 ** -0.5, 2 ** -0.5]]))
-    assert torch.allclose(normalize_rows(x, "l1"), torch.tensor([[3 / 7, -4 / 7], [0.0, 0.0], [0.5, 0.5]]))
+    assert_close(normalize_rows(x, "l2"), torch.tensor([[0.6, -0.8], [0.0, 0.0], [2 ** -0.5, 2 ** -0.5]]),
+                 what="normalize_rows(x, 'l2')")
+    assert_close(normalize_rows(x, "l1"), torch.tensor([[3 / 7, -4 / 7], [0.0, 0.0], [0.5, 0.5]]),
+                 what="normalize_rows(x, 'l1')")
     assert torch.equal(normalize_rows(x, "none"), x)
 
 
