@@ -371,7 +371,7 @@ def cross_encoder_note(config, out_dir):
         return None
     why = "no pooler" if config.model_type in CROSS_LAYOUT else "a classifier with a ReLU, which ours lacks"
     return (f"note: transformers' {config.model_type} sequence-classification model has {why}: CrossEncoder cannot "
-            f"load {out_dir} as trained; score pairs with pairs.py (--epochs 0)")
+            f"load {out_dir} as trained; sentence_pairs.load_pairs reads it")
 
 
 def save_trained(model, out_dir, extra=None):
