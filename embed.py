@@ -22,7 +22,7 @@ import torch
 import interop
 from data import load_tokenizer
 from model import NORMS, POOLS, SentenceEncoder
-from model_folder import check_fits, load_multitask, load_pretrained, pooling_note, trained_settings
+from model_folder import check_fits, load_multitask, load_pretrained, pooling_note, read_config, trained_settings
 from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
                      pick_device)
 from sentence_pairs import load_pairs
@@ -146,26 +146,27 @@ def pairs_settings(model_dir):
     return settings
 
 
-def folder_encoder(model_dir, bert):
-    """The sentence vector model_dir holds, and the words that say where it comes from; (None, None) for a
-    plain BERT folder. A bi-encoder of pairs.py and a run of train.py hold their own pooling, projection
-    and normalization (config.json); a sentence-transformers folder holds its modules.json (interop.py)."""
+def sentence_encoder(args):
+    """The SentenceEncoder the flags ask for, its weights read once, and the BertConfig as those weights have
+    it (a sentence-transformers folder may set or remove the pooler). A folder with a sentence vector of its
+    own gives it: a bi-encoder of pairs.py and a run of train.py (config.json), a sentence-transformers folder
+    (its modules.json, interop.py); --pool and --normalize change it, and a note says so. A plain BERT folder
+    gets the flags' vector."""
+    model_dir = args.model
+    read_config(Path(model_dir) / "config.json")  # a bad config.json is named first, before its settings are read
     if pairs_settings(model_dir) is not None:
-        return load_pairs(model_dir).encoder, f"{model_dir} is a bi-encoder trained with"
-    if trained_settings(model_dir, "multitask") is not None:
-        return load_multitask(model_dir).encoder, f"{model_dir} is a train.py run trained with"
-    modules = interop.read_modules(model_dir, bert.config.hidden_size)
-    if modules is not None:
-        return modules.encoder(bert), f"{modules.path} gives"
-    return None, None
-
-
-def sentence_encoder(args, bert):
-    """The SentenceEncoder the flags ask for: the folder's own sentence vector (folder_encoder), where it has
-    one, with --pool and --normalize changing it (a note says so); else the flags' on the plain BERT."""
-    encoder, source = folder_encoder(args.model, bert)
-    if encoder is None:
-        return SentenceEncoder(bert, args.pool or "mean", args.embed_dim, args.normalize or "none")
+        encoder, source = load_pairs(model_dir).encoder, f"{model_dir} is a bi-encoder trained with"
+        config = encoder.bert.config
+    elif trained_settings(model_dir, "multitask") is not None:
+        encoder, source = load_multitask(model_dir).encoder, f"{model_dir} is a train.py run trained with"
+        config = encoder.bert.config
+    else:
+        bert = load_pretrained(model_dir)
+        config = bert.config  # before a sentence-transformers folder sets or removes the pooler
+        modules = interop.read_modules(model_dir, config.hidden_size)
+        if modules is None:
+            return SentenceEncoder(bert, args.pool or "mean", args.embed_dim, args.normalize or "none"), config
+        encoder, source = modules.encoder(bert), f"{modules.path} gives"
     embed_dim = None if encoder.project is None else encoder.embed_dim
     if args.embed_dim is not None and args.embed_dim != embed_dim:
         raise UsageError(f"argument --embed-dim: {source} "
@@ -175,7 +176,7 @@ def sentence_encoder(args, bert):
         if value is not None and value != getattr(encoder, name):
             print(f"note: {source} --{flag} {getattr(encoder, name)}; using --{flag} {value}", file=sys.stderr)
             setattr(encoder, name, value)
-    return encoder
+    return encoder, config
 
 
 def main(argv=None):
@@ -187,11 +188,10 @@ def main(argv=None):
         if not sentences:
             raise DataError("no sentences given (pass them as arguments or on stdin)")
         tokenizer = load_tokenizer(args.model)
-        bert = load_pretrained(args.model)
-        config = bert.config  # as the weights have it, before a sentence-transformers folder sets the pooler
-        max_len = args.max_len or default_max_len(args.model, bert.config)
-        check_fits(tokenizer, bert.config, max_len, args.model)
-        encoder = sentence_encoder(args, bert).to(device)
+        encoder, config = sentence_encoder(args)
+        max_len = args.max_len or default_max_len(args.model, config)
+        check_fits(tokenizer, config, max_len, args.model)
+        encoder = encoder.to(device)
     except (CheckpointError, DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

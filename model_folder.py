@@ -22,7 +22,6 @@ load_pretrained -> save_trained / load_trained (a trained model: the
 encoder in its family's layout, the heads beside it) -> the tokenizer files.
 """
 
-import hashlib
 import io
 import json
 import shutil
@@ -312,21 +311,13 @@ def _read_heads(model_dir, digest, sections):
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if heads_digest(tensors) != digest:
+    if checkpoint.checksum(tensors, {}) != digest:
         raise CheckpointError(f"{path}: not the heads that {model_dir / 'config.json'} was saved with (was a save "
                               "cut short?); continue the run with --resume, or train it again")
     if stray := [key for key in tensors if not key.startswith(sections)]:
         raise CheckpointError(f"{path}: unexpected keys: {_list_keys(stray, limit=1)}; it holds only a trained "
                               f"model's heads, under the name of its settings in config.json")
     return tensors
-
-
-def heads_digest(tensors):
-    """A short SHA-256 of named tensors: config.json names the heads saved with it."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode() + tensors[name].to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def load_pretrained(model_dir, device="cpu", new_heads=False):
@@ -365,9 +356,15 @@ CROSS_LAYOUT = {"bert": {"bert.pooler.dense": "pooler.dense", "classifier": "pai
                 "roberta": {"classifier.dense": "pooler.dense", "classifier.out_proj": "pairs.cls_head.out"}}
 
 
+def cross_layout(config):
+    """Where transformers' sequence-classification model of this backbone keeps our pooler and score head
+    (CROSS_LAYOUT's entry), or None where it has no place for them."""
+    return CROSS_LAYOUT[config.model_type] if config.model_type in CROSS_LAYOUT and config.has_pooler else None
+
+
 def cross_encoder_note(config, out_dir):
     """The line a cross-encoder run on this backbone prints when CrossEncoder cannot load it as trained, else None."""
-    if config.model_type in CROSS_LAYOUT and config.has_pooler:
+    if cross_layout(config):
         return None
     why = "no pooler" if config.model_type in CROSS_LAYOUT else "a classifier with a ReLU, which ours lacks"
     return (f"note: transformers' {config.model_type} sequence-classification model has {why}: CrossEncoder cannot "
@@ -389,7 +386,7 @@ def save_trained(model, out_dir, extra=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     bert = model.bert.config
     kind = model.settings().get("kind")  # a PairModel's: bi or cross
-    cross = {} if kind != "cross" or cross_encoder_note(bert, out_dir) else CROSS_LAYOUT[bert.model_type]
+    cross = (cross_layout(bert) if kind == "cross" else None) or {}
     theirs = {ours: theirs for theirs, ours in cross.items()}
     encoder, heads = {}, {}
     for name, tensor in model.state_dict().items():
@@ -410,7 +407,7 @@ def save_trained(model, out_dir, extra=None):
     # a write that fails (a full disk) never leaves a config.json that promises a missing model.safetensors;
     # and config.json names the heads it was saved with, so a save cut short after the heads is refused.
     if heads:
-        config["heads_digest"] = heads_digest(heads)
+        config["heads_digest"] = checkpoint.checksum(heads, {})  # sha256 of names, dtypes, shapes and bytes
         atomic_write(out_dir / HEADS_FILE, lambda tmp: save_file(heads, tmp))
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(encoder, tmp))
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))

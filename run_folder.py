@@ -56,7 +56,7 @@ class RunFolder:
         sentence-transformers modules (interop.write_modules): OUT is a complete model folder for
         predict.py and embed.py, and for sentence-transformers and transformers."""
         if self.place.rank == 0:
-            if getattr(model, "kind", None) != "cross":  # train.py's model and a bi-encoder have a sentence vector
+            if model.settings().get("kind") != "cross":  # train.py's model and a bi-encoder have a sentence vector
                 interop.write_modules(self.path, model.encoder, self.flags["max_len"])
             save_trained(model, self.path, extra={"run": self.flags})
             copy_tokenizer(self.flags["model"], self.path, self.flags["max_len"])
