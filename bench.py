@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from data import MultiTaskSampler, collate, encode_file, load_tokenizer
+from tasks import SEED_TASKS, TASKS
 from model import UNPAD, Bert, BertConfig, Head, MultiTaskModel, SentenceEncoder
 from model_folder import config_json, load_pretrained
 from runtime import CheckpointError, DataError, HelpFormatter, Place, UsageError, exit_status_of, pick_device
@@ -69,15 +70,15 @@ class TransformersModel(torch.nn.Module):
             pooler = {} if config.model_type == "distilbert" else {"add_pooling_layer": config.has_pooler}
             bert = transformers.AutoModel.from_config(hf_config, **pooler)
         self.bert = bert
-        self.cls_head = Head(config.hidden_size, 4)
-        self.ner_head = Head(config.hidden_size, 9)
+        self.heads = torch.nn.ModuleDict({name: Head(config.hidden_size, len(TASKS[name].labels))
+                                          for name in SEED_TASKS})
 
     def forward(self, input_ids, attention_mask, task):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if task == "ag":
+        if TASKS[task].level == "sentence":
             keep = attention_mask[:, :, None].to(hidden.dtype)
-            return self.cls_head((hidden * keep).sum(1) / keep.sum(1).clamp(min=1))
-        return self.ner_head(hidden)
+            return self.heads[task]((hidden * keep).sum(1) / keep.sum(1).clamp(min=1))
+        return self.heads[task](hidden)
 
 
 def make_batch(config, batch_size, seq_len, device):
@@ -91,7 +92,8 @@ def make_batch(config, batch_size, seq_len, device):
     classes = torch.randint(0, 4, (batch_size,), generator=g)
     input_ids, mask, tags, classes = (t.to(device) for t in (input_ids.masked_fill(mask == 0, config.pad_token_id),
                                                               mask, tags, classes))
-    return [("ag", input_ids, mask, classes), ("ner", input_ids, mask, tags)]
+    sentence, word = SEED_TASKS  # a label per text, a tag per word
+    return [(sentence, input_ids, mask, classes), (word, input_ids, mask, tags)]
 
 
 def real_batches(args, config, device):
@@ -99,8 +101,8 @@ def real_batches(args, config, device):
     warmup + steps of each: the first batches of a train.py epoch (in shuffled order, so an unbiased
     draw) with --group-window 0 and 50."""
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    task = "ner" if args.lengths.endswith(".txt") else "ag"
-    part = encode_file(args.lengths, task, tokenizer, args.seq_len)  # a CoNLL file, or an AG News CSV
+    task = SEED_TASKS[1] if args.lengths.endswith(".txt") else SEED_TASKS[0]  # a CoNLL file, or an AG News CSV
+    part = encode_file(args.lengths, TASKS[task], tokenizer, args.seq_len)
     out = {}
     for name, window in (("random", 0), ("grouped", 50)):
         batches = MultiTaskSampler({task: part.lengths()}, args.batch_size, 0, window).epoch(0)
@@ -128,7 +130,7 @@ def make_step(model, batches, device, dtype, freeze):
         count[0] += 1
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(input_ids, mask, task)
-        if task == "ag":
+        if TASKS[task].level == "sentence":
             loss = F.cross_entropy(logits.float(), labels)
         else:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -186,12 +186,14 @@ RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache"
 # Folders: compared by check_fingerprint, as resolved paths and by their contents, not as the text given.
 FOLDER_FLAGS = {"data", "model"}
 # Flags added after checkpoints were already written: a checkpoint without one ran as this value does.
-ADDED_FLAGS = {"loss_norm": "batch", "ag_valid_fraction": 0.05}
+ADDED_FLAGS = {"loss_norm": "batch", "valid_fraction": 0.05, "tasks": "ag,ner", "task_lr": {}, "sampling": "min",
+               "loss_weight": {}}
+RENAMED_FLAGS = {"ag_valid_fraction": "valid_fraction"}  # a checkpoint's flag under its former name -> its name now
 
 
 def check_resume(path, progress, flags, world_size):
     """--resume continues the same run: the flags that shape it, and the number of processes, must be unchanged."""
-    saved = {**ADDED_FLAGS, **progress.flags}
+    saved = {**ADDED_FLAGS, **{RENAMED_FLAGS.get(k, k): v for k, v in progress.flags.items()}}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in flags.items()
                if k not in RESUME_MAY_CHANGE | FOLDER_FLAGS and saved.get(k) != v]
     if changed:

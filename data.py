@@ -1,14 +1,12 @@
-"""Text in, batches out: AG News and CoNLL-2003, the shared tokenizer, padding, and the multi-task sampler.
+"""Text in, batches out: every task of the table (tasks.py), the shared tokenizer, padding, the sampler.
 
-Reading order:
-  files    read_ag_news (AG News CSV, cleaned) and read_conll (CoNLL-2003, IOB2)
-  tokens   load_tokenizer, then encode_classification / encode_ner; NER labels
-           sit on the first word piece of each word, and word_tags maps
-           per-piece predictions back to one tag per word
+Reading order (a task's files are read into examples by readers.py):
+  tokens   load_tokenizer, then encode: a word's tag sits on its first word
+           piece, and word_tags maps per-piece predictions back to words
   batches  collate pads one batch of one task; MultiTaskSampler decides which
-           examples go together, with the same number per task each epoch;
+           examples go together and how many of each task an epoch takes;
            length_batches walks a whole split (evaluation, features)
-  splits   load_splits reads, tokenizes and splits all of it (tokenized files
+  splits   load_splits reads, tokenizes and splits every task (tokenized files
            are kept in the data cache, data_cache.py)
 
 BERT's tokenizer (Devlin et al., 2019; Wu et al., 2016 for WordPiece) runs in
@@ -22,12 +20,9 @@ sentence pairs are read in sentence_pairs.py; `python data.py` prints a
 summary of every split (data_summary.py).
 """
 
-import csv
-import io
 import itertools
-import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,84 +30,11 @@ import torch
 
 import data_cache
 from model_folder import byte_level, read_tokenizer
-from runtime import DataError, Report, exit_status_of, read_text
+from readers import read_examples
+from runtime import DataError, Report, exit_status_of
+from tasks import SEED_TASKS, TASKS, Task
 
-AG_CLASSES = ("World", "Sports", "Business", "Sci/Tech")  # label = AG class - 1
-NER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
-NER_ID = {tag: i for i, tag in enumerate(NER_TAGS)}
-IGNORE_INDEX = -100  # label of pieces the NER loss skips; PyTorch's cross_entropy default
-
-
-# --- Reading the files -----------------------------------------------------------
-
-# AG News was scraped from HTML and stored with some damage. The `&` of HTML
-# entities was lost (leaving " #39;" for an apostrophe), "$" was escaped as
-# "\$", and line breaks inside a description became a lone backslash.
-_AG_ENTITIES = {"#39": "'", "quot": '"', "amp": "&", "#36": "$"}
-_AG_ENTITY = re.compile(r" ?(?<![\w&])(#39|quot|amp|#36);")  # not inside a word ("camp;"), not "&amp;"
-
-
-def clean_ag_text(text):
-    """Undo the AG News artefacts above, then collapse runs of spaces."""
-    text = text.replace("\\$", "$")
-    text = re.sub(r"\\+", " ", text)  # a backslash line join: "on\Wednesday" -> "on Wednesday"
-    text = _AG_ENTITY.sub(lambda m: _AG_ENTITIES[m.group(1)], text)
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def read_ag_news(path):
-    """AG News CSV rows (class 1-4, title, description) -> [(title + " " + description, class - 1)]."""
-    rows = []
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
-    try:
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if len(row) != 3:
-                raise DataError(f"{where}: expected 3 columns (class, title, description), found {len(row)}")
-            label, title, description = row
-            if label not in ("1", "2", "3", "4"):
-                raise DataError(f"{where}: class must be 1, 2, 3 or 4, found {label!r}")
-            rows.append((clean_ag_text(f"{title} {description}"), int(label) - 1))
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-    return rows
-
-
-def to_iob2(tags):
-    """IOB1 -> IOB2: an entity that starts with I- (after O or another type) starts with B- instead.
-
-    IOB1 uses B- only between two adjacent entities of one type; IOB2 opens
-    every entity with B-. Tags already in IOB2 come back unchanged.
-    """
-    out = []
-    for i, tag in enumerate(tags):
-        if tag.startswith("I-") and (i == 0 or tags[i - 1] == "O" or tags[i - 1][2:] != tag[2:]):
-            tag = "B-" + tag[2:]
-        out.append(tag)
-    return out
-
-
-def read_conll(path):
-    """CoNLL-2003 ("word POS chunk NER" per line, blank line between sentences) -> [(words, IOB2 tags)]."""
-    sentences, words, tags = [], [], []
-    lines = read_text(path).split("\n")
-    for number, line in enumerate(lines + [""], start=1):
-        columns = line.split()
-        if not columns or columns[0] == "-DOCSTART-":
-            if words:
-                sentences.append((words, to_iob2(tags)))
-            words, tags = [], []
-            continue
-        if len(columns) < 2:
-            raise DataError(f"{path}:{number}: expected columns 'word POS chunk NER', found {len(columns)}")
-        tag = columns[-1]
-        if tag not in NER_ID:
-            raise DataError(f"{path}:{number}: unknown NER tag {tag!r} (expected one of {', '.join(NER_TAGS)})")
-        words.append(columns[0])
-        tags.append(tag)
-    if not sentences:
-        raise DataError(f"{path}: no sentences (only blank or -DOCSTART- lines)")
-    return sentences
+IGNORE_INDEX = -100  # label of the word pieces the loss skips (all but each word's first)
 
 
 def split_off(n, fraction, seed):
@@ -139,14 +61,14 @@ def load_tokenizer(model_dir):
 @dataclass
 class TaskData:
     """One split of one task, tokenized: example i is input_ids[i] with labels[i]."""
-    task: str  # "ag" (classification) or "ner"
+    task: Task  # its row of the task table, with its labels resolved
     input_ids: list  # per example: [CLS] pieces [SEP], at most max_len ids
-    labels: list  # ag: one class id per example; ner: one tag id per piece, IGNORE_INDEX off first pieces
+    labels: list  # a label id per example, or (word level) a tag id per piece, IGNORE_INDEX off first pieces
     truncated: list  # per example: True if it was cut at max_len
-    word_tags: list = None  # ner: the gold IOB2 tag of every word, cut-off words included
-    first_piece: list = None  # ner: per word, the position of its first piece; -1 if none is left
+    word_tags: list = None  # word level: the gold tag of every word, cut-off words included
+    first_piece: list = None  # word level: each word's first piece, or -1 if none is left
     source: str = None  # a fingerprint of the file and tokenization it came from (encode_file)
-    rows: list = None  # per example, its row (ag) or sentence (ner) number in that file
+    rows: list = None  # per example, its row or sentence number in that file
 
     def __len__(self):
         return len(self.input_ids)
@@ -179,62 +101,56 @@ def _encode(tokenizer, inputs, max_len, pretokenized=False, report=None, chunk=4
     return encodings
 
 
-def encode_classification(rows, tokenizer, max_len, report=None):
-    """[(text, label)] -> TaskData of [CLS] text [SEP]."""
-    encodings = _encode(tokenizer, [text for text, _ in rows], max_len, report=report)
-    return TaskData("ag", [e.ids for e in encodings], [label for _, label in rows],
-                    [bool(e.overflowing) for e in encodings])
-
-
-def encode_ner(sentences, tokenizer, max_len, report=None):
-    """[(words, tags)] -> TaskData with each word's tag on its first piece and IGNORE_INDEX elsewhere.
-
-    A byte-level BPE tokenizer gives every word after the first its leading-space
-    form ("Ġcat"), as the words get in running text; given alone, each word
-    would be tokenized as if it began the text.
-    """
+def encode(examples, task, tokenizer, max_len, report=None):
+    """A task's examples (read_examples: labels by name) -> TaskData, by the task's level."""
+    label_id = {label: i for i, label in enumerate(task.labels)}
+    if task.level == "sentence":  # [CLS] text [SEP], one label
+        encodings = _encode(tokenizer, [text for text, _ in examples], max_len, report=report)
+        labels = [label_id[label] for _, label in examples]
+        return TaskData(task, [e.ids for e in encodings], labels, [bool(e.overflowing) for e in encodings])
+    # Word level: each word's tag on its first piece, IGNORE_INDEX elsewhere. A byte-level BPE
+    # tokenizer gives every word after the first its leading-space form ("Ġcat"), as the words get
+    # in running text; given alone, each word would be tokenized as if it began the text.
     spaced = byte_level(tokenizer)
-    inputs = [[w if i == 0 or not spaced else " " + w for i, w in enumerate(words)] for words, _ in sentences]
+    inputs = [[w if i == 0 or not spaced else " " + w for i, w in enumerate(ws)] for ws, _ in examples]
     encodings = _encode(tokenizer, inputs, max_len, pretokenized=True, report=report)
     labels, first_pieces = [], []
-    for (words, tags), encoding in zip(sentences, encodings):
+    for (words, tags), encoding in zip(examples, encodings):
         piece_labels = [IGNORE_INDEX] * len(encoding.ids)
         first = [-1] * len(words)
         for position, word in enumerate(encoding.word_ids):  # word is None for [CLS] and [SEP]
             if word is not None and first[word] == -1:
                 first[word] = position
-                piece_labels[position] = NER_ID[tags[word]]
+                piece_labels[position] = label_id[tags[word]]
         labels.append(piece_labels)
         first_pieces.append(first)
-    return TaskData("ner", [e.ids for e in encodings], labels, [bool(e.overflowing) for e in encodings],
-                    [tags for _, tags in sentences], first_pieces)
+    truncated = [bool(e.overflowing) for e in encodings]
+    return TaskData(task, [e.ids for e in encodings], labels, truncated, [t for _, t in examples], first_pieces)
 
 
-def word_tags(piece_tag_ids, first_piece):
-    """Per-piece predicted tag ids -> one IOB2 tag per word, read at each word's first piece.
-
-    A word with no piece left (cut at max_len) is tagged O, so entity F1 is
-    still computed over every word of the sentence, as conlleval does.
-    """
-    return [NER_TAGS[piece_tag_ids[p]] if p >= 0 else "O" for p in first_piece]
+def word_tags(piece_tag_ids, first_piece, tags):
+    """Per-piece predicted tag ids -> one tag per word (tags: the task's labels), read at each word's
+    first piece. A word with no piece left (cut at max_len) is tagged O, so a sentence is still scored
+    over all its words, as conlleval does: outside any entity, and wrong for a tag set without O."""
+    return [tags[piece_tag_ids[p]] if p >= 0 else "O" for p in first_piece]
 
 
 def encode_file(path, task, tokenizer, max_len, cache_dir=None):
-    """Read and tokenize one file, or take it from the data cache in cache_dir (data_cache.py).
+    """Read and tokenize a file of a task, or take it from the data cache in cache_dir (data_cache.py).
 
-    The result's `source` fingerprints the file's bytes, the tokenizer and
-    max_len (the checkpoint and the frozen-backbone features are keyed by it).
+    The result's `source` fingerprints the file's bytes, how the task reads
+    it, the tokenizer and max_len (the checkpoint and the frozen-backbone
+    features are keyed by it).
     """
     path = Path(path)
-    key = data_cache.key(path, tokenizer, max_len) if path.exists() else None
-    cached = data_cache.load(cache_dir, path, key, NER_TAGS)  # a TaskData's fields, or None
+    key = data_cache.key(path, tokenizer, max_len, task) if path.exists() else None
+    cached = data_cache.load(cache_dir, path, key, task)  # a TaskData's fields, or None
     if cached is not None:
-        return _with_source(TaskData(**cached), key)
-    examples = read_ag_news(path) if task == "ag" else read_conll(path)  # a missing file raises its error here
+        return _with_source(TaskData(task, **cached), key)
+    examples = read_examples(path, task)  # a missing file raises its error here
     report = Report(f"tokenizing {path.parent.name}/{path.name}", len(examples))
-    encode = encode_classification if task == "ag" else encode_ner
-    data = _with_source(encode(examples, tokenizer, max_len, report), key)
-    data_cache.save(cache_dir, path, key, data, NER_TAGS)
+    data = _with_source(encode(examples, task, tokenizer, max_len, report), key)
+    data_cache.save(cache_dir, path, key, data)
     return data
 
 
@@ -250,17 +166,17 @@ def collate(data, indices, pad_id=0, multiple=1):
 
     With multiple > 1 the width is rounded up to a multiple of it, so that
     batches come in few shapes (torch.compile compiles once per shape).
-    Returns the task name, input_ids and attention_mask (B, T), and labels:
-    (B,) class ids for ag, (B, T) tag ids for ner with IGNORE_INDEX on padding.
+    Returns the task's name, input_ids and attention_mask (B, T), and labels: (B,) label ids
+    (sentence level), or (B, T) tag ids (word level) with IGNORE_INDEX on padding.
     """
     input_ids, attention_mask = pad([data.input_ids[i] for i in indices], pad_id, multiple)
-    if data.task == "ner":
+    if data.task.level == "word":
         labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
         for row, i in enumerate(indices):
             labels[row, :len(data.labels[i])] = data.labels[i]
     else:
         labels = np.array([data.labels[i] for i in indices], dtype=np.int64)
-    return {"task": data.task, "input_ids": input_ids, "attention_mask": attention_mask,
+    return {"task": data.task.name, "input_ids": input_ids, "attention_mask": attention_mask,
             "labels": torch.from_numpy(labels)}
 
 
@@ -293,12 +209,24 @@ class Batching:
     multiple: int = 1  # 8 under --compile, so that batches come in few shapes
 
 
+SAMPLING = ("min", "proportional", "temperature:T", "annealed")  # train.py --sampling
+
+
 class MultiTaskSampler:
     """Which examples form each batch, epoch by epoch, for several tasks at once.
 
-    - Every epoch takes n = min(task sizes) examples from each task. The
-      larger task walks through shuffled passes of all its examples, n at a
-      time, so consecutive epochs see different examples and all are used.
+    - How many examples each task gives an epoch (sampling, counts()). Every
+      rule draws the same number in all, tasks x n with n = the smallest
+      task's size, so that rules compare at the same cost; they differ in
+      the shares:
+        min            n from every task (the default)
+        proportional   p(task) ~ size (sentence-transformers' rule, here at the same cost)
+        temperature:T  p(task) ~ size^(1/T) (T5; jiant): T = 1 is proportional, a larger T
+                       gives the small tasks more
+        annealed:E     p(task) ~ size^a, a falling from 1 (proportional) in the first epoch to
+                       0.2 (nearly uniform) in the last (Stickland & Murray, 2019, "BERT and PALs")
+      A task walks through shuffled passes of all its examples, so consecutive
+      epochs see different examples and all are used (_draw).
     - Every batch holds one task; the order of the tasks' batches is shuffled.
     - group_window > 0 sorts examples by length inside windows of that many
       batches before cutting batches: less padding, but less random batches.
@@ -312,21 +240,42 @@ class MultiTaskSampler:
     - Everything depends only on (seed, epoch), so a run can resume at any epoch.
     """
 
-    def __init__(self, lengths, batch_size, seed=0, group_window=50, rank=0, world_size=1):
+    def __init__(self, lengths, batch_size, seed=0, group_window=50, ranks=(0, 1), sampling="min"):
+        """ranks: (this process's rank, the number of ranks); sampling: a rule above."""
         self.lengths = {task: np.asarray(v) for task, v in sorted(lengths.items())}  # task -> lengths
-        self.batch_size = batch_size * world_size  # global batch
-        self.seed, self.group_window, self.rank, self.world_size = seed, group_window, rank, world_size
+        (self.rank, self.world_size), self.sampling = ranks, sampling
+        self.batch_size = batch_size * self.world_size  # global batch
+        self.seed, self.group_window = seed, group_window
         self.per_task = min(len(v) for v in self.lengths.values())
 
-    def _draw(self, task_no, size, epoch):
-        """This epoch's per_task examples of a task with `size` examples.
+    def counts(self, epoch):
+        """{task: how many of its examples this epoch takes}."""
+        sizes = np.array([len(v) for v in self.lengths.values()], dtype=np.float64)
+        if self.sampling == "min":
+            return dict.fromkeys(self.lengths, self.per_task)
+        if self.sampling == "proportional":
+            power = 1.0
+        elif self.sampling.startswith("annealed:"):
+            power = 1 - 0.8 * epoch / max(1, int(self.sampling.split(":")[1]) - 1)
+        else:  # "temperature:T"
+            power = 1 / float(self.sampling.split(":")[1])
+        share = sizes ** power / (sizes ** power).sum()
+        budget = len(sizes) * self.per_task  # what the min rule draws
+        return {task: max(1, round(p * budget)) for task, p in zip(self.lengths, share)}
 
-        A lap is one shuffled pass over the task, served per_task at a time
-        over ceil(size / per_task) epochs; the lap's last epoch tops up its
-        short slice from the lap's start. So no epoch repeats an example, and
-        every lap uses every example.
+    def _draw(self, task_no, size, n, epoch):
+        """This epoch's n examples of a task with `size` examples.
+
+        A lap is one shuffled pass over the task, served n at a time over
+        ceil(size / n) epochs; the lap's last epoch tops up its short slice
+        from the lap's start. So no epoch repeats an example, and every lap
+        uses every example. A task drawn more than its size (temperature
+        sampling's small tasks) takes whole laps of its own each epoch.
         """
-        n = self.per_task
+        if n > size:
+            laps = [np.random.default_rng([self.seed, task_no, epoch, j]).permutation(size)
+                    for j in range(-(-n // size))]
+            return np.concatenate(laps)[:n]
         lap, slot = divmod(epoch, -(-size // n))
         order = np.random.default_rng([self.seed, task_no, lap]).permutation(size)
         chosen = order[slot * n:(slot + 1) * n]
@@ -341,9 +290,10 @@ class MultiTaskSampler:
 
     def epoch(self, epoch):
         """[(task, example indices of the global batch)], in training order."""
-        batches = []
+        batches, counts = [], self.counts(epoch)
         for task_no, (task, lengths) in enumerate(self.lengths.items()):
-            batches += [(task, b) for b in self._batches(self._draw(task_no, len(lengths), epoch), lengths)
+            chosen = self._draw(task_no, len(lengths), counts[task], epoch)
+            batches += [(task, b) for b in self._batches(chosen, lengths)
                         if len(b) >= self.world_size]
         order = np.random.default_rng([self.seed, epoch, 1_000_003]).permutation(len(batches))
         return [batches[i] for i in order]
@@ -365,40 +315,45 @@ class MultiTaskSampler:
 
 # --- All splits --------------------------------------------------------------------
 
-AG_VALID_FRACTION = 0.05  # AG News has no validation split: hold out 5% of train (train.py --ag-valid-fraction)
+SPLITS = ("train", "valid", "test")
 
 
-def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=("train", "valid", "test"),
-                ag_valid_fraction=AG_VALID_FRACTION):
-    """{"ag": {split: TaskData}, "ner": {split: TaskData}} from the data directory (see download.py).
+def load_splits(data_dir, tokenizer, max_len, cache_dir=None, splits=SPLITS, tasks=None):
+    """{task name: {split: TaskData}} for the tasks (rows of the task table; default: the seed's
+    two), their files read from data_dir (see download.py) unless a path is absolute.
 
-    The AG validation rows are fixed (seed 0), not drawn by a run's --seed,
-    so that runs with different seeds are compared on the same examples. A
-    larger ag_valid_fraction holds out a superset of a smaller one's rows.
+    A task without a "valid" file holds out task.valid_fraction of its train rows.
+    They are fixed (seed 0), not drawn by a run's --seed, so that runs with
+    different seeds are compared on the same examples; a larger fraction
+    holds out a superset of a smaller one's rows. A task whose labels the
+    table leaves open takes those of its train file, sorted.
     """
-    data_dir = Path(data_dir)
-    files = [f"ag_news/{'train' if s == 'valid' else s}.csv" for s in splits] + [f"conll2003/{s}.txt" for s in splits]
+    data_dir, tasks = Path(data_dir), tasks or [TASKS[name] for name in SEED_TASKS]
+    files = [t.files["train" if s == "valid" and "valid" not in t.files else s] for t in tasks for s in splits]
     if missing := [name for name in dict.fromkeys(files) if not (data_dir / name).is_file()]:  # before any is read
         raise DataError(f"{data_dir / missing[0]}: not found; run `python download.py` first (a run reads "
                         f"{', '.join(dict.fromkeys(files))} in {data_dir})")
-    out = {"ag": {}, "ner": {}}
-    if "train" in splits or "valid" in splits:
-        path = data_dir / "ag_news" / "train.csv"
-        ag_train = encode_file(path, "ag", tokenizer, max_len, cache_dir)
-        kept, held = split_off(len(ag_train), ag_valid_fraction, seed=0)
-        if not len(held) or not len(kept):  # a run would pick its best epoch on no rows at all
-            fewest = next(n for n in itertools.count(int(0.5 / min(ag_valid_fraction, 1 - ag_valid_fraction)))
-                          if 0 < round(n * ag_valid_fraction) < n)
-            raise DataError(f"{path}: {len(ag_train)} rows leave no {'validation' if len(kept) else 'training'} rows "
-                            f"({ag_valid_fraction:.0%} of train are held out for validation); give it at least "
-                            f"{fewest} rows")
-        out["ag"].update(train=ag_train.subset(kept), valid=ag_train.subset(held))
-    if "test" in splits:
-        out["ag"]["test"] = encode_file(data_dir / "ag_news" / "test.csv", "ag", tokenizer, max_len, cache_dir)
-    for split in splits:
-        out["ner"][split] = encode_file(data_dir / "conll2003" / f"{split}.txt", "ner", tokenizer, max_len, cache_dir)
-    for task in out:
-        out[task] = {s: out[task][s] for s in splits}
+    out = {}
+    for task in tasks:
+        path = {split: data_dir / name for split, name in task.files.items()}
+        if task.labels is None:  # those of its train file
+            examples = read_examples(path["train"], task)
+            found = {y for _, labels in examples for y in ([labels] if task.level == "sentence" else labels)}
+            task = replace(task, labels=tuple(sorted(found)))
+        read = [s for s in splits if s != "valid" or "valid" in path]
+        by = {s: encode_file(path[s], task, tokenizer, max_len, cache_dir) for s in read}
+        if {"train", "valid"} & set(splits) and "valid" not in path:  # the same train rows either way
+            train = by.get("train") or encode_file(path["train"], task, tokenizer, max_len, cache_dir)
+            share = task.valid_fraction
+            kept, held = split_off(len(train), share, seed=0)
+            if not len(held) or not len(kept):  # a run would pick its best epoch on no rows at all
+                fewest = next(n for n in itertools.count(int(0.5 / min(share, 1 - share)))
+                              if 0 < round(n * share) < n)
+                raise DataError(f"{path['train']}: {len(train)} rows leave no "
+                                f"{'validation' if len(kept) else 'training'} rows ({share:.0%} of train are held "
+                                f"out for validation); give it at least {fewest} rows")
+            by.update(train=train.subset(kept), valid=train.subset(held))
+        out[task.name] = {s: by[s] for s in splits}
     return out
 
 

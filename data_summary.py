@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data import AG_CLASSES, MultiTaskSampler, collate, load_splits, load_tokenizer
+from data import MultiTaskSampler, collate, load_splits, load_tokenizer
 from flags import MAX_SEED
 from runtime import DataError, HelpFormatter, UsageError, exit_status_of
+from task_files import parse_tasks
 
 
 def padding_fraction(batches, lengths):
@@ -30,24 +31,31 @@ def padding_fraction(batches, lengths):
 
 def split_summary(data):
     """One summary row: examples, label counts, word pieces per example, share truncated."""
-    if data.task == "ag":
-        counts = np.bincount(data.labels, minlength=len(AG_CLASSES))
-        labels = " ".join(f"{name} {c:,}" for name, c in zip(AG_CLASSES, counts))
-    else:
+    task = data.task
+    if task.level == "sentence":
+        counts = np.bincount(data.labels, minlength=len(task.labels))
+        labels = " ".join(f"{name} {c:,}" for name, c in zip(task.labels, counts))
+    elif task.metric == "entity_f1":
         entities = [tag[2:] for tags in data.word_tags for tag in tags if tag.startswith("B-")]
-        words = sum(len(tags) for tags in data.word_tags)
-        labels = f"{words:,} words; entities " + " ".join(
-            f"{kind} {entities.count(kind):,}" for kind in ("PER", "ORG", "LOC", "MISC"))
+        kinds = dict.fromkeys(label[2:] for label in task.labels if label.startswith("B-"))
+        labels = f"{sum(len(tags) for tags in data.word_tags):,} words; entities " + " ".join(
+            f"{kind} {entities.count(kind):,}" for kind in kinds)
+    else:
+        tags = [tag for tags in data.word_tags for tag in tags]
+        common = sorted(set(tags), key=lambda t: (-tags.count(t), t))[:4]
+        labels = f"{len(tags):,} words; {len(set(tags))} tags, most often " + " ".join(
+            f"{t} {tags.count(t):,}" for t in common)
     lengths = data.lengths()
     return (f"{len(data):>7,}  {labels:<62}  {lengths.mean():6.1f} {np.percentile(lengths, 95):5.0f} "
             f"{lengths.max():5d}  {sum(data.truncated):,} ({np.mean(data.truncated):.2%})")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Read, tokenize and summarize AG News and CoNLL-2003.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Read, tokenize and summarize every task's files (AG News and "
+                                "CoNLL-2003 by default).", formatter_class=HelpFormatter)
     p.add_argument("--data", default="data", help="data directory written by download.py")
     p.add_argument("--model", help="model folder with the tokenizer (default: DATA/bert-base-uncased)")
+    p.add_argument("--tasks", default="ag,ner", help="built-in tasks and task files, as train.py --tasks takes")
     p.add_argument("--max-len", type=int, default=128, help="word pieces per example, [CLS] and [SEP] included")
     p.add_argument("--batch-size", type=int, default=32,
                    help="examples per batch of the training epoch whose padding is measured")
@@ -69,7 +77,7 @@ def main(argv=None):
         start = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
         cache_dir = None if args.no_data_cache else Path(args.data) / ".cache"
-        data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits)
+        data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits, tasks=parse_tasks(args.tasks))
         seconds = time.perf_counter() - start
     except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -80,7 +88,7 @@ def main(argv=None):
             print(f"{task + ' ' + split:<11} {split_summary(part)}")
     print(f"read and tokenized in {seconds:.1f} s (max_len {args.max_len}, "
           f"{'no cache' if cache_dir is None else f'cache in {cache_dir}'})")
-    if "train" in data["ag"]:
+    if "train" in splits:
         train = {task: by_split["train"] for task, by_split in data.items()}
         lengths = {task: part.lengths() for task, part in train.items()}
         for window in (0, 50):

@@ -2,8 +2,8 @@
 
 With the whole backbone frozen for the whole run (freeze.Plan.backbone_fixed),
 the encoder is a fixed function in eval mode: what a head reads from it
-(MultiTaskModel.features: the pooled vector for AG, the token states for
-CoNLL) cannot change. So the run computes it once per example, and the heads
+(MultiTaskModel.features: the pooled vector of a sentence-level task, the
+token states of a word-level one) cannot change. So the run computes it once per example, and the heads
 train and evaluate on it (train.py's loop and evaluate read FeatureStore.batch).
 
 Which examples: the training rows that the planned epochs draw (the sampler
@@ -20,13 +20,13 @@ outlive the run:
     features/<key>/<chunk>.safetensors
         rows      (N,)         the examples' row numbers in their data file (TaskData.rows)
         pieces    (N,)         their word-piece counts, checked against the data when read
-        offsets   (N + 1,)     example j is features[offsets[j]:offsets[j + 1]]: 1 vector (AG), T (CoNLL)
+        offsets   (N + 1,)     example j is features[offsets[j]:offsets[j + 1]]: 1 vector, or T (word level)
         features  (sum T, H)   in the run's precision
         metadata  the key, and the sha256 of the three tensors
 
 <key> hashes everything that changes a feature: the backbone's config and
 weights, the tokenized file (its bytes, the tokenizer and max_len:
-TaskData.source), the task, the pooling (AG only), the precision and the
+TaskData.source), the task, the pooling (sentence level only), the precision and the
 device type. A later run loads what it finds under its keys and encodes only
 the rows still missing: another seed, more epochs, other head flags. A chunk
 whose checksum, key or word-piece counts do not match is reported, deleted,
@@ -68,8 +68,9 @@ def weights_hash(model):
 
 
 def feature_key(weights, part, pool, dtype, device):
-    fields = [f"format={FORMAT}", weights, f"data={part.source}", f"task={part.task}", f"dtype={dtype}",
-              f"device={device.type}"] + ([f"pool={pool}"] if part.task == "ag" else [])
+    sentence = part.task.level == "sentence"  # a pooled vector, which depends on the pooling too
+    fields = [f"format={FORMAT}", weights, f"data={part.source}", f"task={part.task.name}", f"dtype={dtype}",
+              f"device={device.type}"] + ([f"pool={pool}"] if sentence else [])
     return hashlib.sha256(";".join(fields).encode()).hexdigest()[:24]
 
 
@@ -88,13 +89,14 @@ def rows_wanted(splits, train_rows, evaluated, batch_size, place):
 class Features:
     """One split of one task: example index -> what its head reads, a tensor on the device."""
 
-    def __init__(self, task):
-        self.task, self.rows = task, {}
+    def __init__(self, level):
+        self.level, self.rows = level, {}
 
     def batch(self, indices, width):
-        """Stack (ag) or zero-pad to width (ner) a batch's features; the loss never reads padding."""
+        """Stack (sentence level) or zero-pad to width (word level) a batch's features; the loss never reads
+        padding."""
         rows = [self.rows[i] for i in indices]
-        if self.task == "ag":
+        if self.level == "sentence":
             return torch.stack(rows)  # (B, H)
         out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # (B, T, H)
         for r, x in enumerate(rows):
@@ -245,10 +247,10 @@ class FeatureStore:
         for (task, split), (part, indices) in wanted.items():
             key = feature_key(weights, part, model.encoder.pool, dtype, place.device)
             for i in indices:
-                unique.setdefault((key, part.rows[i]), (task, part.input_ids[i]))
+                unique.setdefault((key, part.rows[i]), (part.task, part.input_ids[i]))
                 where.setdefault((key, part.rows[i]), []).append(((task, split), i))
         width = model.bert.config.hidden_size * torch.finfo(dtype).bits // 8
-        need = sum(1 if task == "ag" else len(ids) for task, ids in unique.values()) * width / 2**20
+        need = sum(1 if task.level == "sentence" else len(ids) for task, ids in unique.values()) * width / 2**20
         need = distributed.agree([math.ceil(need)], place)[0]  # whole MB, the largest over ranks
         if need > memory_limit_mb:
             log(f"frozen-backbone features: would need {need:,.0f} MB, over --feature-store-limit-mb "
@@ -268,11 +270,11 @@ class FeatureStore:
             f"{len(missing):,} to encode", flush=True)
         model.eval()
         encoded = _encode(model, missing, unique, place, batching, cache)
-        splits = {name: Features(name[0]) for name in wanted}
+        splits = {name: Features(part.task.level) for name, (part, _) in wanted.items()}
         for item, x in {**found, **encoded}.items():
             x = x.to(place.device, dtype)
             for name, i in where[item]:
-                splits[name].rows[i] = x[0] if name[0] == "ag" else x
+                splits[name].rows[i] = x[0] if splits[name].level == "sentence" else x
         seconds = time.perf_counter() - start
         stats = {"examples": len(unique), "reused": len(found), "encoded": len(missing), "memory_mb": round(need, 1),
                  "seconds": round(seconds, 1), "cache": None if cache is None else str(cache.folder),
@@ -292,18 +294,18 @@ def _encode(model, missing, unique, place, batching, cache):
     out, pending, pending_bytes, last_save = {}, {}, 0, time.perf_counter()
     dtype = place.amp_dtype or torch.float32
     report = Report("encoding features", len(missing), total_cost=sum(len(unique[item][1]) for item in missing))
-    for task in dict.fromkeys(task for task, _ in unique.values()):  # one task per batch
-        items = [item for item in missing if unique[item][0] == task]
+    for task in {task.name: task for task, _ in unique.values()}.values():  # one task per batch
+        items = [item for item in missing if unique[item][0].name == task.name]
         batches = length_batches([len(unique[item][1]) for item in items], batching.size)  # longest first
         for b, indices in enumerate(batches):
             batch = [items[i] for i in indices]
             rows = [unique[item][1] for item in batch]
             input_ids, attention_mask = (t.to(place.device) for t in pad(rows, batching.pad_id, batching.multiple))
             with place.autocast():
-                features = model.features(input_ids, attention_mask, task).to(dtype)
+                features = model.features(input_ids, attention_mask, task.name).to(dtype)
             host = features.cpu() if cache is not None else None  # one copy per batch, not one per row
             for r, (item, ids) in enumerate(zip(batch, rows)):  # clone: a slice would keep the whole batch alive
-                keep = slice(r, r + 1) if task == "ag" else (r, slice(0, len(ids)))
+                keep = slice(r, r + 1) if task.level == "sentence" else (r, slice(0, len(ids)))
                 out[item] = features[keep].clone()
                 if cache is not None:  # on the CPU, host is features: no second copy
                     saved = out[item] if host is features else host[keep].clone()

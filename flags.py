@@ -106,6 +106,7 @@ def parse(parser, argv):
     if args.resume and args.out is not None:
         with contextlib.suppress(UsageError, CheckpointError):
             saved = checkpoint.saved_flags(checkpoint.path_in(args.out))
+            saved = {checkpoint.RENAMED_FLAGS.get(flag, flag): value for flag, value in saved.items()}
             parser.set_defaults(**{flag: value for flag, value in saved.items()
                                    if flag in vars(args) and flag not in ("out", "resume", "stop_after")})
             args = parser.parse_args(argv)
@@ -209,6 +210,41 @@ def check_flags(args, rates=(), at_least=()):
         raise UsageError(f"argument --data: {args.data} is not a folder; run `python download.py` first")
 
 
+def task_values(text):
+    """argparse type of --task-lr and --loss-weight: "pos=5e-4,mood=2" -> {"pos": 0.0005, "mood": 2.0}."""
+    values = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, comma-separated; got {item!r}") from None
+    return values
+
+
+def check_task_values(flag, values, names):
+    """--task-lr and --loss-weight name tasks of the run and give numbers >= 0."""
+    for name, value in values.items():
+        if name not in names:
+            raise UsageError(f"argument --{flag.replace('_', '-')}: {name!r} is not a task of this run "
+                             f"({', '.join(names)})")
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"argument --{flag.replace('_', '-')}: {name}'s value must be a number >= 0, got {value}")
+
+
+def check_sampling(sampling):
+    """--sampling: min, proportional, annealed, or temperature:T with T > 0."""
+    kind, _, t = sampling.partition(":")
+    try:
+        ok = (sampling in ("min", "proportional", "annealed") or kind == "annealed" and t.isdigit() and int(t) > 0
+              or kind == "temperature" and math.isfinite(float(t)) and float(t) > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"argument --sampling: expected min, proportional, temperature:T (T > 0) or annealed, "
+                         f"got {sampling!r}")
+
+
 def check_compile(args, config):
     """--compile pads every batch to a multiple of 8 tokens: the widest must fit the model's positions."""
     widest = -(-args.max_len // 8) * 8
@@ -218,8 +254,15 @@ def check_compile(args, config):
 
 
 def freeze_plan(args, config, heads):
-    """--freeze and --unfreeze for this backbone and the model's heads (their part names), as a
-    freeze.Plan; UsageError names a bad flag."""
+    """--freeze and --unfreeze for this backbone and the model's heads, as a freeze.Plan; UsageError names a
+    bad flag. heads: their part names, or train.py's tasks (tasks.Task): a head per task, "<name>_head",
+    and "project" under --embed-dim; "cls-head" there names the sentence-level heads (it named AG's when
+    that was the only one)."""
+    if heads and not isinstance(heads[0], str):
+        tasks, heads = heads, [f"{t.name}_head" for t in heads] + (["project"] if args.embed_dim else [])
+        sentence = ",".join(f"{t.name}-head" for t in tasks if t.level == "sentence")
+        args = argparse.Namespace(**{**vars(args), "freeze": ",".join(
+            sentence if item.strip() == "cls-head" and sentence else item for item in args.freeze.split(","))})
     if "none" in [item.strip() for item in args.freeze.split(",")] and args.freeze.strip() != "none":
         raise UsageError(f"argument --freeze: {args.freeze!r}: none freezes nothing, so it stands alone, "
                          "not in a list with other strategies")

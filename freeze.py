@@ -4,7 +4,8 @@ A frozen parameter has requires_grad = False: it gets no gradient, the
 optimizer never holds it (lr.py builds groups from trainable parameters
 only), and it stays bit-identical. Strategies name parts of the model
 (model.parameter_part): the encoder's embeddings, layer.{i} and pooler, and
-the model's heads (MultiTaskModel.heads: cls_head, ner_head).
+the model's heads, one per task ("ag_head", "ner_head"; "project", the
+sentence projection that the sentence-level heads share).
 
   none        everything trains
   all         nothing trains: the run only evaluates
@@ -12,8 +13,8 @@ the model's heads (MultiTaskModel.heads: cls_head, ner_head).
               train on fixed features
   embeddings  the embedding tables and their LayerNorm
   lower:N     the embeddings and the N lowest layers (selective freezing)
-  cls-head    a head by its name: the classification head (with the
-  ner-head    sentence projection it reads), the NER head
+  NAME-head   a task's head by the task's name: "ner-head" (train.py's
+              "cls-head": every sentence-level head)
 
 Strategies combine with commas: "embeddings,ner-head". Gradual unfreezing
 (Howard & Ruder, 2018, ULMFiT) starts with the backbone frozen and releases
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from lr import param_groups
 from model import parameter_part
 
-STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N")  # and one "<name>-head" per head
+STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N")  # and one "<task>-head" per head
 
 
 def backbone_parts(num_layers, pooler=True):
@@ -38,8 +39,8 @@ def backbone_parts(num_layers, pooler=True):
 
 
 def parse_freeze(spec, num_layers, heads):
-    """"backbone,ner-head" -> the set of frozen parts; heads: the model's head parts, e.g. ("cls_head",
-    "ner_head"), which "all" includes and "cls-head" names. ValueError names a bad item."""
+    """"backbone,ner-head" -> the set of frozen parts; heads: the model's head parts, e.g. ("ag_head",
+    "ner_head"), which "all" includes and "ner-head" names. ValueError names a bad item."""
     frozen = set()
     for item in spec.split(","):
         item = item.strip()

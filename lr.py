@@ -6,7 +6,7 @@ each layer below it --lr-decay times the rate of the layer above, and the
 embeddings one step lower still. Lower layers hold general features that
 pre-training got right, so they move least; the freshly initialized heads
 start from nothing and get the highest rate, --head-lr, or a rate per task
-with --cls-lr / --ner-lr.
+with --task-lr (--cls-lr and --ner-lr: per level).
 
 Biases and LayerNorm parameters get no weight decay: decay pulls weights
 towards zero, which means nothing for a shift or a scale of 1.

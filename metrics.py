@@ -105,3 +105,44 @@ def accuracy(gold, pred):
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     return sum(g == p for g, p in zip(gold, pred)) / len(gold) if gold else 0.0
+
+
+# --- A task's scores by its metric (train.evaluate) -------------------------------------------
+
+def task_counts(task, gold, predicted):
+    """The counts a task's scores are made of, as a flat list of integers that ranks can sum: for
+    entity_f1, (true positives, predicted, gold) per entity type of its labels; else (right, total).
+    gold, predicted: per example, its label (sentence level) or its tags, one per word."""
+    if task.metric == "entity_f1":
+        found = entity_counts(gold, predicted)
+        return [n for kind in entity_types(task) for n in found.get(kind, (0, 0, 0))]
+    if task.level == "word":
+        return [sum(g == p for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps)), sum(map(len, gold))]
+    return [sum(g == p for g, p in zip(gold, predicted)), len(gold)]
+
+
+def entity_types(task):
+    """The entity types an IOB2 tag set holds: "B-PER" -> "PER", sorted."""
+    return sorted({label[2:] for label in task.labels if label[:2] in ("B-", "I-")})
+
+
+def task_scores(task, counts):
+    """task_counts (summed over ranks) -> {"<name>_accuracy"}, or {"<name>_f1", _precision, _recall,
+    _per_type} for entity_f1."""
+    if task.metric != "entity_f1":
+        return {f"{task.name}_accuracy": counts[0] / counts[1] if counts[1] else 0.0}
+    by_type = {kind: counts[3 * k:3 * k + 3] for k, kind in enumerate(entity_types(task)) if any(counts[3 * k:3 * k + 3])}
+    scores = scores_from_counts(by_type)
+    return {f"{task.name}_{key}": scores[key] for key in ("f1", "precision", "recall", "per_type")}
+
+
+def main_score(metrics, name):
+    """The score a task is judged by (the best epoch's, train.py): its entity F1, or its accuracy."""
+    return metrics.get(f"{name}_f1", metrics.get(f"{name}_accuracy"))
+
+
+def describe(metrics, names):
+    """One line of every task's scores: "AG accuracy 0.9012 | NER F1 0.8123 (P 0.8011 R 0.8238)"."""
+    return " | ".join(f"{n.upper()} F1 {metrics[n + '_f1']:.4f} (P {metrics[n + '_precision']:.4f} "
+                      f"R {metrics[n + '_recall']:.4f})" if n + "_f1" in metrics else
+                      f"{n.upper()} accuracy {metrics[n + '_accuracy']:.4f}" for n in names)

@@ -13,7 +13,7 @@ Reading order:
                 (the unpadded path) -> Bert (encoder + pooler); Dropout is nn.Dropout's,
                 drawn faster on the CPU (cpu_dropout.py)
   Task 1        pool_tokens / SentenceEncoder: one vector per sentence
-  Task 2        Head / MultiTaskModel: one encoder, two task heads, and
+  Task 2        Head / MultiTaskModel: one encoder, a head per task (tasks.py), and
                 parameter_part, the names freezing and learning rates use
 
 model_folder.py reads and writes the weights. attention_mask is (B, T), 1 = a real token, 0 = padding.
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpu_dropout import Dropout, dropout
+from tasks import SEED_TASKS, TASKS, Task
 
 
 # --- The encoder --------------------------------------------------------------------
@@ -361,36 +362,40 @@ class Head(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """One shared encoder, two heads.
+    """One shared encoder, one head per task, kept in `heads` by task name.
 
-    The classification head reads the sentence embedding (pooling ->
-    optional projection -> optional normalization, as in SentenceEncoder); the
-    NER head reads every token state, because pooling would blur the words
-    it has to tag. A batch holds one task, and forward runs only that head.
+    A sentence-level task's head reads the sentence embedding (pooling ->
+    optional projection -> optional normalization, as in SentenceEncoder);
+    a word-level task's head reads every token state, because pooling would
+    blur the words it has to tag. A batch holds one task, and forward runs
+    only that task's head.
     """
-    heads = {"ag": "cls_head", "ner": "ner_head"}  # each task's head; the parts beyond the encoder
     SECTION, WRITTEN_BY = "multitask", "train.py"  # its settings' and heads' name in a model folder (model_folder.py)
 
-    def __init__(self, encoder, n_classes=4, n_tags=9, head_dropout=0.1):
-        """encoder: the SentenceEncoder of Task 1 (BERT, pooling, projection, normalization)."""
+    def __init__(self, encoder, tasks=None, head_dropout=0.1):
+        """encoder: the SentenceEncoder of Task 1 (BERT, pooling, projection, normalization);
+        tasks: rows of the task table (tasks.Task, with their labels), by default the seed's two."""
         super().__init__()
         self.encoder = encoder
+        self.tasks = {t.name: t for t in tasks or [TASKS[name] for name in SEED_TASKS]}
         config = encoder.bert.config
-        self.cls_head = Head(encoder.embed_dim, n_classes, head_dropout, config.layer_norm_eps)
-        self.ner_head = Head(config.hidden_size, n_tags, head_dropout, config.layer_norm_eps)
+        width = {"sentence": encoder.embed_dim, "word": config.hidden_size}  # what each level's head reads
+        self.heads = nn.ModuleDict({name: Head(width[t.level], len(t.labels), head_dropout, config.layer_norm_eps)
+                                    for name, t in self.tasks.items()})
 
     @classmethod
     def from_settings(cls, bert, settings):
         """The model that settings() describes (config.json keeps them), on this bert."""
-        sentence = {k: settings[k] for k in ("pool", "embed_dim", "normalize")}
-        return cls(SentenceEncoder(bert, **sentence), **{k: v for k, v in settings.items() if k not in sentence})
+        encoder = SentenceEncoder(bert, settings["pool"], settings["embed_dim"], settings["normalize"])
+        tasks = [Task(**{**card, "labels": tuple(card["labels"])}) for card in settings["tasks"]]
+        return cls(encoder, tasks, settings["head_dropout"])
 
     @property
     def bert(self):
         return self.encoder.bert
 
     def forward(self, input_ids, attention_mask, task, features=None):
-        """task "ag": logits (B, n_classes); task "ner": logits (B, T, n_tags).
+        """Logits of a task's head: (B, labels) at sentence level, (B, T, labels) at word level.
 
         features: what the head reads, if it was computed already (a frozen
         backbone's stored outputs, features.py); then the encoder does not run.
@@ -400,39 +405,46 @@ class MultiTaskModel(nn.Module):
         return self.head(features, task)
 
     def features(self, input_ids, attention_mask, task):
-        """What a task's head reads from the encoder: pooled vectors (B, H) for ag, token states (B, T, H) for ner."""
+        """What a task's head reads from the encoder: pooled vectors (B, H) or token states (B, T, H)."""
         hidden, pooled = self.bert(input_ids, attention_mask)
-        return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool) if task == "ag" else hidden
+        if self.tasks[task].level == "word":
+            return hidden
+        return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool)
 
     def head(self, features, task):
-        """The rest of the step: projection + normalization + classification head, or the NER head."""
-        if task == "ag":
-            return self.cls_head(self.encoder.finish(features))
-        return self.ner_head(features)
+        """The rest of the step: a sentence vector's projection and normalization, then the task's head."""
+        if self.tasks[task].level == "sentence":
+            features = self.encoder.finish(features)
+        return self.heads[task](features)
 
     def unread_parts(self, task):
-        """Parts a step of this task never reads: the other head, and the pooler unless --pool cls reads it."""
-        unread = set(self.heads.values()) - {self.heads[task]}
-        return unread if task == "ag" and self.encoder.pool == "cls" else unread | {"pooler"}
+        """Parts a step of this task never reads: the other heads, the sentence projection at word
+        level, and the pooler unless a sentence-level task reads it (--pool cls)."""
+        unread = {f"{name}_head" for name in self.heads if name != task}
+        if self.tasks[task].level == "word":
+            return unread | {"project", "pooler"}
+        return unread if self.encoder.pool == "cls" else unread | {"pooler"}
 
     def settings(self):
         """What, beyond the BERT config, rebuilds this model (stored in config.json)."""
         embed_dim = None if self.encoder.project is None else self.encoder.embed_dim
-        return {"pool": self.encoder.pool, "embed_dim": embed_dim,
-                "normalize": self.encoder.norm, "n_classes": self.cls_head.out.out_features,
-                "n_tags": self.ner_head.out.out_features, "head_dropout": self.cls_head.dropout.p}
+        return {"pool": self.encoder.pool, "embed_dim": embed_dim, "normalize": self.encoder.norm,
+                "head_dropout": next(iter(self.heads.values())).dropout.p,
+                "tasks": [t.card() for t in self.tasks.values()]}
 
 
 def parameter_part(name):
     """The part a parameter belongs to, which freezing (freeze.py) and learning rates (lr.py) act on.
 
-    The encoder's parts are "embeddings", "layer.{i}" and "pooler"; anything
-    else belongs to the head it sits in, named by the model's attribute
-    ("cls_head", "ner_head"). The sentence projection (encoder.project) trains
-    with the head that reads the sentence embedding: "cls_head".
+    The encoder's parts are "embeddings", "layer.{i}" and "pooler"; the
+    sentence projection (encoder.project), shared by every sentence-level
+    head, is "project"; a task's head is "<task>_head" ("ner_head"), and
+    any other module of a model is named by its attribute ("cls_head").
     """
     if name.startswith("encoder.project."):
-        return "cls_head"
+        return "project"
+    if name.startswith("heads."):
+        return name.split(".")[1] + "_head"
     if not name.startswith("encoder.bert."):
         return name.split(".")[0]
     inner = name.removeprefix("encoder.bert.")

@@ -36,8 +36,9 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import BPE, WordPiece
 
 import checkpoint
-from model import Bert, BertConfig, MultiTaskModel
+from model import Bert, BertConfig, MultiTaskModel, parameter_part
 from runtime import CheckpointError, DataError, atomic_write, log, read_text
+from tasks import SEED_TASKS, TASKS
 
 
 @dataclass(frozen=True)
@@ -328,8 +329,8 @@ def load_pretrained(model_dir, device="cpu", new_heads=False):
     trained heads behind, one note line says so: they start again from random.
     """
     bert, trained = read_weights(model_dir)
-    inner = [name.split(".", 1)[1] for name in trained]  # "cls_head.out.weight", "encoder.project.bias"
-    heads = sorted({name.split(".")[0] for name in inner if not name.startswith("encoder.")})
+    inner = [name.split(".", 1)[1] for name in trained]  # "heads.ner.out.weight", "encoder.project.bias"
+    heads = sorted({parameter_part(name) for name in inner if not name.startswith("encoder.")})
     # A sentence projection alone is no head: a pairs.py bi-encoder holds nothing else. On stderr, so
     # that a script's output (JSON) stays as it is.
     if heads and new_heads:
@@ -432,6 +433,8 @@ def load_trained(model_dir, cls, device="cpu"):
     if settings is None:
         raise CheckpointError(f"{model_dir / 'config.json'}: has no '{cls.SECTION}' settings; it is a plain BERT "
                               f"folder, or another script's, not a model trained by {cls.WRITTEN_BY}")
+    if cls is MultiTaskModel and "tasks" not in settings:
+        settings, trained = legacy_multitask(settings, trained)
     try:
         model = cls.from_settings(bert, settings)
     except (TypeError, ValueError, KeyError) as e:
@@ -444,6 +447,21 @@ def load_trained(model_dir, cls, device="cpu"):
     check_fit(heads_path, model_dir / "config.json", {name: tuple(t.shape) for name, t in rest.items()}, expected)
     model.load_state_dict({name.removeprefix(prefix): t for name, t in rest.items()}, strict=False)
     return model.to(device)
+
+
+def legacy_multitask(settings, tensors):
+    """A run folder of train.py from before tasks were data: its settings held n_classes and n_tags, and
+    its heads were cls_head and ner_head, for the seed's two tasks. Returns its settings and tensors as
+    train.py writes them now (a task list; a head per task under heads.<name>)."""
+    settings = dict(settings)
+    counts = [settings.pop("n_classes", 4), settings.pop("n_tags", 9)]
+    tasks = [TASKS[name] for name in SEED_TASKS]
+    settings["tasks"] = [{**t.card(), "labels": list(t.labels) if len(t.labels) == n else [str(i) for i in range(n)]}
+                         for t, n in zip(tasks, counts)]
+    renames = {f"{MultiTaskModel.SECTION}.{old}.": f"{MultiTaskModel.SECTION}.heads.{t.name}."
+               for old, t in zip(("cls_head", "ner_head"), tasks)}
+    return settings, {next((new + key[len(old):] for old, new in renames.items() if key.startswith(old)), key): t
+                      for key, t in tensors.items()}
 
 
 def load_multitask(model_dir, device="cpu"):

@@ -96,7 +96,11 @@ def check_args(args):
                          "its cosine")  # may hold 0.1, the default of every encoder before
     if args.head_dropout is not None and not 0 <= args.head_dropout < 1:
         raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
-    heads = ("cls_head",) if args.encoder == "cross" or args.embed_dim else ()  # the head, or the projection
+    # The parts beyond the encoder: the cross-encoder's head, or the bi-encoder's projection (--embed-dim),
+    # which --freeze cls-head names too.
+    heads = ("cls_head",) if args.encoder == "cross" else ("project",) if args.embed_dim else ()
+    if heads == ("project",):
+        args.freeze = ",".join("project" if item.strip() == "cls-head" else item for item in args.freeze.split(","))
     if any(item.strip() in ("ner-head", *([] if heads else ["cls-head"])) for item in args.freeze.split(",")):
         raise UsageError(f"argument --freeze: this {args.encoder}-encoder has no "
                          f"{'NER head' if 'ner-head' in args.freeze else 'head (give --embed-dim for a projection)'}")
@@ -226,9 +230,9 @@ def set_up(args):
     log(freeze.trainable_summary(model))
     log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}")
     sampler = MultiTaskSampler({"sts": splits["train"].lengths()}, args.batch_size, args.seed, args.group_window,
-                               place.rank, place.world_size)
+                               (place.rank, place.world_size))
 
-    rates = part_rates(plan.num_layers, args.lr, args.lr_decay, {"cls_head": args.head_lr})
+    rates = part_rates(plan.num_layers, args.lr, args.lr_decay, {"cls_head": args.head_lr, "project": args.head_lr})
     groups = param_groups(model, rates, args.weight_decay)
     optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
                                   fused=place.device.type == "cuda")

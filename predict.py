@@ -1,16 +1,16 @@
-"""A trained multi-task model on new text: the topic of each text (AG News) and the entities in it (CoNLL-2003).
+"""A trained multi-task model on new text: each task's answer, e.g. the topic (AG News) and the entities (CoNLL-2003).
 
     python predict.py --model runs/NAME "Apple opened a store in London."
     python predict.py --model runs/NAME --json < texts.txt      # one text per line
 
 --model is a run folder that train.py wrote (weights, config.json with the
-heads' settings, and the tokenizer files). The topic is read from the whole
-text, tokenized as in training. The entities come from the NER head, which
-was trained on CoNLL-2003's words, so the text is first cut into words the
-way that corpus is (split_words), tagged one IOB2 tag per word (the tag of
-its first word piece, as in evaluation), and read into entities with the
-chunk rules of metrics.py (conlleval's). Each entity carries its character
-offsets in the input: text[start:end] is the entity.
+heads' settings and tasks, and the tokenizer files). A sentence-level task
+(the topic) reads the whole text, tokenized as in training. A word-level
+task was trained on CoNLL-style words, so the text is first cut into words
+the way CoNLL-2003 is (split_words) and tagged one tag per word (the tag of
+its first word piece, as in evaluation); an entity task's tags are read
+into entities with the chunk rules of metrics.py (conlleval's). Each entity
+and word carries its character offsets: text[start:end] is the entity.
 """
 
 import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data import AG_CLASSES, collate, encode_classification, encode_ner, length_batches, load_tokenizer, word_tags
+from data import collate, encode, length_batches, load_tokenizer, word_tags
 from metrics import chunks
 from model_folder import check_fits, load_multitask
 from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
@@ -64,47 +64,73 @@ def split_words(text):
 
 @torch.no_grad()
 def head_outputs(model, part, device, batch_size, pad_id):
-    """Per example of a TaskData, its logits on the CPU: (n_classes,) for ag, (T, n_tags) for ner."""
+    """Per example of a TaskData, its task's logits on the CPU: (labels,) at sentence level, (T, labels) at
+    word level."""
     out = [None] * len(part)
     for indices in length_batches(part.lengths(), batch_size):
         batch = collate(part, indices, pad_id)
-        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), part.task).float().cpu()
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), part.task.name)
         for row, i in enumerate(indices):
-            out[i] = logits[row]
+            out[i] = logits.float().cpu()[row]
     return out
 
 
 def predict(model, tokenizer, texts, max_len, batch_size=32, warn=None):
-    """[{"text", "topic", "topic_scores", "entities": [{"text", "type", "start", "end"}]}] per text, on the
-    model's device. warn(message) is told about each text cut at max_len word pieces."""
+    """Per text, {"text", and per task of the model, under its key (tasks.Task.key): a sentence-level task's
+    label and "<key>_scores" (softmax); an entity task's [{"text", "type", "start", "end"}]; another word-level
+    task's [{"text", "tag", "start", "end"}] per word}, on the model's device. warn(message) is told about
+    each text cut at max_len word pieces."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = model.bert.config.pad_token_id
     words = [split_words(text) for text in texts]
-    topics = encode_classification([(text, 0) for text in texts], tokenizer, max_len)
-    tags = encode_ner([([w for w, _, _ in ws], ["O"] * len(ws)) for ws in words], tokenizer, max_len)
-    topic_logits = head_outputs(model, topics, device, batch_size, pad_id)
-    tag_logits = head_outputs(model, tags, device, batch_size, pad_id)
-    results = []
-    for n, (text, ws) in enumerate(zip(texts, words)):
-        scores = topic_logits[n].softmax(-1).tolist()
-        word_tag = word_tags(tag_logits[n].argmax(-1).tolist(), tags.first_piece[n])
-        entities = [{"text": text[ws[first][1]:ws[last][2]], "type": kind, "start": ws[first][1], "end": ws[last][2]}
-                    for kind, first, last in sorted(chunks(word_tag), key=lambda c: c[1])]
-        if warn and (topics.truncated[n] or tags.truncated[n]):
-            cut = [w for (w, _, _), p in zip(ws, tags.first_piece[n]) if p < 0]
-            warn(f"text {n + 1} is longer than {max_len} word pieces: cut there" +
-                 (f"; its last {len(cut)} words get no entity tags" if cut else ""))
-        results.append({"text": text, "topic": AG_CLASSES[max(range(len(scores)), key=scores.__getitem__)],
-                        "topic_scores": dict(zip(AG_CLASSES, scores)), "entities": entities})
+    results, cut, lost = [{"text": text} for text in texts], [False] * len(texts), [0] * len(texts)
+    tagged = "entity" if any(t.metric == "entity_f1" for t in model.tasks.values()) else "word"
+    for task in model.tasks.values():
+        if task.level == "sentence":
+            part = encode([(text, task.labels[0]) for text in texts], task, tokenizer, max_len)
+        else:
+            part = encode([([w for w, _, _ in ws], [task.labels[0]] * len(ws)) for ws in words], task, tokenizer, max_len)
+        for n, (logits, ws) in enumerate(zip(head_outputs(model, part, device, batch_size, pad_id), words)):
+            cut[n] |= part.truncated[n]
+            if task.level == "sentence":
+                scores = dict(zip(task.labels, logits.softmax(-1).tolist()))
+                results[n] |= {task.key: max(scores, key=scores.get), f"{task.key}_scores": scores}
+                continue
+            tags = word_tags(logits.argmax(-1).tolist(), part.first_piece[n], task.labels)
+            if task.metric == "entity_f1":
+                results[n][task.key] = [{"text": text_of(texts[n], ws, a, b), "type": kind, "start": ws[a][1],
+                                         "end": ws[b][2]} for kind, a, b in sorted(chunks(tags), key=lambda c: c[1])]
+            else:
+                results[n][task.key] = [{"text": w, "tag": t, "start": a, "end": b} for (w, a, b), t in zip(ws, tags)]
+            lost[n] = sum(p < 0 for p in part.first_piece[n])  # words with no piece left (the same for every
+            # word-level task: they cut the same words)
+    for n in range(len(texts)):
+        if warn and cut[n]:
+            warn(f"text {n + 1} is longer than {max_len} word pieces: cut there"
+                 + (f"; its last {lost[n]} words get no {tagged} tags" if lost[n] else ""))
     return results
 
 
+def text_of(text, words, first, last):
+    """The characters of words[first] to words[last] in the text."""
+    return text[words[first][1]:words[last][2]]
+
+
 def show(result):
-    """A result as three readable lines."""
-    entities = ", ".join(f"{e['text']} {e['type']} [{e['start']}:{e['end']}]" for e in result["entities"])
-    return (f"{result['text']}\n  topic: {result['topic']} ({result['topic_scores'][result['topic']]:.3f})\n"
-            f"  entities: {entities or 'none'}")
+    """A result as readable lines: the text, then a line per task."""
+    lines = [result["text"]]
+    for key, value in result.items():
+        if key == "text" or key.endswith("_scores"):
+            continue
+        if isinstance(value, str):
+            lines.append(f"  {key}: {value} ({result[key + '_scores'][value]:.3f})")
+        elif value and "type" in value[0] or not value:
+            lines.append(f"  {key}: " + (", ".join(f"{e['text']} {e['type']} [{e['start']}:{e['end']}]"
+                                                    for e in value) or "none"))
+        else:
+            lines.append(f"  {key}: " + " ".join(f"{w['text']}/{w['tag']}" for w in value))
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):

@@ -1,6 +1,6 @@
 """The training log line: step, epoch, mean loss per task since the last line, learning rates, speed, ETA.
 
-    step 150/1218 | epoch 1 | loss ag 0.4127 ner 0.2210 | lr 2.00e-04 cls_head 1.00e-03 ner_head 1.00e-03 | ...
+    step 150/1218 | epoch 1 | loss ag 0.4127 ner 0.2210 | lr 2.00e-04 ag_head 1.00e-03 ner_head 1.00e-03 | ...
 
 A line comes every --log-every steps, at least every LOG_SECONDS, and at an
 epoch's last step. The losses stay tensors until a line is due: reading one
@@ -178,12 +178,16 @@ class StepLog:
 
 
 def log_plan(s, steps_per_epoch, warmup_steps):
-    """The line that says what a run will do; s: its train.Setup."""
+    """The line that says what a run will do; s: its train.Setup; steps_per_epoch: a count per epoch."""
     args, world_size = s.args, s.place.world_size
     if not s.plan.trains(args.epochs):
         log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is, on the test split only")
         return
     shown = (f"global batch {s.sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
              if world_size > 1 else f"batch {args.batch_size}")
-    log(f"training: {plural(args.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} ({s.sampler.per_task:,} "
-        f"examples per task per epoch, {shown}); warmup {plural(warmup_steps, 'step')}")
+    steps = plural(steps_per_epoch[0], "step") if len(set(steps_per_epoch)) == 1 else \
+        f"{'/'.join(map(str, steps_per_epoch))} steps"
+    counts = s.sampler.counts(0)
+    drawn = (f"{s.sampler.per_task:,} examples per task per epoch" if args.sampling == "min" else
+             f"--sampling {args.sampling}, epoch 1: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
+    log(f"training: {plural(args.epochs, 'epoch')} x {steps} ({drawn}, {shown}); warmup {plural(warmup_steps, 'step')}")

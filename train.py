@@ -1,6 +1,7 @@
-"""Train the multi-task model (Task 2): AG News topics and CoNLL-2003 entities on one encoder.
+"""Train the multi-task model (Task 2): the tasks of --tasks on one encoder (AG News and CoNLL-2003 by default).
 
     python train.py --pool max --freeze backbone
+    python train.py --tasks ag,ner,pos                 # a third task; your own: --tasks ag,ner,mine.json
     python train.py --model DIR --data DIR --epochs 3 --amp bf16 --out runs/NAME
     python train.py --out runs/NAME --resume          # continue an interrupted run
     python predict.py --model runs/NAME "Apple opened a store in London."   # then use it
@@ -18,7 +19,7 @@ import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +32,26 @@ import flags
 import freeze
 import run_folder
 from checkpoint import Progress
-from data import (AG_CLASSES, AG_VALID_FRACTION, IGNORE_INDEX, NER_TAGS, Batching, MultiTaskSampler, collate,
-                  length_batches, limit_split, load_splits, load_tokenizer, word_tags)
+from data import (IGNORE_INDEX, SAMPLING, Batching, MultiTaskSampler, collate, length_batches,
+                  limit_split, load_splits, load_tokenizer, word_tags)
 from features import frozen_features, weights_hash
 from lr import format_groups, lr_factor, param_groups, part_rates
-from metrics import entity_counts, scores_from_counts
+from metrics import describe, main_score, task_counts, task_scores
 from model import NORMS, POOLS, MultiTaskModel, SentenceEncoder
 from model_folder import check_fits, load_multitask, load_pretrained, pooling_note
 from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step
 from step_log import StepLog, Work, log_plan
-
-TASKS = tuple(MultiTaskModel.heads)  # ("ag", "ner"): one loss, one log column, one head each
+from task_files import parse_tasks
+from tasks import Task
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune BERT on AG News and CoNLL-2003 at once.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--data", default="data", help="data folder written by download.py; the run reads ag_news/"
-                                                  "{train,test}.csv and conll2003/{train,valid,test}.txt, test too")
+    p = argparse.ArgumentParser(description="Fine-tune BERT on several tasks at once (AG News and "
+                                "CoNLL-2003 by default).", formatter_class=HelpFormatter)
+    p.add_argument("--data", default="data", help="data folder written by download.py, where the built-in "
+                                                  "tasks' files are (ag_news/*.csv, conll2003/*.txt)")
+    p.add_argument("--tasks", default="ag,ner", help="built-in tasks (ag, ner, pos, chunk) and task files "
+                                                     "(.json, docs/own-task.md), comma-separated: a head each")
     p.add_argument("--model", help="pretrained BERT folder (default: DATA/bert-base-uncased)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<date>-<time>)")
     g = p.add_argument_group("model")
@@ -58,21 +61,30 @@ def parse_args(argv=None):
     g.add_argument("--normalize", choices=NORMS, default="none", help="normalize the sentence embedding")
     g.add_argument("--head-dropout", type=float, default=0.1, help="dropout before each head")
     g = p.add_argument_group("freezing (Task 3)")
-    flags.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | cls-head | ner-head")
+    flags.add_freeze_flags(g, "none | all | backbone | embeddings | lower:N | NAME-head (a task's "
+                              "head, e.g. ner-head; cls-head: the sentence-level heads)")
     flags.add_feature_store_flags(g)  # a frozen backbone's outputs, computed once (features.py)
     g = p.add_argument_group("learning rates (Task 4)")
     flags.add_rate_flags(g)
-    g.add_argument("--cls-lr", type=float, default=None, help="learning rate of the classification head")
-    g.add_argument("--ner-lr", type=float, default=None, help="learning rate of the NER head")
+    g.add_argument("--task-lr", type=flags.task_values, default={}, metavar="NAME=LR,...",
+                   help="learning rate of a task's head, e.g. pos=5e-4 (else --cls-lr, --ner-lr, --head-lr)")
+    g.add_argument("--cls-lr", type=float, default=None, help="learning rate of sentence-level heads (AG's)")
+    g.add_argument("--ner-lr", type=float, default=None, help="learning rate of word-level heads (NER's)")
     g = p.add_argument_group("run")
     flags.add_run_flags(g)
     g.add_argument("--loss-norm", choices=("batch", "fixed"), default="batch",
                    help="what divides a batch's summed loss: batch: its own label count (the mean); fixed: the "
                         "label count of an average batch of the task, so that every labelled word weighs the "
                         "same in short and long batches")
-    g.add_argument("--ag-valid-fraction", type=float, default=AG_VALID_FRACTION,
-                   help="share of AG News train held out as its validation split (fixed rows; a larger share "
-                        "holds out a superset); with fewer AG rows left, every epoch is shorter for both tasks")
+    g.add_argument("--valid-fraction", "--ag-valid-fraction", type=float, default=Task.valid_fraction,
+                   help="share of train held out as the validation split of a task without one, as AG "
+                        "News (fixed rows; a larger share holds out a superset)")
+    g.add_argument("--sampling", default="min", metavar="|".join(SAMPLING),
+                   help="the tasks' shares of an epoch of tasks x the smallest task's size (data."
+                        "MultiTaskSampler): min: equal; proportional: p ~ size; temperature:T: p ~ "
+                        "size^(1/T); annealed: from proportional towards uniform over the epochs")
+    g.add_argument("--loss-weight", type=flags.task_values, default={}, metavar="NAME=W,...",
+                   help="a task's loss is multiplied by W (default 1)")
     g.add_argument("--group-window", type=int, default=50,
                    help="sort by length inside windows of this many batches to cut padding (0: off)")
     g.add_argument("--compile", action="store_true",
@@ -88,73 +100,75 @@ def check_args(args):
                                 ("feature_cache_limit_mb", 0)))
     if not 0 <= args.head_dropout < 1:
         raise UsageError(f"argument --head-dropout: must be in [0, 1), got {args.head_dropout}")
-    if not 0 < args.ag_valid_fraction < 1:
-        raise UsageError(f"argument --ag-valid-fraction: must be in (0, 1), got {args.ag_valid_fraction}")
+    if not 0 < args.valid_fraction < 1:
+        raise UsageError(f"argument --valid-fraction: must be in (0, 1), got {args.valid_fraction}")
+    flags.check_sampling(args.sampling)
+    tasks = parse_tasks(args.tasks)
+    for flag in ("task_lr", "loss_weight"):
+        flags.check_task_values(flag, getattr(args, flag), [t.name for t in tasks])
+    return tasks
 
 
 # --- The loss and evaluation ----------------------------------------------------------
 
-def task_loss(logits, labels, task, normalizer=None):
-    """Cross-entropy in fp32 over examples (ag) or first word pieces (ner): the mean, or the sum divided by
-    normalizer. Data-parallel runs pass (labels in the global batch) / (ranks): DDP averages the ranks'
-    gradients, which is then the gradient of the global batch's mean however its labels fall between ranks.
-    --loss-norm fixed divides every batch of a task by the labels of an average batch, so every word piece
-    weighs the same in short and long batches (docs/defaults.md)."""
-    logits, labels = (logits.float(), labels) if task == "ag" else (logits.float().flatten(0, 1), labels.flatten())
+def task_loss(logits, labels, level, normalizer=None):
+    """Cross-entropy in fp32 over examples (sentence level) or first word pieces (word level): the
+    mean, or the sum divided by normalizer. Data-parallel runs pass (labels in the global batch) /
+    (ranks): DDP averages the ranks' gradients, which is then the gradient of the global batch's mean
+    however its labels fall between ranks. --loss-norm fixed divides every batch of a task by the
+    labels of an average batch, so every word piece weighs the same in short and long batches
+    (docs/defaults.md)."""
+    logits = logits.float()
+    if level == "word":
+        logits, labels = logits.flatten(0, 1), labels.flatten()
     if normalizer is None:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / normalizer
 
 
 def label_counts(part):
-    """Per example, how many labels its loss counts: 1 (ag), or its labelled word pieces (ner)."""
-    if part.task == "ag":
+    """Per example, how many labels its loss counts: 1 (sentence level), or its labelled pieces."""
+    if part.task.level == "sentence":
         return np.ones(len(part), dtype=np.int64)
     return np.array([sum(label != IGNORE_INDEX for label in labels) for labels in part.labels], dtype=np.int64)
 
 
-ENTITY_TYPES = sorted({tag[2:] for tag in NER_TAGS if tag != "O"})
-
-
 @torch.no_grad()
 def evaluate(model, data, place, batching, features=None, what="evaluation"):
-    """AG accuracy and CoNLL entity scores on one split: data = {"ag": TaskData, "ner": TaskData}.
+    """Every task's scores on one split, by its metric (metrics.task_scores); data: {task: TaskData}.
 
     features: {task: features.Features} of this split, from a frozen backbone;
     then only the heads run. With several ranks, batch b goes to rank b %
-    world_size, and the counts (correct, and true positives, predictions and
-    gold entities per type) are summed over ranks: every rank gets exactly the
-    scores of a single process. what: the split's name, for the progress line of a long pass.
+    world_size, and the counts behind the scores are summed over ranks:
+    every rank gets exactly the scores of a single process. what: the
+    split's name, for the progress line of a long pass.
     """
     model.eval()
     cost = sum(len(ids) for part in data.values() for ids in part.input_ids)  # word pieces: the ETA follows them
     report = Report(f"{what} pass", sum(map(len, data.values())), total_cost=cost)
-    predicted = {task: {} for task in data}  # example index -> argmax per row: a class, or a tag per piece
+    counts = []  # every task's counts, in one list for one sum over ranks
     for task, part in data.items():
+        predicted = {}  # example index -> argmax per row: a label, or a tag per piece
         for indices in length_batches(part.lengths(), batching.size, place.rank, place.world_size):
             batch = place.to_device(collate(part, indices, batching.pad_id, batching.multiple))
             with place.autocast():
                 stored = features and features[task].batch(indices, batch["input_ids"].shape[1])
                 logits = model(batch["input_ids"], batch["attention_mask"], task, stored)
-            predicted[task].update(zip(indices, logits.argmax(-1).tolist()))
+            predicted.update(zip(indices, logits.argmax(-1).tolist()))
             pieces = sum(len(part.input_ids[i]) for i in indices)  # this rank's count, times the ranks: about
             report.update(len(indices) * place.world_size, pieces * place.world_size)  # the global count
-    ag, ner = data["ag"], data["ner"]
-    correct = sum(p == ag.labels[i] for i, p in predicted["ag"].items())
-    counts = entity_counts([ner.word_tags[i] for i in predicted["ner"]],
-                           [word_tags(p, ner.first_piece[i]) for i, p in predicted["ner"].items()])
-    flat = [correct] + [n for kind in ENTITY_TYPES for n in counts.get(kind, (0, 0, 0))]
-    correct, *flat = distributed.sum_counts(flat, place)
-    counts = {kind: flat[3 * k:3 * k + 3] for k, kind in enumerate(ENTITY_TYPES) if any(flat[3 * k:3 * k + 3])}
-    scores = scores_from_counts(counts)
-    return {"ag_accuracy": correct / len(ag) if len(ag) else 0.0, "ner_f1": scores["f1"],
-            "ner_precision": scores["precision"], "ner_recall": scores["recall"],
-            "ner_per_type": scores["per_type"]}
-
-
-def describe(metrics):
-    return (f"AG accuracy {metrics['ag_accuracy']:.4f} | NER F1 {metrics['ner_f1']:.4f} "
-            f"(P {metrics['ner_precision']:.4f} R {metrics['ner_recall']:.4f})")
+        if part.task.level == "word":  # one tag per word, from each word's first piece
+            gold = [part.word_tags[i] for i in predicted]
+            predicted = {i: word_tags(p, part.first_piece[i], part.task.labels)
+                         for i, p in predicted.items()}
+        else:
+            gold = [part.labels[i] for i in predicted]
+        counts.append(task_counts(part.task, gold, list(predicted.values())))
+    summed, metrics = distributed.sum_counts([n for c in counts for n in c], place), {}
+    for part, mine in zip(data.values(), counts):
+        metrics |= task_scores(part.task, summed[:len(mine)])
+        summed = summed[len(mine):]
+    return metrics
 
 
 # --- Set-up ----------------------------------------------------------------------------
@@ -188,28 +202,31 @@ def set_up(args):
     """Check the flags; read the model and the data; build the model, its optimizer and the sampler; with
     --resume, restore all of it from the checkpoint. Returns the Setup."""
     started = time.perf_counter()
-    check_args(args)
+    tasks = check_args(args)  # rows of the task table (tasks.py)
     place = distributed.init(args.device, args.amp)  # under torchrun, after joining the process group
     tokenizer, bert = load_tokenizer(args.model), load_pretrained(args.model, new_heads=True)
     check_fits(tokenizer, bert.config, args.max_len, args.model)
     if note := flags.resolve_defaults(args, bert.config)[0]:  # --lr auto; --pool from a sentence-transformers
         log(note)  # folder. Before the folder records the flags, so that --resume compares the values
     flags.check_compile(args, bert.config)
-    plan = flags.freeze_plan(args, bert.config, tuple(MultiTaskModel.heads.values()))
+    plan = flags.freeze_plan(args, bert.config, tasks)
     folder, saved = run_folder.claim(args, place)  # with --resume, the checkpoint read and checked
     cache = None if args.no_data_cache else Path(args.data) / ".cache"
-    splits = load_splits(args.data, tokenizer, args.max_len, cache, ag_valid_fraction=args.ag_valid_fraction)
+    tasks = [replace(task, valid_fraction=args.valid_fraction) for task in tasks]
+    splits = load_splits(args.data, tokenizer, args.max_len, cache, tasks=tasks)
+    tasks = [by["train"].task for by in splits.values()]  # with their labels
     torch.manual_seed(args.seed)  # the same initial heads on every rank
     splits = {task: {name: limit_split(part, args.limit) for name, part in by.items()} for task, by in splits.items()}
     data_seconds = time.perf_counter() - started
     for task, by in splits.items():
         log(f"{task}: " + ", ".join(f"{s} {len(p):,} ({sum(p.truncated)} truncated)" for s, p in by.items()))
-    model = build_model(args, bert, plan, place)
+    model = build_model(args, bert, tasks, plan, place)
     sampler = MultiTaskSampler({task: by["train"].lengths() for task, by in splits.items()}, args.batch_size,
-                               args.seed, args.group_window, place.rank, place.world_size)
+                               args.seed, args.group_window, (place.rank, place.world_size),
+                               f"annealed:{args.epochs}" if args.sampling == "annealed" else args.sampling)
 
     # The optimizer holds what trains in epoch 0, one group per part and rate (lr.py); fp16 scales the loss.
-    rates = base_rates(args, plan.num_layers)
+    rates = base_rates(args, plan.num_layers, tasks)
     groups = param_groups(model, rates, args.weight_decay)
     optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
                                   fused=place.device.type == "cuda")
@@ -233,18 +250,22 @@ def set_up(args):
                  started, data_seconds)
 
 
-def base_rates(args, num_layers):
-    """part -> base learning rate, from the flags of Task 4 (lr.part_rates): --cls-lr and --ner-lr, or --head-lr."""
-    heads = {"cls_head": args.head_lr if args.cls_lr is None else args.cls_lr,
-             "ner_head": args.head_lr if args.ner_lr is None else args.ner_lr}
-    return part_rates(num_layers, args.lr, args.lr_decay, heads)
+def base_rates(args, num_layers, tasks):
+    """part -> base learning rate, from the flags of Task 4 (lr.part_rates): a head's --task-lr,
+    else its level's (--cls-lr at sentence level, --ner-lr at word level), else --head-lr. The
+    sentence projection, shared by the sentence-level heads, takes --head-lr."""
+    by_level = {"sentence": args.cls_lr, "word": args.ner_lr}
+    level_rate = {level: args.head_lr if rate is None else rate for level, rate in by_level.items()}
+    heads = {f"{t.name}_head": args.task_lr.get(t.name, level_rate[t.level]) for t in tasks}
+    return part_rates(num_layers, args.lr, args.lr_decay, heads | {"project": args.head_lr})
 
 
-def build_model(args, bert, plan, place):
-    """The two-head model on the device, frozen as the plan says for epoch 0, compiled with --compile."""
+def build_model(args, bert, tasks, plan, place):
+    """The model with a head per task, on the device, frozen as the plan says for epoch 0, compiled
+    with --compile."""
     bert.unpad = args.unpad  # which batches compute only their real tokens (model.Packing)
-    encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize)  # Task 1's, shared by both heads
-    model = MultiTaskModel(encoder, len(AG_CLASSES), len(NER_TAGS), args.head_dropout).to(place.device)
+    encoder = SentenceEncoder(bert, args.pool, args.embed_dim, args.normalize)  # Task 1's, shared
+    model = MultiTaskModel(encoder, tasks, args.head_dropout).to(place.device)
     if note := pooling_note(bert.config, args.pool):
         log(note)
     freeze.apply_freeze(model, plan.frozen_at(0))
@@ -264,15 +285,16 @@ def train(s):
     epoch's end: evaluate, keep the best, checkpoint; then test. Returns the exit status."""
     args, model, place, progress, optimizer, scaler = s.args, s.model, s.place, s.progress, s.optimizer, s.scaler
     epochs = run_folder.epochs_to_run(progress, args) if s.plan.trains(args.epochs) else range(0)
-    steps_per_epoch = len(s.sampler.epoch(0))
-    total_steps = args.epochs * steps_per_epoch
+    steps_per_epoch = [len(s.sampler.epoch(e)) for e in range(args.epochs)]  # annealed: they vary
+    total_steps = sum(steps_per_epoch)
     warmup_steps = int(args.warmup * total_steps)
+    tasks, levels = list(s.splits), {task: by["train"].task.level for task, by in s.splits.items()}
     pad_id, multiple = s.batching.pad_id, s.batching.multiple
     n_labels = {task: label_counts(by["train"]) for task, by in s.splits.items()}  # what each example's loss counts
     fixed_norm = {task: s.sampler.batch_size * float(n.mean()) for task, n in n_labels.items()}  # --loss-norm fixed
     features = frozen_features(s, epochs)  # a backbone frozen all run: its outputs, computed once; else None
-    ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in TASKS}
-    steps = StepLog(TASKS, place, args.log_every, scaler, Work(total_steps, s.sampler.batch_size, args.epochs,
+    ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in tasks}
+    steps = StepLog(tasks, place, args.log_every, scaler, Work(total_steps, s.sampler.batch_size, args.epochs,
                                                               sum(len(by["valid"]) for by in s.splits.values()),
                                                               sum(len(by["test"]) for by in s.splits.values())))
     log_plan(s, steps_per_epoch, warmup_steps)
@@ -280,7 +302,7 @@ def train(s):
         for epoch in epochs:
             if s.plan.gradual and epoch > 0 and progress.batch == 0:  # gradual unfreezing: release a layer
                 released = freeze.release(model, optimizer, s.plan.frozen_at(epoch), s.rates, args.weight_decay)
-                ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in TASKS}
+                ddp, trains = distributed.wrap(model, place), {task: freeze.task_trains(model, task) for task in tasks}
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
             freeze.set_train_mode(model, s.plan.frozen_at(epoch))
             batches = s.sampler.epoch(epoch)  # [(task, example indices)]: one task per batch
@@ -297,9 +319,9 @@ def train(s):
                     stored = features and features.batch("train", task, indices, batch["input_ids"].shape[1])
                     logits = net(batch["input_ids"], batch["attention_mask"], task, stored)
                 divisor = fixed_norm[task] if args.loss_norm == "fixed" else float(n_labels[task][global_batch].sum())
-                loss = task_loss(logits, batch["labels"], task, divisor / place.world_size)  # in fp32
+                loss = task_loss(logits, batch["labels"], levels[task], divisor / place.world_size)  # in fp32
                 if loss.requires_grad:  # False when all of this task's path is frozen: nothing to update
-                    scaler.scale(loss).backward()
+                    scaler.scale(loss * args.loss_weight.get(task, 1.0)).backward()  # --loss-weight
                     progress.skipped_steps += optimizer_step(optimizer, scaler, args.clip)  # unscale, clip, step
                 progress.step, progress.batch = progress.step + 1, b + 1
                 steps.add(task, loss.detach(), len(global_batch))  # then: a stop signal? a log line? a NaN loss?
@@ -309,12 +331,12 @@ def train(s):
             # The epoch's end: evaluate on validation, keep the best model, save a checkpoint.
             progress.train_seconds += steps.end_epoch()
             metrics = evaluate_split(s, "valid", features)
-            scores = {k: metrics[k] for k in ("ag_accuracy", "ner_f1", "ner_precision", "ner_recall")}
+            scores = {k: v for k, v in metrics.items() if not k.endswith("_per_type")}
             progress.history.append({"epoch": epoch + 1, "step": progress.step, "split": "valid", **scores,
                                      **steps.epoch_record(progress, time.perf_counter() - s.started)})
             s.folder.write_json("metrics.jsonl", progress.history, lines=True)
-            log(f"epoch {epoch + 1} valid: {describe(metrics)}")
-            score = (metrics["ag_accuracy"] + metrics["ner_f1"]) / 2
+            log(f"epoch {epoch + 1} valid: {describe(metrics, tasks)}")
+            score = sum(main_score(metrics, task) for task in tasks) / len(tasks)  # the tasks' mean
             if progress.best is None or score > progress.best["score"]:
                 progress.best = {"score": score, "epoch": epoch + 1}
                 s.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -362,7 +384,7 @@ def evaluate_best(s, features):
     else:  # resumed after the best epoch: its weights are on disk (every rank reads OUT)
         model.load_state_dict(load_multitask(s.folder.path).state_dict())
     metrics = evaluate_split(s, "test", features)
-    log(f"test: {describe(metrics)}")
+    log(f"test: {describe(metrics, s.splits)}")
     summary = {"split": "test", **metrics, "feature_store": features and features.stats,
                **run_folder.summary(progress, vars(s.args), s.place, model, s.started, s.data_seconds)}
     s.folder.write_json("summary.json", summary)

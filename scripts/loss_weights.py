@@ -16,7 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import read_conll  # noqa: E402
+from readers import read_conll  # noqa: E402
+from tasks import TASKS  # noqa: E402
 
 BATCH, WINDOW, EPOCH = 32, 50, 5320
 
@@ -31,7 +32,7 @@ def loss_shares(words, order):
 
 
 def main():
-    words = np.array([len(w) for w, _ in read_conll(sys.argv[1])])
+    words = np.array([len(w) for w, _ in read_conll(sys.argv[1], TASKS["ner"])])
     drawn = np.random.default_rng(0).permutation(len(words))[:EPOCH]
     span = WINDOW * BATCH
     grouped = np.concatenate([w[np.argsort(words[w], kind="stable")]

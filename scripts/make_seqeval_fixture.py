@@ -19,7 +19,8 @@ from pathlib import Path
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import NER_TAGS, read_conll
+from readers import read_conll
+from tasks import NER_TAGS, TASKS
 
 
 def perturb(tags, rng):
@@ -40,7 +41,7 @@ def perturb(tags, rng):
 
 def main(path, n_cases=240):
     rng = random.Random(0)
-    sentences = [tags for _, tags in read_conll(path) if any(t != "O" for t in tags)]
+    sentences = [tags for _, tags in read_conll(path, TASKS["ner"]) if any(t != "O" for t in tags)]
     cases = []
     for _ in range(n_cases):
         gold = [rng.choice(sentences) for _ in range(rng.randint(1, 6))]

@@ -20,11 +20,21 @@ matplotlib is needed here only (requirements-dev.txt); training never imports it
 """
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
 
-SCORES = {"ag_accuracy": "AG accuracy", "ner_f1": "entity F1", "spearman": "STS-B Spearman"}
+NAMES = {"ag_accuracy": "AG accuracy", "ner_f1": "entity F1", "spearman": "STS-B Spearman"}  # the rest: by key
+
+
+def is_score(key):
+    """A score a run records: each task's "<task>_accuracy" or "<task>_f1" (train.py), "spearman" (pairs.py)."""
+    return key.endswith(("_accuracy", "_f1")) or key == "spearman"
+
+
+def score_name(key):
+    return NAMES.get(key, key.replace("_f1", " F1").replace("_", " "))
 X_AXES = {"params": "trainable parameters", "train_s": "training time (s)", "total_s": "whole run (s)",
           "search_s": "time to search (s)"}
 
@@ -50,7 +60,7 @@ def read_run(folder):
     return records, summary
 
 
-STYLES = ("-", "--", ":")  # a run's tasks (and scores): one colour per run, one line style per task
+STYLES = ("-", "--", ":", "-.")  # a run's tasks (and scores): one colour per run, one line style per task
 
 
 def curves(runs, labels, plt):
@@ -63,13 +73,15 @@ def curves(runs, labels, plt):
         if not rows:
             raise RunError(f"{label}: metrics.jsonl has no interval_losses (written by an older version); "
                            "train it again to draw its loss")
-        for task, style in zip([key for key in rows[0] if key != "step"], STYLES):
+        tasks = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "step"]  # a row holds
+        for task, style in zip(tasks, itertools.cycle(STYLES)):  # the tasks its steps drew
             points = [(row["step"], row[task]) for row in rows if task in row]
             losses.plot(*zip(*points), color=colour, linestyle=style, label=f"{label} {task}", linewidth=1.2)
-        present = [key for key in SCORES if any(r.get(key) is not None for r in records)]
-        for key, style in zip(present, STYLES):
+        present = [key for key in dict.fromkeys(k for r in records for k in r) if is_score(key)
+                   and any(r.get(key) is not None for r in records)]
+        for key, style in zip(present, itertools.cycle(STYLES)):
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            scores.plot(*zip(*points), color=colour, linestyle=style, marker="o", label=f"{label} {SCORES[key]}")
+            scores.plot(*zip(*points), color=colour, linestyle=style, marker="o", label=f"{label} {score_name(key)}")
     losses.set(xlabel="step", ylabel="training loss (mean per log row)", title="training loss")
     scores.set(xlabel="step (end of each epoch)", ylabel="validation score", title="validation")
     for axes in (losses, scores):
@@ -83,7 +95,7 @@ def best_scores(records, summary, label):
     run with no epoch."""
     best = summary.get("best_epoch") if summary else None
     record = next((r for r in records if r.get("epoch") == best), None) or (summary or {}).get("dev") or {}
-    found = {key: record[key] for key in SCORES if record.get(key) is not None}
+    found = {key: value for key, value in record.items() if is_score(key) and value is not None}
     if not found:
         raise RunError(f"{label}: no validation score to draw (metrics.jsonl, summary.json)")
     return found
@@ -118,7 +130,7 @@ def cost(runs, labels, plt, xs, queries, documents, join=False):
         for key, rows in points.items():
             rows.sort()
             axes.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", linestyle=":" if join else "",
-                      label=SCORES[key])
+                      label=score_name(key))
             for where, value, label in rows:
                 axes.annotate(label, (where, value), fontsize=7, xytext=(4, 4), textcoords="offset points")
         title = X_AXES[x] + (f" ({queries:,} queries x {documents:,} documents)" if x == "search_s" else "")

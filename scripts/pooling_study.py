@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import TaskData, collate, encode_classification, encode_ner, load_tokenizer, read_ag_news, read_conll
+from data import TaskData, collate, encode, load_tokenizer
+from readers import read_conll, read_csv
+from tasks import TASKS
 from model import POOLS, normalize_rows, pool_tokens
 from model_folder import load_pretrained
 
@@ -47,12 +49,12 @@ def knn_accuracy(vectors, labels, n_train, k):
 
 
 def retrieval_study(bert, tokenizer, args):
-    rows = read_ag_news(args.ag_news)[:args.ag_limit]
+    rows = read_csv(args.ag_news, TASKS["ag"])[:args.ag_limit]
     random.Random(0).shuffle(rows)
-    labels = torch.tensor([label for _, label in rows])
+    labels = torch.tensor([TASKS["ag"].labels.index(label) for _, label in rows])
     n_train = int(0.7 * len(rows))
     start = time.perf_counter()
-    part = encode_classification(rows, tokenizer, args.max_len)
+    part = encode(rows, TASKS["ag"], tokenizer, args.max_len)
     pooled = run_encoder(bert, part, args.batch_size)
     lengths = torch.tensor(part.lengths())
     seconds = time.perf_counter() - start
@@ -75,7 +77,7 @@ def retrieval_study(bert, tokenizer, args):
 def dilution_study(bert, tokenizer, args):
     """Swap one single-word location for a person's name; compare token and sentence change."""
     swaps = []
-    for words, tags in read_conll(args.conll):
+    for words, tags in read_conll(args.conll, TASKS["ner"]):
         for i, tag in enumerate(tags):
             single = tag == "B-LOC" and (i + 1 == len(tags) or tags[i + 1] != "I-LOC")
             if single and len(words) >= 4:
@@ -86,7 +88,7 @@ def dilution_study(bert, tokenizer, args):
     bins = {"4-10 words": [], "11-25 words": [], "26+ words": []}
     for words, tags, i in swaps:
         changed = words[:i] + ["Smith"] + words[i + 1:]
-        part = encode_ner([(words, tags), (changed, tags)], tokenizer, args.max_len)
+        part = encode([(words, tags), (changed, tags)], TASKS["ner"], tokenizer, args.max_len)
         positions = [part.first_piece[k][i] for k in (0, 1)]  # first piece of the swapped word
         if min(positions) < 0:  # cut off at max_len
             continue
@@ -113,10 +115,10 @@ def dilution_study(bert, tokenizer, args):
 
 
 def cost_study(bert, tokenizer, rate_single, mean_len, args):
-    rows = read_ag_news(args.ag_news)[:512]
+    rows = read_csv(args.ag_news, TASKS["ag"])[:512]
     pairs = [tokenizer.encode(a[0], b[0]).ids for a, b in zip(rows[::2], rows[1::2])]  # [CLS] a [SEP] b [SEP]
     start = time.perf_counter()
-    run_encoder(bert, TaskData("ag", pairs, [0] * len(pairs), [False] * len(pairs)), args.batch_size)
+    run_encoder(bert, TaskData(TASKS["ag"], pairs, [0] * len(pairs), [False] * len(pairs)), args.batch_size)
     rate_pairs = len(pairs) / (time.perf_counter() - start)
     queries, docs = 1_000, 100_000
     bi = (queries + docs) / rate_single

@@ -6,7 +6,9 @@
 Each run goes through the command line, so the script works on any version
 of the code that takes these flags. What is compared, run by run: every
 record of metrics.jsonl and summary.json without the fields that measure
-time, memory or paths, and the loss columns of every step line. The runs:
+time, memory or paths, and the loss columns of every step line (by their
+numbers: a renamed part is no difference; a flag one version lacks is
+listed as a note, and a flag both have must hold the same value). The runs:
 the default job, --pool max --freeze backbone (the feature store),
 --unfreeze gradual, two ranks under torchrun, a run stopped by --stop-after
 and resumed (which must also equal the straight run), and pairs.py's
@@ -69,6 +71,28 @@ def outcome(commands, out):
     return without({"metrics": metrics, "summary": summary, "steps": steps})
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def numbers_only(record):
+    """A record as --check compares it: a step line's fields by their numbers (the loss of each task, the
+    rate of each group), so that a part renamed (cls_head -> ag_head) is no difference."""
+    return {**record, "steps": [[NUMBER.findall(field) for field in line] for line in record["steps"]]}
+
+
+def flag_notes(before, after):
+    """Flags that one version records and the other does not (a flag added or renamed): listed, not counted;
+    a flag both record must hold the same value (differences() compares it)."""
+    notes = []
+    for name in sorted(before.keys() & after.keys()):
+        old, new = before[name]["summary"].get("config", {}), after[name]["summary"].get("config", {})
+        notes += [f"{name}: flag --{k} only in the record ({old[k]!r})" for k in sorted(old.keys() - new.keys())]
+        notes += [f"{name}: flag --{k} is new ({new[k]!r})" for k in sorted(new.keys() - old.keys())]
+        for k in old.keys() ^ new.keys():
+            old.pop(k, None), new.pop(k, None)
+    return notes
+
+
 def differences(a, b, where=""):
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(a.keys() | b.keys()) for d in differences(a.get(k), b.get(k), f"{where}.{k}")]
@@ -96,7 +120,11 @@ def main():
         Path(args.write).write_text(json.dumps(got, indent=1) + "\n")
         print(f"wrote {args.write}")
     else:
-        problems += differences(json.loads(Path(args.check).read_text()), got)
+        before = json.loads(Path(args.check).read_text())
+        for line in flag_notes(before, got):
+            print(f"note: {line}")
+        problems += differences({k: numbers_only(v) for k, v in before.items()},
+                                {k: numbers_only(v) for k, v in got.items()})
     for line in problems:
         print(line)
     print(f"{len(problems)} differences")

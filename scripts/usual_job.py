@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flags  # noqa: E402
 import train  # noqa: E402
-from data import (AG_VALID_FRACTION, NER_ID, MultiTaskSampler, read_ag_news, read_conll, split_off,  # noqa: E402
-                  word_tags)
+import readers  # noqa: E402
+from data import MultiTaskSampler, split_off, word_tags  # noqa: E402
+from tasks import NER_TAGS, SEED_TASKS, TASKS  # noqa: E402
 from lr import lr_factor, part_rates  # noqa: E402
 from metrics import accuracy, entity_counts, scores_from_counts  # noqa: E402
 from model import POOLS, Head, pool_tokens  # noqa: E402
@@ -63,19 +64,19 @@ class UsualModel(torch.nn.Module):
         super().__init__()
         self.bert, self.pool = bert, pool
         hidden = bert.config.hidden_size
-        self.cls_head = Head(hidden, 4)
+        self.ag_head = Head(hidden, 4)
         self.ner_head = Head(hidden, 9)
 
     def forward(self, input_ids, attention_mask, task):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
         if task == "ner":
             return self.ner_head(out.last_hidden_state)
-        return self.cls_head(pool_tokens(out.last_hidden_state, out.pooler_output, attention_mask, self.pool))
+        return self.ag_head(pool_tokens(out.last_hidden_state, out.pooler_output, attention_mask, self.pool))
 
 
 def part_of(name):
     """transformers' parameter names -> the parts of lr.part_rates."""
-    if name.startswith(("cls_head", "ner_head")):
+    if name.startswith(("ag_head", "ner_head")):
         return name.split(".")[0]
     if name.startswith("bert.encoder.layer."):
         return "layer." + name.split(".")[3]
@@ -98,11 +99,21 @@ def param_groups(model, rates, weight_decay):
 def job_rates(args, config):
     """(part -> base rate, warmup fraction, weight decay) of --rates usual or ours, for this backbone."""
     if args.rates == "usual":
-        heads = {"cls_head": args.head_lr, "ner_head": args.head_lr}
+        heads = {"ag_head": args.head_lr, "ner_head": args.head_lr}
         return part_rates(config.num_hidden_layers, args.lr, 1.0, heads), args.warmup, args.weight_decay
     ours = train.parse_args([])
     flags.resolve_auto_rates(ours, config)
-    return train.base_rates(ours, config.num_hidden_layers), ours.warmup, ours.weight_decay
+    tasks = [TASKS[name] for name in SEED_TASKS]
+    return train.base_rates(ours, config.num_hidden_layers, tasks), ours.warmup, ours.weight_decay
+
+
+def read_ag_news(path):
+    """AG News as [(text, class id 0-3)], read by readers.read_csv as train.py reads it."""
+    return [(text, TASKS["ag"].labels.index(label)) for text, label in readers.read_csv(path, TASKS["ag"])]
+
+
+def read_conll(path):
+    return readers.read_conll(path, TASKS["ner"])
 
 
 def tokenize_ag(tokenizer, rows, max_len):
@@ -118,7 +129,7 @@ def tokenize_ner(tokenizer, sentences, max_len):
         labels, previous, first = [], None, [-1] * len(words)
         for position, word in enumerate(encoded.word_ids()):
             starts = word is not None and word != previous
-            labels.append(NER_ID[tags[word]] if starts else -100)
+            labels.append(NER_TAGS.index(tags[word]) if starts else -100)
             if starts:
                 first[word] = position
             previous = word
@@ -147,7 +158,7 @@ def evaluate(model, collators, examples, gold_sentences, device, batch_size, aut
         with autocast():
             pieces = model(batch["input_ids"], batch["attention_mask"], "ner").argmax(-1).tolist()
         for row, i in enumerate(indices):
-            tags.append(word_tags(pieces[row], examples["ner"][i]["first_piece"]))  # a word with no piece: O
+            tags.append(word_tags(pieces[row], examples["ner"][i]["first_piece"], NER_TAGS))  # a word with no piece: O
     scores = scores_from_counts(entity_counts([t for _, t in gold_sentences], tags))
     model.train()
     return {"ag_accuracy": accuracy(gold, predicted), "ner_f1": scores["f1"]}
@@ -196,7 +207,7 @@ def main(argv=None):
 
     tokenizer = transformers.BertTokenizerFast.from_pretrained(args.model)
     ag_rows = read_ag_news(data / "ag_news" / "train.csv")
-    kept, held = split_off(len(ag_rows), AG_VALID_FRACTION, 0)
+    kept, held = split_off(len(ag_rows), TASKS["ag"].valid_fraction, 0)
     raw = {"train": ([ag_rows[i] for i in kept], read_conll(data / "conll2003" / "train.txt")),
            "valid": ([ag_rows[i] for i in held], read_conll(data / "conll2003" / "valid.txt")),
            "test": (read_ag_news(data / "ag_news" / "test.csv"), read_conll(data / "conll2003" / "test.txt"))}

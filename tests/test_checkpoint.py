@@ -52,10 +52,10 @@ def test_save_then_read_gives_back_every_part(tmp_path):
     # restore puts rank 1's own random state back, and the weights into a fresh model
     fresh_model, fresh_optimizer, fresh_scaler = trained_objects()
     with torch.no_grad():
-        fresh_model.cls_head.out.weight.zero_()
+        fresh_model.heads["ag"].out.weight.zero_()
     assert checkpoint.restore(saved, path, fresh_model, fresh_optimizer, fresh_scaler, rank=1) == progress
     assert torch.equal(torch.get_rng_state(), rngs[1]["torch"])
-    assert torch.equal(fresh_model.cls_head.out.weight, model.cls_head.out.weight)
+    assert torch.equal(fresh_model.heads["ag"].out.weight, model.heads["ag"].out.weight)
 
 
 def test_read_refuses_what_is_not_a_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """data.py: reading both datasets, token alignment, padding, the multi-task sampler, bad input."""
 
 import subprocess
+from dataclasses import replace
 import sys
 
 import numpy as np
@@ -9,7 +10,10 @@ import torch
 from conftest import FIXTURES, ROOT
 
 import data
-from data import IGNORE_INDEX, NER_TAGS, DataError, MultiTaskSampler, clean_ag_text, collate, encode_classification, encode_file, encode_ner, load_splits, load_tokenizer, read_ag_news, read_conll, split_off, to_iob2, word_tags
+from conftest import encode_classification, encode_ner, read_ag_news, read_conll
+from data import IGNORE_INDEX, DataError, MultiTaskSampler, collate, encode_file, load_splits, load_tokenizer, split_off, word_tags
+from readers import clean_ag_text, to_iob2
+from tasks import NER_TAGS, TASKS
 from data_summary import padding_fraction
 
 DATA = FIXTURES / "data"
@@ -102,12 +106,12 @@ def test_iob1_file_becomes_iob2(tmp_path):
 
 BAD_FILES = [
     ("ag_news/train.csv", '"3","Title","Body"\n"2","Only a title"\n', "ag_news/train.csv:2: expected 3 columns"),
-    ("ag_news/train.csv", '"3","Title","Body"\n"7","Title","Body"\n', "ag_news/train.csv:2: class must be 1, 2, 3 or 4, found '7'"),
-    ("ag_news/train.csv", '"three","Title","Body"\n', "ag_news/train.csv:1: class must be 1, 2, 3 or 4, found 'three'"),
+    ("ag_news/train.csv", '"3","Title","Body"\n"7","Title","Body"\n', "ag_news/train.csv:2: label must be one of 1, 2, 3, 4, found '7'"),
+    ("ag_news/train.csv", '"three","Title","Body"\n', "ag_news/train.csv:1: label must be one of 1, 2, 3, 4, found 'three'"),
     ("ag_news/train.csv", "", "ag_news/train.csv: empty file"),
-    ("conll2003/train.txt", "EU NNP B-NP B-ORG\nrejects\n", "conll2003/train.txt:2: expected columns 'word POS chunk NER', found 1"),
+    ("conll2003/train.txt", "EU NNP B-NP B-ORG\nrejects\n", "conll2003/train.txt:2: expected 2 columns, found 1"),
     ("conll2003/train.txt", "EU NNP B-NP B-ORG\n\nBonn NNP B-NP B-CITY\n",
-     "conll2003/train.txt:3: unknown NER tag 'B-CITY'"),
+     "conll2003/train.txt:3: unknown ner tag 'B-CITY'"),
     ("ag_news/train.csv", b'"3","Title","Body"\n"1","Caf\xe9","Body"\n', "ag_news/train.csv:2: not UTF-8 text (byte 0xe9)"),
     ("conll2003/valid.txt", "-DOCSTART- -X- -X- O\n\n\n", "conll2003/valid.txt: no sentences"),
     ("conll2003/train.txt", b"EU NNP B-NP B-ORG\n\n\x89PNG\x00\x00\x01", "conll2003/train.txt:3: binary data"),
@@ -174,7 +178,7 @@ def test_ner_label_on_first_piece_only(tokenizer):
     x = IGNORE_INDEX
     assert encoded.labels[0] == [x, per, o, loc, x, x, x, x, x, o, x]
     assert encoded.first_piece[0] == [1, 2, 3, 9]
-    assert word_tags(encoded.labels[0], encoded.first_piece[0]) == tags
+    assert word_tags(encoded.labels[0], encoded.first_piece[0], NER_TAGS) == tags
 
 
 def test_truncated_sentence_maps_cut_words_to_o(tokenizer):
@@ -183,13 +187,13 @@ def test_truncated_sentence_maps_cut_words_to_o(tokenizer):
     encoded = encode_ner([(words, tags)], tokenizer, max_len=5)  # [CLS] peter blackburn met [SEP]
     assert encoded.truncated == [True] and encoded.first_piece[0] == [1, 2, 3, -1, -1]
     predicted = [0, NER_TAGS.index("B-PER"), NER_TAGS.index("I-PER"), 0, 0]
-    assert word_tags(predicted, encoded.first_piece[0]) == ["B-PER", "I-PER", "O", "O", "O"]
+    assert word_tags(predicted, encoded.first_piece[0], NER_TAGS) == ["B-PER", "I-PER", "O", "O", "O"]
 
 
 def alignment_mismatches(sentences, tokenizer, max_len):
     encoded = encode_ner(sentences, tokenizer, max_len)
     wrong = [i for i in range(len(encoded))
-             if word_tags(encoded.labels[i], encoded.first_piece[i]) != encoded.word_tags[i]]
+             if word_tags(encoded.labels[i], encoded.first_piece[i], NER_TAGS) != encoded.word_tags[i]]
     return wrong, [i for i, cut in enumerate(encoded.truncated) if cut]
 
 
@@ -212,18 +216,18 @@ def test_alignment_round_trips_on_real_valid(tokenizer):
 def test_cache_gives_the_same_data_and_follows_the_file(tmp_path, tokenizer, monkeypatch):
     root, path = write_data_dir(tmp_path, "conll2003/valid.txt", (DATA / "conll2003" / "valid.txt").read_text())
     cache = tmp_path / "cache"
-    first = encode_file(path, "ner", tokenizer, 128, cache)
+    first = encode_file(path, TASKS["ner"], tokenizer, 128, cache)
     assert len(list(cache.iterdir())) == 1
     with monkeypatch.context() as patch:  # a second read must come from the cache, not the tokenizer
-        patch.setattr(data, "encode_ner", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
-        again = encode_file(path, "ner", tokenizer, 128, cache)
-    assert again == first == encode_file(path, "ner", tokenizer, 128)
-    ag = encode_file(root / "ag_news" / "train.csv", "ag", tokenizer, 128, cache)
-    assert encode_file(root / "ag_news" / "train.csv", "ag", tokenizer, 128, cache) == ag
+        patch.setattr(data, "encode", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
+        again = encode_file(path, TASKS["ner"], tokenizer, 128, cache)
+    assert again == first == encode_file(path, TASKS["ner"], tokenizer, 128)
+    ag = encode_file(root / "ag_news" / "train.csv", TASKS["ag"], tokenizer, 128, cache)
+    assert encode_file(root / "ag_news" / "train.csv", TASKS["ag"], tokenizer, 128, cache) == ag
     path.write_text(path.read_text().replace("B-LOC", "B-ORG"))  # new content, new key
-    changed = encode_file(path, "ner", tokenizer, 128, cache)
+    changed = encode_file(path, TASKS["ner"], tokenizer, 128, cache)
     assert changed != first and len(list(cache.iterdir())) == 3
-    encode_file(path, "ner", tokenizer, 64, cache)  # another max_len, another key
+    encode_file(path, TASKS["ner"], tokenizer, 64, cache)  # another max_len, another key
     assert len(list(cache.iterdir())) == 4
 
 
@@ -232,7 +236,7 @@ def cached_split_pair(tokenizer, cache):
     splits = []
     for split in ("valid", "test"):
         path = DATA / "conll2003" / f"{split}.txt"
-        part = encode_file(path, "ner", tokenizer, 128, cache)
+        part = encode_file(path, TASKS["ner"], tokenizer, 128, cache)
         [entry] = cache.glob(f"conll2003-{split}-{part.source}.safetensors")  # named by the split and its key
         splits.append((path, entry, part))
     return splits
@@ -241,8 +245,8 @@ def cached_split_pair(tokenizer, cache):
 def reads_from_cache(monkeypatch, path, tokenizer, cache):
     """encode_file(path) with tokenizing forbidden: what the cache holds for it."""
     with monkeypatch.context() as patch:
-        patch.setattr(data, "encode_ner", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
-        return encode_file(path, "ner", tokenizer, 128, cache)
+        patch.setattr(data, "encode", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
+        return encode_file(path, TASKS["ner"], tokenizer, 128, cache)
 
 
 def test_a_cache_entry_copied_over_another_split_is_not_read_as_it(tmp_path, tokenizer, monkeypatch, capsys):
@@ -251,7 +255,7 @@ def test_a_cache_entry_copied_over_another_split_is_not_read_as_it(tmp_path, tok
     assert valid != test
     test_entry.write_bytes(valid_entry.read_bytes())  # the valid split's tokens under the test split's name
     capsys.readouterr()
-    again = encode_file(test_path, "ner", tokenizer, 128, cache)
+    again = encode_file(test_path, TASKS["ner"], tokenizer, 128, cache)
     assert again == test and again.word_tags == test.word_tags and len(again) == len(test)
     assert capsys.readouterr().err == (f"note: {test_entry}: holds the tokens of another file, tokenizer or "
                                        "--max-len; tokenizing again\n")
@@ -276,7 +280,7 @@ def test_a_damaged_or_old_cache_entry_is_tokenized_again(tmp_path, tokenizer, mo
         from safetensors.numpy import load_file, save_file
         save_file(load_file(entry), entry, metadata={"task": "ner"})
     capsys.readouterr()
-    assert encode_file(test_path, "ner", tokenizer, 128, cache) == test
+    assert encode_file(test_path, TASKS["ner"], tokenizer, 128, cache) == test
     err = capsys.readouterr().err
     assert err.startswith(f"note: {entry}: {problem}") and err.endswith("; tokenizing again\n") and err.count("\n") == 1
     assert reads_from_cache(monkeypatch, test_path, tokenizer, cache) == test
@@ -294,7 +298,7 @@ def test_collate_pads_only_where_the_mask_is_zero(tokenizer, multiple):
         for _ in range(20):
             indices = rng.choice(len(part), size=int(rng.integers(1, 9)), replace=False).tolist()
             batch = collate(part, indices, pad_id=0, multiple=multiple)
-            assert batch["task"] == part.task
+            assert batch["task"] == part.task.name
             ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
             longest = max(len(part.input_ids[i]) for i in indices)
             assert ids.shape[1] % multiple == 0 and longest <= ids.shape[1] < longest + multiple
@@ -302,9 +306,9 @@ def test_collate_pads_only_where_the_mask_is_zero(tokenizer, multiple):
                 n = len(part.input_ids[i])
                 assert ids[row, :n].tolist() == part.input_ids[i] and mask[row, :n].eq(1).all()
                 assert ids[row, n:].eq(0).all() and mask[row, n:].eq(0).all()
-                if part.task == "ner":
+                if part.task.name == "ner":
                     assert labels[row, :n].tolist() == part.labels[i] and labels[row, n:].eq(IGNORE_INDEX).all()
-            if part.task == "ag":
+            if part.task.name == "ag":
                 assert labels.tolist() == [part.labels[i] for i in indices]
 
 
@@ -341,7 +345,7 @@ def test_sampler_is_seeded_and_the_larger_task_moves_on():
 
 def test_sampler_ranks_get_disjoint_equal_shares_with_the_same_task_per_step():
     lengths = sampler_lengths()
-    samplers = [MultiTaskSampler(lengths, 4, seed=5, rank=r, world_size=3) for r in range(3)]
+    samplers = [MultiTaskSampler(lengths, 4, seed=5, ranks=(r, 3)) for r in range(3)]
     batches = samplers[0].epoch(2)
     assert all(s.epoch(2) == batches for s in samplers)  # every rank sees the same global batches
     # The same global batches as one process with 3 x the batch size.
@@ -354,7 +358,7 @@ def test_sampler_ranks_get_disjoint_equal_shares_with_the_same_task_per_step():
         used = [i for t, idx in batches for i in idx if t == task]
         assert len(used) == len(set(used)) == 40  # 40 % 12 = 4 >= 3 ranks: the last batch is kept
     # 40 = 13 x 3 + 1: a last global batch of 1 example cannot feed 3 ranks, so it is dropped.
-    assert sum(len(b) for t, b in MultiTaskSampler(lengths, 1, world_size=3).epoch(0) if t == "ag") == 39
+    assert sum(len(b) for t, b in MultiTaskSampler(lengths, 1, ranks=(0, 3)).epoch(0) if t == "ag") == 39
 
 
 def test_length_grouping_cuts_padding():
@@ -376,7 +380,7 @@ def test_ag_validation_split_is_seeded_and_disjoint():
 def test_a_larger_ag_validation_share_holds_out_a_superset(tokenizer):
     """train.py --ag-valid-fraction: 0.25 of the fixture's 40 AG rows is 10, and holds the default's 2 rows."""
     small = load_splits(DATA, tokenizer, 128, splits=("train", "valid"))["ag"]
-    large = load_splits(DATA, tokenizer, 128, splits=("train", "valid"), ag_valid_fraction=0.25)["ag"]
+    large = load_splits(DATA, tokenizer, 128, splits=("train", "valid"), tasks=[replace(TASKS["ag"], valid_fraction=0.25)])["ag"]
     assert (len(large["train"]), len(large["valid"])) == (30, 10)
     assert set(small["valid"].rows) < set(large["valid"].rows)
     assert set(large["train"].rows) | set(large["valid"].rows) == set(small["train"].rows) | set(small["valid"].rows)

@@ -116,7 +116,7 @@ def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path, capfd)
     assert len(weights0) == len(weights1) == 3  # validation after epochs 1 and 2, then test
     for a, b in zip(weights0, weights1):  # DDP keeps the ranks bit-identical
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(weights0[0]["cls_head.out.weight"], weights0[1]["cls_head.out.weight"])  # it trained
+    assert not torch.equal(weights0[0]["heads.ag.out.weight"], weights0[1]["heads.ag.out.weight"])  # it trained
     assert writes1 == []  # only rank 0 writes
     assert {"write_json", "save_trained", "save_checkpoint"} <= set(writes0)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -208,13 +208,13 @@ def test_frozen_backbone_feature_store_and_a_frozen_task_under_ddp(tmp_path):
     (stored0, _), (stored1, _) = run_ranks(tmp_path, flags(tmp_path / "stored", TINY_PLAIN, "--epochs", 2,
                                                            "--batch-size", 2, "--freeze", "backbone"))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(stored0, stored1) for k in a)
-    assert not torch.equal(stored0[0]["ner_head.out.weight"], stored0[1]["ner_head.out.weight"])
+    assert not torch.equal(stored0[0]["heads.ner.out.weight"], stored0[1]["heads.ner.out.weight"])
     pretrained = load_pretrained(TINY_PLAIN).state_dict()
     assert all(torch.equal(stored0[1][f"encoder.bert.{k}"], v) for k, v in pretrained.items())
     # Each rank encodes only the rows it reads: its shares of the training batches, its evaluation batches.
     splits = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64)
     lengths = {task: by["train"].lengths() for task, by in splits.items()}
-    reads = MultiTaskSampler(lengths, 2, 0, 50, rank=0, world_size=2).reads(0, 0, 2)
+    reads = MultiTaskSampler(lengths, 2, 0, 50, ranks=(0, 2)).reads(0, 0, 2)
     evaluated = sum(len(batch) for by in splits.values() for split in ("valid", "test")
                     for batch in length_batches(by[split].lengths(), 4, rank=0, world_size=2))
     summary = json.loads((tmp_path / "stored" / "summary.json").read_text())
@@ -224,8 +224,8 @@ def test_frozen_backbone_feature_store_and_a_frozen_task_under_ddp(tmp_path):
     (frozen0, _), (frozen1, _) = run_ranks(tmp_path, flags(tmp_path / "frozen", TINY_PLAIN, "--epochs", 2,
                                                            "--batch-size", 2, "--freeze", "lower:2,ner-head"))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(frozen0, frozen1) for k in a)
-    assert torch.equal(frozen0[0]["ner_head.out.weight"], frozen0[1]["ner_head.out.weight"])
-    assert not torch.equal(frozen0[0]["cls_head.out.weight"], frozen0[1]["cls_head.out.weight"])
+    assert torch.equal(frozen0[0]["heads.ner.out.weight"], frozen0[1]["heads.ner.out.weight"])
+    assert not torch.equal(frozen0[0]["heads.ag.out.weight"], frozen0[1]["heads.ag.out.weight"])
 
 
 def test_resume_refuses_another_number_of_processes(tmp_path, capfd):
@@ -284,10 +284,10 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
     assert time.monotonic() - killed < 90
     # The checkpoint on disk is whole (written atomically) and loads into the model.
     saved = checkpoint.read(path)
-    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)), n_classes=4, n_tags=9)
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
     model.load_state_dict(saved.model)
     assert saved.progress.epoch >= 1
-    assert load_multitask(out).cls_head.out.weight.shape == (4, 32)
+    assert load_multitask(out).heads["ag"].out.weight.shape == (4, 32)
 
 
 def pairs_worker(rank, world_size, port, argv, record, signal_at):

@@ -18,7 +18,8 @@ import bench
 import embed
 import predict
 import train
-from data import encode_ner, load_tokenizer
+from conftest import encode_ner
+from data import load_tokenizer
 from model import MultiTaskModel, SentenceEncoder
 from runtime import CheckpointError
 from model_folder import checkpoint_names, load_multitask, load_pretrained, read_config, save_trained
@@ -215,8 +216,8 @@ def test_family_details_that_transformers_has(tmp_path):
     assert [layer.attn_dropout.p for layer in distil.layers] == [0.0, 0.0]
     assert bert.layers[0].attn_dropout.p == bert.layers[0].dropout.p == 0.1
     # Without a pooler, freezing every layer freezes the whole backbone: features can be stored
-    assert freeze.Plan.from_flags("lower:2", "none", 2, ("cls_head", "ner_head"), pooler=False).backbone_fixed()
-    assert not freeze.Plan.from_flags("lower:2", "none", 2, ("cls_head", "ner_head"), pooler=True).backbone_fixed()
+    assert freeze.Plan.from_flags("lower:2", "none", 2, ("ag_head", "ner_head"), pooler=False).backbone_fixed()
+    assert not freeze.Plan.from_flags("lower:2", "none", 2, ("ag_head", "ner_head"), pooler=True).backbone_fixed()
     # transformers' defaults where config.json is silent: RoBERTa pads with 1
     raw = json.loads((FOLDERS["roberta", "hub"] / "config.json").read_text())
     del raw["pad_token_id"]

@@ -155,9 +155,9 @@ def test_a_nan_loss_in_epoch_2_keeps_epoch_1s_checkpoint_and_model(tmp_path, mon
     out = tmp_path / "run"
     calls = []
 
-    def nan_from_step_14(logits, labels, task, normalizer=None):
-        calls.append(task)
-        loss = TASK_LOSS(logits, labels, task, normalizer)
+    def nan_from_step_14(logits, labels, level, normalizer=None):
+        calls.append({"sentence": "ag", "word": "ner"}[level])  # the seed's tasks, by their levels
+        loss = TASK_LOSS(logits, labels, level, normalizer)
         return loss * float("nan") if len(calls) >= 14 else loss  # 12 steps per epoch
 
     monkeypatch.setattr(train, "task_loss", nan_from_step_14)
@@ -196,7 +196,7 @@ def test_an_fp16_loss_scale_halved_25_times_more_than_doubled_is_divergence():
     progress = Progress(flags={})
     log.start_epoch()
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    optimizer.param_groups[0]["name"] = "cls_head"
+    optimizer.param_groups[0]["name"] = "ag_head"
 
     def step():
         progress.step += 1
@@ -213,7 +213,7 @@ def test_an_fp16_loss_scale_halved_25_times_more_than_doubled_is_divergence():
     with pytest.raises(Diverged, match=r"^training diverged at step 40 \(epoch 1, task ag\): the fp16 loss scale fell "
                                         r"to 0.00195, 2\^-9 or less: the scaler halved it for steps with inf/NaN "
                                         r"gradients 25 times more than it could double it back; rates "
-                                        r"cls_head 1.00e-03\."):
+                                        r"ag_head 1.00e-03\."):
         step()
 
 
@@ -417,5 +417,5 @@ def test_a_run_started_from_a_trained_run_says_its_heads_start_again(tmp_path, c
     assert train.main(flags(first, "--epochs", 1)) == 0
     capsys.readouterr()
     assert train.main(flags(tmp_path / "second", "--epochs", 1, model=first)) == 0
-    assert (f"note: {first} is a trained model; only its encoder is loaded, not its heads (cls_head, ner_head): a "
+    assert (f"note: {first} is a trained model; only its encoder is loaded, not its heads (ag_head, ner_head): a "
             "model built on it starts them again from random") in capsys.readouterr().err

@@ -8,14 +8,15 @@ from safetensors import safe_open
 import freeze
 import train
 from runtime import optimizer_step
-from data import collate, encode_classification, encode_ner, load_tokenizer, read_ag_news, read_conll
+from conftest import encode_classification, encode_ner, read_ag_news, read_conll
+from data import collate, load_tokenizer
 from lr import param_groups, part_rates
 from model import MultiTaskModel, SentenceEncoder
 from model_folder import load_pretrained
 
 DATA = FIXTURES / "data"
-ALL_PARTS = {"embeddings", "layer.0", "layer.1", "pooler", "cls_head", "ner_head"}
-HEADS = tuple(MultiTaskModel.heads.values())  # ("cls_head", "ner_head")
+ALL_PARTS = {"embeddings", "layer.0", "layer.1", "pooler", "ag_head", "ner_head", "project"}
+HEADS = ("ag_head", "ner_head", "project")  # a head per task, and the sentence projection (embed_dim)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,10 @@ def three_steps(spec, batches):
     freeze.apply_freeze(model, frozen)
     freeze.set_train_mode(model, frozen)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(param_groups(model, part_rates(2, 1e-3, 0.9, {"cls_head": 1e-2, "ner_head": 1e-2}), 0.01) or [{"params": []}])
+    optimizer = torch.optim.AdamW(param_groups(model, part_rates(2, 1e-3, 0.9, {"ag_head": 1e-2, "ner_head": 1e-2, "project": 1e-2}), 0.01) or [{"params": []}])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for task, batch in batches:
-        loss = train.task_loss(model(batch["input_ids"], batch["attention_mask"], task), batch["labels"], task)
+        loss = train.task_loss(model(batch["input_ids"], batch["attention_mask"], task), batch["labels"], model.tasks[task].level)
         if loss.requires_grad:
             scaler.scale(loss).backward()
             optimizer_step(optimizer, scaler, clip=1.0)
@@ -51,7 +52,7 @@ def three_steps(spec, batches):
     ("embeddings", {"embeddings"}),
     ("lower:1", {"embeddings", "layer.0"}),
     ("lower:2", {"embeddings", "layer.0", "layer.1"}),
-    ("cls-head", {"cls_head"}),
+    ("ag-head", {"ag_head"}),
     ("ner-head", {"ner_head"}),
     ("embeddings,ner-head", {"embeddings", "ner_head"}),
 ])
@@ -68,7 +69,7 @@ def test_frozen_stay_identical_and_trained_change(spec, frozen_parts, batches):
             assert id(p) in in_optimizer
     backbone_frozen = {"embeddings", "layer.0", "layer.1", "pooler"} <= frozen_parts
     assert model.bert.training is not backbone_frozen  # a fully frozen backbone runs without dropout
-    assert model.cls_head.training
+    assert model.heads["ag"].training
 
 
 def test_bad_strategies():
@@ -100,8 +101,8 @@ def test_gradual_unfreezing_across_epochs(tmp_path):
              "--log-every", "100"]
     start = {f"encoder.bert.{k}": v for k, v in load_pretrained(TINY_PLAIN).state_dict().items()}
     previous = start
-    expected_moving = [{"cls_head", "ner_head"}, {"cls_head", "ner_head", "layer.1", "pooler"},
-                       {"cls_head", "ner_head", "layer.1", "pooler", "layer.0"}, ALL_PARTS]
+    expected_moving = [{"ag_head", "ner_head"}, {"ag_head", "ner_head", "layer.1", "pooler"},
+                       {"ag_head", "ner_head", "layer.1", "pooler", "layer.0"}, ALL_PARTS]
     for epoch, moving in enumerate(expected_moving, start=1):
         resume = ["--resume"] if epoch > 1 else []
         assert train.main(flags + resume + ["--stop-after", "1"]) == 0  # one more epoch each time
@@ -131,5 +132,5 @@ def test_a_task_trains_only_where_its_path_has_trainable_parameters():
     # The pooler still trains, but NER steps never read it, and mean pooling does not either.
     assert freeze.task_trains(model, "ag") and not freeze.task_trains(model, "ner")
     model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN), pool="cls"))
-    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,cls-head", 2, HEADS))
+    freeze.apply_freeze(model, freeze.parse_freeze("lower:2,ag-head", 2, HEADS))
     assert freeze.task_trains(model, "ag")  # with cls pooling the classification path reads the pooler

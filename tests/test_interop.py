@@ -93,7 +93,7 @@ def test_a_train_run_holds_its_heads_apart_and_its_sentence_vector_in_embed(tmp_
     run = train_run(tmp_path / "run", "--pool", "max", "--embed-dim", 8, "--normalize", "l2")
     encoder_keys = load_file(run / "model.safetensors").keys()
     assert not [k for k in encoder_keys if k.startswith("multitask.")]
-    assert {k.split(".")[1] for k in load_file(run / HEADS_FILE)} == {"cls_head", "ner_head", "encoder"}
+    assert {".".join(k.split(".")[1:3]) for k in load_file(run / HEADS_FILE)} == {"heads.ag", "heads.ner", "encoder.project"}
     assert json.loads((run / "tokenizer_config.json").read_text())["model_max_length"] == 64
     model = load_multitask(run)
     shown, _ = embed_json(capsys, "--model", run, *SENTENCES)
@@ -113,7 +113,7 @@ def test_a_train_run_holds_its_heads_apart_and_its_sentence_vector_in_embed(tmp_
 def test_a_folder_whose_save_was_cut_short_between_its_files_is_refused(tmp_path):
     run = train_run(tmp_path / "run")
     heads = load_file(run / HEADS_FILE)
-    heads["multitask.cls_head.out.bias"] += 1  # the heads of another save
+    heads["multitask.heads.ag.out.bias"] += 1  # the heads of another save
     save_file(heads, run / HEADS_FILE)
     with pytest.raises(CheckpointError) as info:
         load_multitask(run)

@@ -12,7 +12,7 @@ from model import BertConfig, MultiTaskModel, SentenceEncoder
 from model_folder import load_pretrained
 
 
-HEAD_RATES = {"cls_head": 1e-3, "ner_head": 1e-3}
+HEAD_RATES = {"ag_head": 1e-3, "ner_head": 1e-3, "project": 1e-3}
 
 
 def model():
@@ -20,10 +20,10 @@ def model():
 
 
 def test_rates_rise_from_embeddings_through_layers_to_heads():
-    rates = part_rates(num_layers=4, lr=1e-4, lr_decay=0.5, head_rates={"cls_head": 1e-3, "ner_head": 2e-3})
+    rates = part_rates(num_layers=4, lr=1e-4, lr_decay=0.5, head_rates={"ag_head": 1e-3, "ner_head": 2e-3})
     assert rates == {"layer.3": 1e-4, "layer.2": 5e-5, "layer.1": 2.5e-5, "layer.0": 1.25e-5,
-                     "embeddings": 6.25e-6, "pooler": 1e-4, "cls_head": 1e-3, "ner_head": 2e-3}
-    order = [rates[p] for p in ("embeddings", "layer.0", "layer.1", "layer.2", "layer.3", "cls_head")]
+                     "embeddings": 6.25e-6, "pooler": 1e-4, "ag_head": 1e-3, "ner_head": 2e-3}
+    order = [rates[p] for p in ("embeddings", "layer.0", "layer.1", "layer.2", "layer.3", "ag_head")]
     assert order == sorted(order) and len(set(order)) == len(order)
 
 
@@ -55,10 +55,10 @@ def test_auto_flags_resolve_for_the_backbone_and_numbers_stay():
 
 def test_every_group_gets_its_formula_rate_and_decay_rule():
     m = model()
-    rates = part_rates(2, 3e-5, 0.9, {"cls_head": 5e-4, "ner_head": 1e-3})
+    rates = part_rates(2, 3e-5, 0.9, {"ag_head": 5e-4, "ner_head": 1e-3, "project": 5e-4})
     groups = param_groups(m, rates, weight_decay=0.01)
     expected_lr = {"embeddings": 3e-5 * 0.81, "layer.0": 3e-5 * 0.9, "layer.1": 3e-5, "pooler": 3e-5,
-                   "cls_head": 5e-4, "ner_head": 1e-3}
+                   "ag_head": 5e-4, "ner_head": 1e-3, "project": 5e-4}
     names = {id(p): n for n, p in m.named_parameters()}
     seen = set()
     for g in groups:
@@ -72,14 +72,14 @@ def test_every_group_gets_its_formula_rate_and_decay_rule():
     assert seen == set(names.values())  # every trainable parameter is in exactly one group
     assert sum(len(g["params"]) for g in groups) == len(seen)
     assert [g["name"] for g in groups][:3] == ["embeddings", "embeddings (no decay)", "layer.0"]
-    assert "cls_head (no decay)" in format_groups(groups)
+    assert "ag_head (no decay)" in format_groups(groups)
 
 
 def test_groups_hold_trainable_parameters_only():
     m = model()
-    freeze.apply_freeze(m, freeze.parse_freeze("lower:1,ner-head", 2, tuple(MultiTaskModel.heads.values())))
+    freeze.apply_freeze(m, freeze.parse_freeze("lower:1,ner-head", 2, ("ag_head", "ner_head")))
     groups = param_groups(m, part_rates(2, 3e-5, 0.9, HEAD_RATES), 0.01)
-    assert {g["name"].removesuffix(" (no decay)") for g in groups} == {"layer.1", "pooler", "cls_head"}
+    assert {g["name"].removesuffix(" (no decay)") for g in groups} == {"layer.1", "pooler", "ag_head", "project"}
     assert all(p.requires_grad for g in groups for p in g["params"])
 
 

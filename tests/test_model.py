@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from data import load_tokenizer
 from model import MultiTaskModel, SentenceEncoder
+from tasks import TASKS
 from model_folder import (checkpoint_names, copy_tokenizer, load_multitask, load_pretrained, read_config,
                           save_trained, to_checkpoint)
 from runtime import CheckpointError, DataError
@@ -242,10 +243,10 @@ def fit_message(folder, problem):
      "shape mismatch: encoder.layer.0.intermediate.dense.bias is (37,), config.json implies (30,) (and 5 more)"),
     ({"num_hidden_layers": 1}, "unexpected keys: encoder.layer.1.attention.output.LayerNorm.bias (and 15 more)"),
     ({"num_hidden_layers": 3}, "missing keys: encoder.layer.2.attention.output.LayerNorm.bias (and 15 more)"),
-    ({"multitask": {"n_classes": 5}},
-     "shape mismatch: multitask.cls_head.out.bias is (4,), config.json implies (5,) (and 1 more)"),
-    ({"multitask": {"n_tags": 3}},
-     "shape mismatch: multitask.ner_head.out.bias is (9,), config.json implies (3,) (and 1 more)"),
+    ({"multitask": {"tasks": [{**TASKS["ag"].card(), "labels": list("abcde")}, TASKS["ner"].card()]}},
+     "shape mismatch: multitask.heads.ag.out.bias is (4,), config.json implies (5,) (and 1 more)"),
+    ({"multitask": {"tasks": [TASKS["ag"].card(), {**TASKS["ner"].card(), "labels": ["O", "B-X", "I-X"]}]}},
+     "shape mismatch: multitask.heads.ner.out.bias is (9,), config.json implies (3,) (and 1 more)"),
     ({"multitask": {"embed_dim": 8}}, "missing keys: multitask.encoder.project.bias (and 1 more)"),
 ])
 def test_weights_that_do_not_fit_an_edited_config_are_one_line(tmp_path, capsys, edit, problem):
@@ -353,7 +354,7 @@ def test_loading_only_the_encoder_of_a_trained_model_says_so(tmp_path, capsys, e
     trained = load_multitask(run)
     capsys.readouterr()
     bert = load_pretrained(run, new_heads=True)  # as train.py and pairs.py do
-    note = (f"note: {run} is a trained model; only its encoder is loaded, not its heads (cls_head, ner_head)"
+    note = (f"note: {run} is a trained model; only its encoder is loaded, not its heads (ag_head, ner_head)"
             f"{projection}: a model built on it starts them again from random\n")
     assert capsys.readouterr() == ("", note)
     assert all(torch.equal(a, b) for a, b in zip(bert.state_dict().values(), trained.bert.state_dict().values()))

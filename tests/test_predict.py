@@ -11,7 +11,8 @@ from conftest import FIXTURES, ROOT, TINY_PLAIN
 
 import predict
 import train
-from data import Batching, encode_classification, encode_ner, load_tokenizer, read_conll
+from conftest import encode_classification, encode_ner, read_conll
+from data import Batching, load_tokenizer
 from metrics import chunks
 from model import MultiTaskModel, SentenceEncoder
 from model_folder import load_pretrained
@@ -46,8 +47,8 @@ def test_tags_equal_what_evaluate_predicts_for_the_same_words(monkeypatch):
     recorded = {}
     original = train.word_tags
 
-    def recording(pieces, first_piece):  # evaluate calls it once per sentence, with the sentence's own list
-        tags = original(pieces, first_piece)
+    def recording(pieces, first_piece, labels):  # evaluate calls it once per sentence, with its own list
+        tags = original(pieces, first_piece, labels)
         recorded[id(first_piece)] = tags
         return tags
 

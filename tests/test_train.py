@@ -124,18 +124,18 @@ def test_fp16_scaler_skips_a_step_with_an_inf_gradient():
     ids, mask = torch.randint(5, 99, (2, 7)), torch.ones(2, 7, dtype=torch.long)
 
     def backward():
-        loss = train.task_loss(model(ids, mask, "ag"), torch.tensor([0, 3]), "ag")
+        loss = train.task_loss(model(ids, mask, "ag"), torch.tensor([0, 3]), "sentence")
         scaler.scale(loss).backward()
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     backward()
-    model.cls_head.out.weight.grad[0, 0] = float("inf")  # as an fp16 overflow would leave it
+    model.heads["ag"].out.weight.grad[0, 0] = float("inf")  # as an fp16 overflow would leave it
     assert optimizer_step(optimizer, scaler, clip=1.0) is True
     assert scaler.get_scale() == 512.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     backward()
     assert optimizer_step(optimizer, scaler, clip=1.0) is False
-    assert not torch.equal(model.cls_head.out.weight, before["cls_head.out.weight"])
+    assert not torch.equal(model.heads["ag"].out.weight, before["heads.ag.out.weight"])
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, monkeypatch):
@@ -192,13 +192,13 @@ def test_a_task_with_nothing_to_train_is_skipped_not_fatal(tmp_path):
     assert train.main(flags(out, "--epochs", 1, "--freeze", "backbone,ner-head")) == 0
     summary = json.loads((out / "summary.json").read_text())
     model, start = load_multitask(out), MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
-    assert summary["parameters"]["trainable"] == sum(p.numel() for p in model.cls_head.parameters())
+    assert summary["parameters"]["trainable"] == sum(p.numel() for p in model.heads["ag"].parameters())
     assert all(torch.equal(a, b) for a, b in zip(model.bert.parameters(), start.bert.parameters()))
     bert = load_pretrained(TINY_PLAIN)
     torch.manual_seed(0)  # train.py seeds after loading BERT, then builds the heads
     fresh = MultiTaskModel(SentenceEncoder(bert))
-    assert all(torch.equal(a, b) for a, b in zip(model.ner_head.parameters(), fresh.ner_head.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(model.cls_head.parameters(), fresh.cls_head.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.heads["ner"].parameters(), fresh.heads["ner"].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.heads["ag"].parameters(), fresh.heads["ag"].parameters()))
 
 
 def test_freeze_all_only_evaluates(tmp_path, capsys):
@@ -255,8 +255,8 @@ def test_frozen_backbone_feature_store_trains_the_heads_like_the_backbone_path(t
     assert max(abs(a - b) for a, b in zip(stored, plain)) <= 1e-5
     a, b = checkpoint_weights(tmp_path / "stored"), checkpoint_weights(tmp_path / "plain")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert not torch.equal(a["model.cls_head.out.weight"],
-                           MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN))).cls_head.out.weight)  # the heads trained
+    assert not torch.equal(a["model.heads.ag.out.weight"],
+                           MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN))).heads["ag"].out.weight)  # the heads trained
 
 
 def test_feature_store_over_its_limit_falls_back_to_running_the_backbone(tmp_path, capsys):
@@ -393,8 +393,9 @@ def test_fixed_loss_norm_divides_every_batch_of_a_task_by_the_same_count(tmp_pat
     for norm in ("batch", "fixed"):
         calls[norm] = []
 
-        def recording(logits, labels, task, normalizer=None, seen=calls[norm]):
-            loss = TASK_LOSS(logits, labels, task, normalizer)
+        def recording(logits, labels, level, normalizer=None, seen=calls[norm]):
+            loss = TASK_LOSS(logits, labels, level, normalizer)
+            task = {"sentence": "ag", "word": "ner"}[level]  # the seed's tasks, by their levels
             seen.append((task, int((labels != -100).sum()), normalizer, loss.item()))
             return loss
 
@@ -430,7 +431,7 @@ def test_auto_rates_are_resolved_recorded_and_resumed(tmp_path, capsys):
 def test_an_ag_validation_share_outside_0_1_is_refused(tmp_path, capsys, share):
     out = tmp_path / "run"
     assert train.main(flags(out, "--ag-valid-fraction", share)) == 2
-    assert capsys.readouterr().err == f"error: argument --ag-valid-fraction: must be in (0, 1), got {float(share)}\n"
+    assert capsys.readouterr().err == f"error: argument --valid-fraction: must be in (0, 1), got {float(share)}\n"
     assert not out.exists()
 
 

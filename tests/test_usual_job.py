@@ -24,10 +24,10 @@ def run(tmp_path, *extra):
 def test_usual_rates_are_flat_for_the_encoder_and_ours_are_train_pys(tmp_path):
     usual = run(tmp_path)["rates"]
     assert {part for part, rate in usual.items() if rate == 5e-5} == {"embeddings", "pooler", "layer.0", "layer.1"}
-    assert usual["cls_head"] == usual["ner_head"] == 5e-4
+    assert usual["ag_head"] == usual["ner_head"] == 5e-4
     ours = run(tmp_path, "--rates", "ours")["rates"]  # the tiny model: --lr auto 3e-4, --lr-decay auto 0.729
     assert ours["layer.1"] == pytest.approx(3e-4) and ours["layer.0"] == pytest.approx(3e-4 * 0.729)
-    assert ours["embeddings"] == pytest.approx(3e-4 * 0.729 ** 2) and ours["cls_head"] == 1e-3
+    assert ours["embeddings"] == pytest.approx(3e-4 * 0.729 ** 2) and ours["ag_head"] == 1e-3
 
 
 def test_epochs_are_train_pys_examples_in_random_batches(tmp_path, monkeypatch):
