@@ -7,7 +7,9 @@ from AG_NEWS_CSV (train.py holds 5% of train out for validation). CoNLL-2003:
 the first 4,000 sentences of CONLL_DIR/train.txt; CONLL_DIR/valid.txt split in
 two at a document start: its first half is valid.txt, the rest test.txt.
 The three tasks are then of unequal size (AG 1,425 training rows, CoNLL
-4,000 sentences), so that the sampling rules differ.
+4,000 sentences), so that the sampling rules differ. OUT_DIR/conll_small holds
+the same CoNLL files with train cut to its first 1,425 sentences: NER or POS alone
+on as many sentences an epoch as the default rule gives it beside AG.
 """
 
 import sys
@@ -35,7 +37,12 @@ def main():
     half = next(i for i in range(len(valid) // 2, len(valid)) if valid[i].startswith("-DOCSTART-"))
     (out / "conll2003" / "valid.txt").write_text("".join(valid[:half]), encoding="utf-8")
     (out / "conll2003" / "test.txt").write_text("".join(valid[half:]), encoding="utf-8")
-    print(f"wrote {out}: AG 1,500 train + 2,000 test rows; CoNLL 4,000 train sentences, valid.txt split at block {half}")
+    small = out / "conll_small" / "conll2003"
+    small.mkdir(parents=True, exist_ok=True)
+    (small / "train.txt").write_text("".join(train[:1425]), encoding="utf-8")
+    for name in ("valid.txt", "test.txt"):
+        (small / name).write_bytes((out / "conll2003" / name).read_bytes())
+    print(f"wrote {out}: AG 1,500 train + 2,000 test rows; CoNLL 4,000 train sentences, valid.txt split at block {half}; conll_small: 1,425 train sentences")
 
 
 if __name__ == "__main__":

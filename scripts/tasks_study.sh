@@ -22,6 +22,9 @@ run three --tasks ag,ner,pos
 run ag --tasks ag
 run ner --tasks ner
 run pos --tasks pos
+# NER and POS alone on as many sentences an epoch as the min rule gives them beside AG (1,425).
+run ner_small --tasks ner --data "$data/conll_small"
+run pos_small --tasks pos --data "$data/conll_small"
 # How an epoch of the three is shared out (the same number of examples under every rule).
 run proportional --tasks ag,ner,pos --sampling proportional
 run temperature2 --tasks ag,ner,pos --sampling temperature:2
