@@ -27,7 +27,7 @@ transformers' model on the same random batches. Its table counts real
 tokens per second: padding is work done, not work wanted.
 """
 
-import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+from support import cpu_threads  # noqa: F401  first: before torch starts, how its CPU threads wait
 
 import argparse
 import json
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from data import MultiTaskSampler, collate, encode_file, load_tokenizer
-from tasks import SEED_TASKS, TASKS
+from support.tasks import SEED_TASKS, TASKS
 from model import UNPAD, Bert, BertConfig, Head, MultiTaskModel, SentenceEncoder
-from model_folder import config_json, load_pretrained
-from runtime import CheckpointError, DataError, HelpFormatter, Place, UsageError, exit_status_of, pick_device
+from support.model_folder import config_json, load_pretrained
+from support.runtime import CheckpointError, DataError, HelpFormatter, Place, UsageError, exit_status_of, pick_device
 
 SHAPES = {  # each backbone's shape, as its config.json on the hub gives it (the hub files have no pooler
     # for RoBERTa and DistilBERT, so neither has one here)

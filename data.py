@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data_cache
-from model_folder import byte_level, read_tokenizer
-from readers import read_examples
-from runtime import DataError, Report, exit_status_of
-from tasks import SEED_TASKS, TASKS, Task
+from support import data_cache
+from support.model_folder import byte_level, read_tokenizer
+from support.readers import read_examples
+from support.runtime import DataError, Report, exit_status_of
+from support.tasks import SEED_TASKS, TASKS, Task
 
 IGNORE_INDEX = -100  # label of the word pieces the loss skips (all but each word's first)
 
@@ -365,5 +365,5 @@ def limit_split(data, limit):
 
 
 if __name__ == "__main__":  # python data.py --data DIR --model DIR: a summary of every split
-    import data_summary
-    sys.exit(exit_status_of(data_summary.main))
+    from support import data_summary
+    sys.exit(exit_status_of(lambda: data_summary.main(sys.argv[1:], sys.modules[__name__])))

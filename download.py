@@ -134,7 +134,7 @@ def problem(path, entry, copy=None):
         return f"sha256 {digest}, expected {entry['sha256']}"
     try:
         if entry["check"] == "config":
-            from model_folder import read_config
+            from support.model_folder import read_config
             config = read_config(path)
             if (config.hidden_size, config.num_hidden_layers, config.vocab_size) != (768, 12, 30522):
                 return "not bert-base-uncased's config (hidden 768, 12 layers, vocab 30522)"

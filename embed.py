@@ -10,7 +10,7 @@ Up to TABLE_LIMIT sentences print as a table of every pair's cosine; more print 
 nearest other sentence.
 """
 
-import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+from support import cpu_threads  # noqa: F401  first: before torch starts, how its CPU threads wait
 
 import argparse
 import json
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-import interop
+from support import interop
 from data import load_tokenizer
 from model import NORMS, POOLS, SentenceEncoder
-from model_folder import check_fits, load_multitask, load_pretrained, pooling_note, read_config, trained_settings
-from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
+from support.model_folder import check_fits, load_multitask, load_pretrained, pooling_note, read_config, trained_settings
+from support.runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
                      pick_device)
-from sentence_pairs import load_pairs
+from support.sentence_pairs import load_pairs
 
 
 TABLE_LIMIT = 12  # most sentences printed as a table of every pair's cosine: 12 columns of 8 characters make a

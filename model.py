@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpu_dropout import Dropout, dropout
-from tasks import SEED_TASKS, TASKS, Task
+from support.cpu_dropout import Dropout, dropout
+from support.tasks import SEED_TASKS, TASKS, Task
 
 
 # --- The encoder --------------------------------------------------------------------

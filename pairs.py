@@ -21,7 +21,7 @@ keep the best, checkpoint); test. The data and the model are in
 sentence_pairs.py; the rest is the same plain helpers train.py calls.
 """
 
-import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+from support import cpu_threads  # noqa: F401  first: before torch starts, how its CPU threads wait
 
 import argparse
 import math
@@ -33,22 +33,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import distributed
-import flags
+from support import checkpoint
+from support import distributed
+from support import flags
 import freeze
-import interop
-import run_folder
-from checkpoint import Progress
+from support import interop
+from support import run_folder
+from support.checkpoint import Progress
 from data import Batching, MultiTaskSampler, length_batches, limit_split, load_tokenizer
-from features import weights_hash
+from support.features import weights_hash
 from lr import format_groups, lr_factor, param_groups, part_rates
-from metrics import pearson, spearman
+from support.metrics import pearson, spearman
 from model import NORMS, POOLS
-from model_folder import check_fits, load_pretrained, pooling_note
-from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
-from sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_pairs, load_stsb
-from step_log import StepLog, Work
+from support.model_folder import check_fits, load_pretrained, pooling_note
+from support.runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
+from support.sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_pairs, load_stsb
+from support.step_log import StepLog, Work
 
 
 def parse_args(argv=None):

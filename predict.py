@@ -13,7 +13,7 @@ into entities with the chunk rules of metrics.py (conlleval's). Each entity
 and word carries its character offsets: text[start:end] is the entity.
 """
 
-import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+from support import cpu_threads  # noqa: F401  first: before torch starts, how its CPU threads wait
 
 import argparse
 import json
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from data import collate, encode, length_batches, load_tokenizer, word_tags
-from metrics import chunks
-from model_folder import check_fits, load_multitask
-from runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
+from support.metrics import chunks
+from support.model_folder import check_fits, load_multitask
+from support.runtime import (CheckpointError, DataError, HelpFormatter, UsageError, check_arguments_utf8, exit_status_of,
                      pick_device)
 
 

@@ -14,7 +14,7 @@ run_folder.py (the --out folder, signals), step_log.py, checkpoint.py, distribut
 runtime.py. Only rank 0 prints and writes the run folder (README.md lists its files).
 """
 
-import cpu_threads  # noqa: F401  first of all: before torch starts, how its CPU threads wait
+from support import cpu_threads  # noqa: F401  first: before torch starts, how its CPU threads wait
 
 import argparse
 import sys
@@ -26,23 +26,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import distributed
-import flags
+from support import checkpoint
+from support import distributed
+from support import flags
 import freeze
-import run_folder
-from checkpoint import Progress
+from support import run_folder
+from support.checkpoint import Progress
 from data import (IGNORE_INDEX, SAMPLING, Batching, MultiTaskSampler, collate, length_batches,
                   limit_split, load_splits, load_tokenizer, word_tags)
-from features import frozen_features, weights_hash
+from support.features import frozen_features, weights_hash
 from lr import format_groups, lr_factor, param_groups, part_rates
-from metrics import describe, main_score, task_counts, task_scores
+from support.metrics import describe, main_score, task_counts, task_scores
 from model import NORMS, POOLS, MultiTaskModel, SentenceEncoder
-from model_folder import check_fits, load_multitask, load_pretrained, pooling_note
-from runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step
-from step_log import StepLog, Work, log_plan
-from task_files import parse_tasks
-from tasks import Task
+from support.model_folder import check_fits, load_multitask, load_pretrained, pooling_note
+from support.runtime import (PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log,
+                             optimizer_step)
+from support.step_log import StepLog, Work, log_plan
+from support.task_files import parse_tasks
+from support.tasks import Task
 
 
 def parse_args(argv=None):

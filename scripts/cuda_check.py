@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from model import NORMS, POOLS, SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 def padded_batch(lengths, vocab_size, device):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import MultiTaskSampler, length_batches, load_splits, load_tokenizer, pad  # noqa: E402
 from model import Bert, BertConfig, MultiTaskModel, SentenceEncoder  # noqa: E402
-from model_folder import load_pretrained  # noqa: E402
+from support.model_folder import load_pretrained  # noqa: E402
 
 
 @torch.no_grad()

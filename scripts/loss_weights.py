@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from readers import read_conll  # noqa: E402
-from tasks import TASKS  # noqa: E402
+from support.readers import read_conll  # noqa: E402
+from support.tasks import TASKS  # noqa: E402
 
 BATCH, WINDOW, EPOCH = 32, 50, 5320
 

@@ -39,7 +39,7 @@ from transformers import (BertTokenizerFast, DistilBertConfig, DistilBertForMask
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 sys.path.insert(0, str(FIXTURES.parent.parent))
-from model_folder import ROBERTA_SPECIAL_TOKENS  # noqa: E402  (ids 0-4, as in roberta-base)
+from support.model_folder import ROBERTA_SPECIAL_TOKENS  # noqa: E402  (ids 0-4, as in roberta-base)
 CORPUS = [
     "The cat sat on the mat. The dog sat on the rug.",
     "Stocks fell on Tuesday; stocks rose on Wednesday. The team won the game!",

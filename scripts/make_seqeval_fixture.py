@@ -19,8 +19,8 @@ from pathlib import Path
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from readers import read_conll
-from tasks import NER_TAGS, TASKS
+from support.readers import read_conll
+from support.tasks import NER_TAGS, TASKS
 
 
 def perturb(tags, rng):

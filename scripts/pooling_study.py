@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import TaskData, collate, encode, load_tokenizer
-from readers import read_conll, read_csv
-from tasks import TASKS
+from support.readers import read_conll, read_csv
+from support.tasks import TASKS
 from model import POOLS, normalize_rows, pool_tokens
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 @torch.no_grad()

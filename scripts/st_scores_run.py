@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sentence_pairs import read_stsb  # noqa: E402
+from support.sentence_pairs import read_stsb  # noqa: E402
 
 
 def st_spearman(run, dev):

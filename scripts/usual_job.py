@@ -46,15 +46,15 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flags  # noqa: E402
+from support import flags  # noqa: E402
 import train  # noqa: E402
-import readers  # noqa: E402
+from support import readers  # noqa: E402
 from data import MultiTaskSampler, split_off, word_tags  # noqa: E402
-from tasks import NER_TAGS, SEED_TASKS, TASKS  # noqa: E402
+from support.tasks import NER_TAGS, SEED_TASKS, TASKS  # noqa: E402
 from lr import lr_factor, part_rates  # noqa: E402
-from metrics import accuracy, entity_counts, scores_from_counts  # noqa: E402
+from support.metrics import accuracy, entity_counts, scores_from_counts  # noqa: E402
 from model import POOLS, Head, pool_tokens  # noqa: E402
-from runtime import write_json  # noqa: E402
+from support.runtime import write_json  # noqa: E402
 
 
 class UsualModel(torch.nn.Module):

@@ -71,23 +71,23 @@ BROKEN = ["missing_key", "unexpected_key", "shape_mismatch", "missing_config", "
 
 def read_ag_news(path):
     """AG News rows as [(text, class id 0-3)]: readers.read_csv with the table's "ag" row."""
-    import readers
-    from tasks import TASKS
+    from support import readers
+    from support.tasks import TASKS
     task = TASKS["ag"]
     return [(text, task.labels.index(label)) for text, label in readers.read_csv(path, task)]
 
 
 def read_conll(path):
     """CoNLL-2003 as [(words, IOB2 NER tags)]: readers.read_conll with the table's "ner" row."""
-    import readers
-    from tasks import TASKS
+    from support import readers
+    from support.tasks import TASKS
     return readers.read_conll(path, TASKS["ner"])
 
 
 def encode_classification(rows, tokenizer, max_len):
     """[(text, class id)] -> TaskData of the "ag" task."""
     import data
-    from tasks import TASKS
+    from support.tasks import TASKS
     task = TASKS["ag"]
     return data.encode([(text, task.labels[label]) for text, label in rows], task, tokenizer, max_len)
 
@@ -95,5 +95,5 @@ def encode_classification(rows, tokenizer, max_len):
 def encode_ner(sentences, tokenizer, max_len):
     """[(words, NER tags)] -> TaskData of the "ner" task."""
     import data
-    from tasks import TASKS
+    from support.tasks import TASKS
     return data.encode(sentences, TASKS["ner"], tokenizer, max_len)

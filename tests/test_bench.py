@@ -7,7 +7,7 @@ import torch
 from conftest import FIXTURES, TINY_PLAIN
 
 import bench
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 def test_bench_reports_every_setting_and_the_ratio(tmp_path, capsys):
@@ -101,7 +101,7 @@ def test_every_flag_has_help_and_the_defaults_that_mean_something(capsys):
 
 
 def test_a_trained_model_folder_times_its_encoder_without_a_note(tmp_path, capsys):
-    from model_folder import load_pretrained, save_trained
+    from support.model_folder import load_pretrained, save_trained
     run = tmp_path / "run"
     save_trained(bench.MultiTaskModel(bench.SentenceEncoder(load_pretrained(TINY_PLAIN))), run)
     argv = ["--model", str(run), "--batch-size", "2", "--seq-len", "8", "--warmup", "0", "--steps", "1",

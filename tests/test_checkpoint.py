@@ -10,12 +10,12 @@ from conftest import FIXTURES, TINY_PLAIN
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import checkpoint
+from support import checkpoint
 import train
-from checkpoint import Checkpoint, Progress
-from runtime import CheckpointError
+from support.checkpoint import Checkpoint, Progress
+from support.runtime import CheckpointError
 from model import MultiTaskModel, SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 def trained_objects():
@@ -179,7 +179,7 @@ def test_the_same_folders_by_other_paths_resume(stopped_run, tmp_path, monkeypat
 def test_a_checkpoint_written_before_a_flag_existed_resumes_with_that_flags_old_behaviour():
     from types import SimpleNamespace
 
-    from checkpoint import ADDED_FLAGS, check_resume
+    from support.checkpoint import ADDED_FLAGS, check_resume
     saved = SimpleNamespace(flags={"epochs": 2, "lr": 5e-5}, world_size=1)  # written before --loss-norm existed
     check_resume("OUT/checkpoint", saved, {"epochs": 2, "lr": 5e-5, **ADDED_FLAGS}, world_size=1)
     with pytest.raises(CheckpointError, match="changed: --loss-norm batch -> fixed$"):

@@ -12,9 +12,9 @@ from conftest import FIXTURES, ROOT
 import data
 from conftest import encode_classification, encode_ner, read_ag_news, read_conll
 from data import IGNORE_INDEX, DataError, MultiTaskSampler, collate, encode_file, load_splits, load_tokenizer, split_off, word_tags
-from readers import clean_ag_text, to_iob2
-from tasks import NER_TAGS, TASKS
-from data_summary import padding_fraction
+from support.readers import clean_ag_text, to_iob2
+from support.tasks import NER_TAGS, TASKS
+from support.data_summary import padding_fraction
 
 DATA = FIXTURES / "data"
 SHARED = ROOT.parent / "shared" / "data"  # real files, present on the development machines and in CI
@@ -406,16 +406,16 @@ def test_load_splits_and_command_line_summary(tokenizer):
     ("--splits", "train,dev", "argument --splits: expected names from train,valid,test, got 'train,dev'"),
 ])
 def test_summary_flags_out_of_range_are_one_line(capsys, flag, value, message):
-    import data_summary
+    from support import data_summary
     argv = ["--data", str(DATA), "--model", str(FIXTURES / "bert_vocab"), "--no-data-cache", flag, value]
-    assert data_summary.main(argv) == 2
+    assert data_summary.main(argv, data) == 2
     assert capsys.readouterr() == ("", f"error: {message}\n")
 
 
 def test_summary_flags_all_have_help(capsys):
-    import data_summary
+    from support import data_summary
     with pytest.raises(SystemExit) as exit_:
-        data_summary.main(["--help"])
+        data_summary.main(["--help"], data)
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps at the terminal's width
     assert "--batch-size BATCH_SIZE examples per batch of the training epoch whose padding is measured (default: 32)" in text
@@ -426,7 +426,7 @@ def test_summary_flags_all_have_help(capsys):
 
 def test_collated_batch_feeds_the_encoder(tokenizer):
     """A collated batch is what Bert.forward takes: the same states as one unpadded example."""
-    from model_folder import load_pretrained
+    from support.model_folder import load_pretrained
     bert = load_pretrained(FIXTURES / "tiny_bert_plain").eval()
     tiny_tok = load_tokenizer(FIXTURES / "tiny_bert_plain")
     part = encode_classification([("the cat sat", 0), ("a dog sat on the mat", 1)], tiny_tok, 32)

@@ -20,13 +20,13 @@ import torch.multiprocessing as mp
 from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import run_folder
+from support import checkpoint
+from support import run_folder
 import train
-from runtime import Place
+from support.runtime import Place
 from data import Batching, MultiTaskSampler, length_batches, load_splits, load_tokenizer
 from model import MultiTaskModel, SentenceEncoder
-from model_folder import load_multitask, load_pretrained
+from support.model_folder import load_multitask, load_pretrained
 
 DATA = FIXTURES / "data"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")

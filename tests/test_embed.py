@@ -12,7 +12,7 @@ from conftest import BROKEN, FIXTURES, ROOT, TINY_PLAIN, broken_copy
 import embed
 from data import load_tokenizer
 from model import SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 SENTENCES = ["the cat sat on the mat", "the dog sat on the rug", "stocks fell"]
 

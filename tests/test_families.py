@@ -21,8 +21,8 @@ import train
 from conftest import encode_ner
 from data import load_tokenizer
 from model import MultiTaskModel, SentenceEncoder
-from runtime import CheckpointError
-from model_folder import checkpoint_names, load_multitask, load_pretrained, read_config, save_trained
+from support.runtime import CheckpointError
+from support.model_folder import checkpoint_names, load_multitask, load_pretrained, read_config, save_trained
 
 CASES = json.loads((FIXTURES / "family_tokenizer_cases.json").read_text())
 FOLDERS = {(family, layout): FIXTURES / f"tiny_{family}_{layout}"
@@ -142,7 +142,7 @@ def test_live_against_transformers(family, layout):
 
 def test_no_code_names_the_bert_pad_token():
     """The pad id comes from the model's config: [PAD] is BERT's name only (model_folder.py's vocab.txt builder)."""
-    for path in ROOT.glob("*.py"):
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("support/*.py")]:
         if path.name != "model_folder.py":
             assert '"[PAD]"' not in path.read_text(), path.name
 

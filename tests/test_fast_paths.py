@@ -12,7 +12,7 @@ from conftest import TINY_PLAIN
 
 import model as model_module
 from model import BertConfig, SelfAttention, dropout
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 def test_cpu_dropout_zeroes_p_and_scales_the_rest():
@@ -116,7 +116,7 @@ def test_model_dropout_modules_use_the_cpu_dropout(p):
 @pytest.mark.parametrize("name", ["auto", "cuda"])
 def test_a_cuda_device_switches_off_cudnn_attention_and_a_cpu_leaves_it(monkeypatch, name):
     # cuDNN plans each new attention shape again; our batches come in many widths.
-    from runtime import pick_device
+    from support.runtime import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     was = torch.backends.cuda.cudnn_sdp_enabled()
     try:

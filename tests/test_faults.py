@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import FIXTURES, TINY_PLAIN
 
-import checkpoint
+from support import checkpoint
 import data as data_module
-import features
+from support import features
 import pairs
-import run_folder
-import step_log
+from support import run_folder
+from support import step_log
 import train
-from checkpoint import Progress
-from runtime import Diverged, Place, optimizer_step
+from support.checkpoint import Progress
+from support.runtime import Diverged, Place, optimizer_step
 
 DATA = FIXTURES / "data"
 TASK_LOSS = train.task_loss
@@ -257,8 +257,8 @@ def test_an_undefined_spearman_is_null_with_its_reason(tmp_path, capsys):
 def test_a_nan_prediction_leaves_both_correlations_undefined(capsys):
     """NaN would take a rank of its own, and Spearman a value: both are null, and the log says why."""
     from data import Batching, load_tokenizer
-    from model_folder import load_pretrained
-    from sentence_pairs import PairModel, load_stsb
+    from support.model_folder import load_pretrained
+    from support.sentence_pairs import PairModel, load_stsb
 
     dev = load_stsb(DATA, load_tokenizer(TINY_PLAIN), 32, "cross")["valid"]
     model = PairModel(load_pretrained(TINY_PLAIN), "cross")

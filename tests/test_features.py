@@ -8,10 +8,10 @@ import torch
 from conftest import FIXTURES, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
-import features
+from support import features
 import train
 from data import MultiTaskSampler, load_splits, load_tokenizer
-from runtime import Report
+from support.runtime import Report
 
 TASK_LOSS = train.task_loss
 
@@ -166,9 +166,9 @@ def test_the_disk_cap_evicts_the_least_recently_used_key_and_never_the_runs_own(
 
 def test_report_prints_rate_and_eta_every_interval(monkeypatch):
     clock = iter([0.0, 4.0, 10.0, 15.0, 21.0])
-    monkeypatch.setattr("runtime.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("support.runtime.time.perf_counter", lambda: next(clock))
     lines = []
-    monkeypatch.setattr("runtime.log", lambda line, **_: lines.append(line))
+    monkeypatch.setattr("support.runtime.log", lambda line, **_: lines.append(line))
     report = Report("encoding features", 100, total_cost=1000)
     report.update(10, cost=50)  # t=4: too soon
     report.update(20, cost=200)  # t=10: 250 of 1000 cost in 10 s -> 30 s left

@@ -7,12 +7,12 @@ from safetensors import safe_open
 
 import freeze
 import train
-from runtime import optimizer_step
+from support.runtime import optimizer_step
 from conftest import encode_classification, encode_ner, read_ag_news, read_conll
 from data import collate, load_tokenizer
 from lr import param_groups, part_rates
 from model import MultiTaskModel, SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 DATA = FIXTURES / "data"
 ALL_PARTS = {"embeddings", "layer.0", "layer.1", "pooler", "ag_head", "ner_head", "project"}

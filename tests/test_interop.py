@@ -12,14 +12,14 @@ from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors.torch import load_file, save_file
 
 import embed
-import interop
+from support import interop
 import pairs
 import predict
 import train
 from data import load_tokenizer
-from model_folder import HEADS_FILE, load_multitask, load_pretrained
-from runtime import CheckpointError
-from sentence_pairs import collate_pairs, encode_pairs, load_pairs
+from support.model_folder import HEADS_FILE, load_multitask, load_pretrained
+from support.runtime import CheckpointError
+from support.sentence_pairs import collate_pairs, encode_pairs, load_pairs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import st_scores_run  # noqa: E402

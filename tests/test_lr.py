@@ -5,11 +5,11 @@ import argparse
 import pytest
 from conftest import TINY_PLAIN
 
-import flags
+from support import flags
 import freeze
 from lr import EMBEDDINGS_SHARE, auto_decay, auto_top_rate, format_groups, lr_factor, param_groups, part_rates
 from model import BertConfig, MultiTaskModel, SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 HEAD_RATES = {"ag_head": 1e-3, "ner_head": 1e-3, "project": 1e-3}

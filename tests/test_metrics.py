@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import FIXTURES
 
-from metrics import accuracy, chunks, entity_counts, entity_f1, scores_from_counts
+from support.metrics import accuracy, chunks, entity_counts, entity_f1, scores_from_counts
 
 CASES = json.loads((FIXTURES / "seqeval_cases.json").read_text())
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from data import load_tokenizer
 from model import MultiTaskModel, SentenceEncoder
-from tasks import TASKS
-from model_folder import (checkpoint_names, copy_tokenizer, load_multitask, load_pretrained, read_config,
+from support.tasks import TASKS
+from support.model_folder import (checkpoint_names, copy_tokenizer, load_multitask, load_pretrained, read_config,
                           save_trained, to_checkpoint)
-from runtime import CheckpointError, DataError
+from support.runtime import CheckpointError, DataError
 
 REFERENCE = load_file(FIXTURES / "tiny_bert_reference.safetensors")
 
@@ -278,7 +278,7 @@ def test_a_trained_projection_must_fit_too(tmp_path):
 
 
 def test_a_sentence_pair_model_must_fit_its_settings_too(tmp_path, capsys):
-    from sentence_pairs import PairModel, load_pairs
+    from support.sentence_pairs import PairModel, load_pairs
     folder = tmp_path / "pairs"
     save_trained(PairModel(load_pretrained(TINY_PLAIN), "bi", embed_dim=8), folder)
     load_pretrained(folder)  # a bi-encoder's projection is no head: embed.py reads it next, without a note

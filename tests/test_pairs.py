@@ -14,11 +14,11 @@ from safetensors import safe_open
 import embed
 import pairs
 from data import DataError, load_tokenizer
-from sentence_pairs import encode_pairs, read_stsb
-from metrics import pearson, ranks, spearman
-from sentence_pairs import PairModel, cosine, load_pairs
+from support.sentence_pairs import encode_pairs, read_stsb
+from support.metrics import pearson, ranks, spearman
+from support.sentence_pairs import PairModel, cosine, load_pairs
 from model import SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 STSB = FIXTURES / "data" / "stsb"
 SHARED = ROOT.parent / "shared" / "data" / "stsb"  # the real files, where they are present

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from data import load_tokenizer
 from embed import default_max_len
 from model import SentenceEncoder, normalize_rows, pool_tokens
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-MODULES = sorted(ROOT.glob("*.py"))  # the project's own top-level modules
+MODULES = sorted([*ROOT.glob("*.py"), *ROOT.glob("support/*.py")])  # the project's own modules: both layers
 
 
 def code_blocks(text):
@@ -59,6 +59,45 @@ def test_no_module_imports_a_script():
             elif isinstance(node, ast.ImportFrom):
                 imported.add(node.module)
         assert not imported & (scripts - {path.stem}), f"{path.name} imports {imported & scripts}"
+
+
+ROOT_FILES = {"model.py", "data.py", "train.py", "freeze.py", "lr.py", "download.py",  # the design card's
+              "pairs.py", "predict.py", "embed.py", "bench.py"}  # and the other scripts a user runs
+
+
+def test_the_root_holds_the_first_read_and_the_scripts_and_support_the_rest():
+    assert {p.name for p in ROOT.glob("*.py")} == ROOT_FILES
+    assert len(list((ROOT / "support").glob("*.py"))) > 1
+
+
+def import_graph():
+    """{module: the project's modules it imports}, both layers, as `support.NAME` for the second."""
+    names = {p: p.stem if p.parent == ROOT else f"support.{p.stem}" for p in MODULES}
+    graph = {}
+    for path, name in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = found & set(names.values())
+    return graph
+
+
+def test_the_imports_make_no_circle():
+    graph, done = import_graph(), set()
+
+    def walk(name, path):
+        assert name not in path, f"a circle of imports: {' -> '.join(path[path.index(name):] + [name])}"
+        if name not in done:
+            for other in sorted(graph[name]):
+                walk(other, path + [name])
+            done.add(name)
+
+    for name in graph:
+        walk(name, [])
+    assert graph["train"] >= {"data", "model", "support.checkpoint"}  # the graph sees both kinds of import
 
 
 def test_the_readme_is_a_map_and_its_links_resolve():
@@ -127,7 +166,8 @@ def test_every_torch_script_sets_the_cpu_threads_waiting_before_anything_else():
     for name in TORCH_SCRIPTS:
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         first = next(node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
-        assert isinstance(first, ast.Import) and [a.name for a in first.names] == ["cpu_threads"], name
+        assert isinstance(first, ast.ImportFrom) and first.module == "support", name
+        assert [a.name for a in first.names] == ["cpu_threads"], name
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -138,7 +178,7 @@ def test_every_torch_script_sets_the_cpu_threads_waiting_before_anything_else():
 def test_the_spin_count_is_set_before_torch_starts_unless_the_user_chose(given, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     code = ("import sys, os; import train; "
-            "print(os.environ.get('GOMP_SPINCOUNT'), sys.modules['cpu_threads'].__name__)")
+            "print(os.environ.get('GOMP_SPINCOUNT'), sys.modules['support.cpu_threads'].__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **given}, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == [str(expected), "cpu_threads"]
+    assert out == [str(expected), "support.cpu_threads"]

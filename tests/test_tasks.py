@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import FIXTURES, ROOT, TINY_PLAIN
-import flags
+from support import flags
 import predict
 import train
 from data import Batching, MultiTaskSampler, encode_file, load_splits, load_tokenizer
-from model_folder import load_multitask
-from runtime import Place
-from tasks import NER_TAGS, POS_TAGS, TASKS
+from support.model_folder import load_multitask
+from support.runtime import Place
+from support.tasks import NER_TAGS, POS_TAGS, TASKS
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from own_task_example import write_own_tasks  # noqa: E402  the example of docs/own-task.md

@@ -13,14 +13,14 @@ import torch
 from conftest import FIXTURES, ROOT, TINY_PLAIN
 from safetensors import safe_open
 
-import features
-import run_folder
-import step_log
+from support import features
+from support import run_folder
+from support import step_log
 import train
-from runtime import Place, optimizer_step
+from support.runtime import Place, optimizer_step
 from data import Batching, load_splits, load_tokenizer
 from model import MultiTaskModel, SentenceEncoder
-from model_folder import load_multitask, load_pretrained
+from support.model_folder import load_multitask, load_pretrained
 
 DATA = FIXTURES / "data"
 TASK_LOSS = train.task_loss
@@ -307,7 +307,7 @@ def test_a_log_line_at_least_every_log_seconds(tmp_path, monkeypatch, capsys):
 
 
 def test_the_eta_counts_the_evaluation_passes_still_to_come():
-    from checkpoint import Progress
+    from support.checkpoint import Progress
 
     progress = Progress(flags={}, step=40, history=[{}])  # epoch 1 of 3 done, with its validation pass
     # valid: 100 AG + 50 CoNLL examples; test: 300 + 10
@@ -511,7 +511,7 @@ def test_every_written_file_follows_the_umask(tmp_path):
 
 
 def test_a_full_disk_while_saving_weights_leaves_no_config_without_them(tmp_path, monkeypatch, capsys):
-    import model_folder
+    from support import model_folder
     from safetensors import SafetensorError
 
     def full(tensors, path, *args, **kwargs):

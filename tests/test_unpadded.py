@@ -17,7 +17,7 @@ import model as model_module
 import train
 from data import IGNORE_INDEX
 from model import POOLS, MultiTaskModel, Packing, SentenceEncoder
-from model_folder import load_pretrained
+from support.model_folder import load_pretrained
 
 FAMILIES = {"bert": TINY_PLAIN, "roberta": FIXTURES / "tiny_roberta_plain",
             "distilbert": FIXTURES / "tiny_distilbert_plain"}

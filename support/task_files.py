@@ -24,8 +24,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from runtime import UsageError, read_text
-from tasks import LEVELS, TASKS, Task
+from support.runtime import UsageError, read_text
+from support.tasks import LEVELS, TASKS, Task
 
 NAME = re.compile(r"[a-z][a-z0-9_]*")  # a head's part is "<name>_head", a score "<name>_accuracy"
 FIELDS = {f.name for f in fields(Task)} - {"valid_fraction"}  # that one is train.py's --valid-fraction

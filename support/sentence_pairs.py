@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-import data_cache
+from support import data_cache
 from data import _encode, pad
 from model import Dropout, SentenceEncoder
-from model_folder import load_trained
-from runtime import DataError, read_text
+from support.model_folder import load_trained
+from support.runtime import DataError, read_text
 
 
 # --- The data ------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-import checkpoint
-import distributed
-import interop
-from checkpoint import Checkpoint
-from model_folder import copy_tokenizer, save_trained
-from runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, log, os_error_line, write_json
+from support import checkpoint
+from support import distributed
+from support import interop
+from support.checkpoint import Checkpoint
+from support.model_folder import copy_tokenizer, save_trained
+from support.runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, log, os_error_line, write_json
 
 _HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
 _MADE = []  # the run folders this process made: removed again if it ends having written nothing there

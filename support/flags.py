@@ -14,13 +14,13 @@ import math
 import sys
 from pathlib import Path
 
-import checkpoint
+from support import checkpoint
 import freeze
-import interop
+from support import interop
 from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate
 from model import UNPAD
-from model_folder import cross_encoder_note
-from runtime import CheckpointError, UsageError
+from support.model_folder import cross_encoder_note
+from support.runtime import CheckpointError, UsageError
 
 MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
 

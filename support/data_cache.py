@@ -36,7 +36,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from runtime import atomic_write, log
+from support.runtime import atomic_write, log
 
 FORMAT = 2  # part of every key; 2: byte-level BPE words get their leading space
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import SentenceEncoder
-from runtime import CheckpointError, atomic_write
+from support.runtime import CheckpointError, atomic_write
 
 # What modules.json calls each module: the classic names, and those of sentence-transformers 6.
 TYPES = {"Transformer": ("sentence_transformers.models.Transformer",

@@ -49,9 +49,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import distributed
+from support import distributed
 from data import length_batches, pad
-from runtime import Report, atomic_write, duration, log, plural
+from support.runtime import Report, atomic_write, duration, log, plural
 
 FORMAT = 2  # bump when what a feature is, or the file layout, changes
 CHUNK_MB = 256

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-import distributed
-from runtime import Diverged, duration, log, plural
+from support import distributed
+from support.runtime import Diverged, duration, log, plural
 
 LOG_SECONDS = 10.0  # the longest a run goes without a log line, whatever --log-every says
 MIN_LOSS_SCALE = 2.0**-9  # an fp16 loss scale this low is divergence: 2**16 halved 25 times

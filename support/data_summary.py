@@ -1,5 +1,8 @@
 """A summary of every split: what `python data.py --data DIR --model DIR` prints.
 
+data.py hands main() its own module (`reading`) rather than this module importing
+data.py, so that imports run one way.
+
 Per task and split: examples, label counts, word pieces per example (mean,
 95th percentile, longest) and how many were cut at --max-len; then what one
 training epoch of the multi-task sampler costs in padding, with and without
@@ -13,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import MultiTaskSampler, collate, load_splits, load_tokenizer
-from flags import MAX_SEED
-from runtime import DataError, HelpFormatter, UsageError, exit_status_of
-from task_files import parse_tasks
+from support.flags import MAX_SEED
+from support.runtime import DataError, HelpFormatter, UsageError
+from support.task_files import parse_tasks
 
 
 def padding_fraction(batches, lengths):
@@ -50,7 +52,8 @@ def split_summary(data):
             f"{lengths.max():5d}  {sum(data.truncated):,} ({np.mean(data.truncated):.2%})")
 
 
-def main(argv=None):
+def main(argv, reading):
+    """reading: the data.py module, which calls this."""
     p = argparse.ArgumentParser(description="Read, tokenize and summarize every task's files (AG News and "
                                 "CoNLL-2003 by default).", formatter_class=HelpFormatter)
     p.add_argument("--data", default="data", help="data directory written by download.py")
@@ -75,9 +78,9 @@ def main(argv=None):
         if not 0 <= args.seed <= MAX_SEED:  # the sampler's generator takes no other
             raise UsageError(f"argument --seed: must be a whole number from 0 to {MAX_SEED}, got {args.seed}")
         start = time.perf_counter()
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = reading.load_tokenizer(args.model)
         cache_dir = None if args.no_data_cache else Path(args.data) / ".cache"
-        data = load_splits(args.data, tokenizer, args.max_len, cache_dir, splits, tasks=parse_tasks(args.tasks))
+        data = reading.load_splits(args.data, tokenizer, args.max_len, cache_dir, splits, tasks=parse_tasks(args.tasks))
         seconds = time.perf_counter() - start
     except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -92,11 +95,11 @@ def main(argv=None):
         train = {task: by_split["train"] for task, by_split in data.items()}
         lengths = {task: part.lengths() for task, part in train.items()}
         for window in (0, 50):
-            sampler = MultiTaskSampler(lengths, args.batch_size, args.seed, group_window=window)
+            sampler = reading.MultiTaskSampler(lengths, args.batch_size, args.seed, group_window=window)
             start = time.perf_counter()
             batches = sampler.epoch(0)
             for task, indices in batches:
-                collate(train[task], indices)  # pad id 0: the ids are not used, only the time
+                reading.collate(train[task], indices)  # pad id 0: the ids are not used, only the time
             seconds = time.perf_counter() - start
             grouping = "grouped by length in windows of 50 batches" if window else "no length grouping"
             print(f"one training epoch: {sampler.per_task:,} examples per task, {len(batches):,} batches of "
@@ -105,5 +108,3 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(exit_status_of(main))

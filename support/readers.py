@@ -10,7 +10,7 @@ import csv
 import io
 import re
 
-from runtime import DataError, read_text
+from support.runtime import DataError, read_text
 
 # AG News was scraped from HTML and stored with some damage. The `&` of HTML
 # entities was lost (leaving " #39;" for an apostrophe), "$" was escaped as

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from runtime import CheckpointError, UsageError, atomic_write
+from support.runtime import CheckpointError, UsageError, atomic_write
 
 
 @dataclass

@@ -35,10 +35,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
-import checkpoint
+from support import checkpoint
 from model import Bert, BertConfig, MultiTaskModel, parameter_part
-from runtime import CheckpointError, DataError, atomic_write, log, read_text
-from tasks import SEED_TASKS, TASKS
+from support.runtime import CheckpointError, DataError, atomic_write, log, read_text
+from support.tasks import SEED_TASKS, TASKS
 
 
 @dataclass(frozen=True)

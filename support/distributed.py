@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from runtime import Place, pick_amp, pick_device
+from support.runtime import Place, pick_amp, pick_device
 
 _CONTROL = None  # a gloo group for small host-side decisions (agree): agreeing on one number needs no GPU sync
 
