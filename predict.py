@@ -70,8 +70,9 @@ def head_outputs(model, part, device, batch_size, pad_id):
     for indices in length_batches(part.lengths(), batch_size):
         batch = collate(part, indices, pad_id)
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), part.task.name)
+        logits = logits.float().cpu()  # one copy from the device per batch
         for row, i in enumerate(indices):
-            out[i] = logits.float().cpu()[row]
+            out[i] = logits[row]
     return out
 
 
