@@ -1,10 +1,9 @@
 """Which parameters train (Task 3): freezing strategies, and gradual unfreezing epoch by epoch.
 
-A frozen parameter has requires_grad = False: it gets no gradient, the
-optimizer never holds it (lr.py builds groups from trainable parameters
-only), and it stays bit-identical. Strategies name parts of the model
-(model.parameter_part): the encoder's embeddings, layer.{i} and pooler, and
-the model's heads, one per task ("ag_head", "ner_head"; "project", the
+A frozen parameter has requires_grad = False: it gets no gradient, the optimizer never holds
+it (lr.py builds groups from trainable parameters only), and it stays bit-identical.
+Strategies name parts of the model (model.parameter_part): the encoder's embeddings, layer.{i}
+and pooler, and the model's heads, one per task ("ag_head", "ner_head"; "project", the
 sentence projection that the sentence-level heads share).
 
   none        everything trains
@@ -19,7 +18,7 @@ sentence projection that the sentence-level heads share).
 Strategies combine with commas: "embeddings,ner-head". Gradual unfreezing
 (Howard & Ruder, 2018, ULMFiT) starts with the backbone frozen and releases
 one layer per epoch from the top down, the embeddings last. A backbone frozen
-for the whole run is a fixed function: features.py computes its outputs once.
+for the whole run is a fixed function: support/features.py computes its outputs once.
 
 Reading order: parse_freeze, gradual_frozen -> Plan, the run's schedule ->
 apply_freeze / release -> what a step asks (set_train_mode, task_trains).
@@ -34,12 +33,13 @@ STRATEGIES = ("none", "all", "backbone", "embeddings", "lower:N")  # and one "<t
 
 
 def backbone_parts(num_layers, pooler=True):
-    """The encoder's parts; pooler=False for a checkpoint without one (the hub's RoBERTa and DistilBERT)."""
-    return {"embeddings", *(["pooler"] if pooler else []), *(f"layer.{i}" for i in range(num_layers))}
+    """The encoder's parts; pooler=False for a checkpoint without one (BertConfig.has_pooler)."""
+    return {"embeddings", *(["pooler"] if pooler else []),
+            *(f"layer.{i}" for i in range(num_layers))}
 
 
 def parse_freeze(spec, num_layers, heads):
-    """"backbone,ner-head" -> the set of frozen parts; heads: the model's head parts, e.g. ("ag_head",
+    """"backbone,ner-head" -> the set of frozen parts; heads: the model's head parts ("ag_head",
     "ner_head"), which "all" includes and "ner-head" names. ValueError names a bad item."""
     frozen = set()
     for item in spec.split(","):
@@ -57,7 +57,8 @@ def parse_freeze(spec, num_layers, heads):
         elif item.startswith("lower:"):
             n = item.removeprefix("lower:")
             if not n.isdigit() or not 1 <= int(n) <= num_layers:
-                raise ValueError(f"{item!r}: N must be a whole number from 1 to {num_layers}, the model's layer count")
+                raise ValueError(f"{item!r}: N must be a whole number from 1 to {num_layers}, "
+                                 f"the model's layer count")
             frozen |= {"embeddings", *(f"layer.{i}" for i in range(int(n)))}
         else:
             choices = ", ".join([*STRATEGIES, *(head.replace("_", "-") for head in heads)])
@@ -67,11 +68,8 @@ def parse_freeze(spec, num_layers, heads):
 
 def gradual_frozen(epoch, num_layers, base):
     """Frozen parts in `epoch` under gradual unfreezing, on top of the always-frozen `base`.
-
-    Epoch 0 trains only the heads; epoch 1 adds the top layer (with the
-    pooler that sits on it), epoch 2 the layer below, ..., and the epoch
-    after layer 0 the embeddings.
-    """
+    Epoch 0 trains only the heads; epoch 1 adds the top layer (with the pooler that sits on it),
+    epoch 2 the layer below, ..., and the epoch after layer 0 the embeddings."""
     release_order = [{"pooler", f"layer.{num_layers - 1}"}]
     release_order += [{f"layer.{i}"} for i in range(num_layers - 2, -1, -1)] + [{"embeddings"}]
     frozen = backbone_parts(num_layers)
@@ -91,7 +89,8 @@ class Plan:
 
     @classmethod
     def from_flags(cls, freeze, unfreeze, num_layers, heads, pooler=True):
-        return cls(parse_freeze(freeze, num_layers, heads), num_layers, tuple(heads), unfreeze == "gradual", pooler)
+        return cls(parse_freeze(freeze, num_layers, heads), num_layers, tuple(heads),
+                   unfreeze == "gradual", pooler)
 
     def frozen_at(self, epoch):
         return gradual_frozen(epoch, self.num_layers, self.base) if self.gradual else self.base
@@ -102,12 +101,12 @@ class Plan:
         return any(not every_part <= self.frozen_at(epoch) for epoch in range(epochs))
 
     def backbone_fixed(self):
-        """Is the whole backbone frozen for the whole run? Then its outputs can be computed once (features.py)."""
+        """Is the backbone frozen for the whole run? Then features.py computes its outputs once."""
         return not self.gradual and backbone_parts(self.num_layers, self.pooler) <= self.base
 
 
 def apply_freeze(model, frozen):
-    """Set requires_grad from the frozen parts; returns the names of parameters that changed to trainable."""
+    """Set requires_grad from the frozen parts; returns the names of those it made trainable."""
     released = []
     for name, p in model.named_parameters():
         trains = parameter_part(name) not in frozen
@@ -119,7 +118,7 @@ def apply_freeze(model, frozen):
 
 def release(model, optimizer, frozen, rates, weight_decay):
     """Gradual unfreezing's step: unfreeze down to `frozen`, and give the released parameters their
-    optimizer groups (lr.py's rates). Returns their names. Under torchrun, wrap the model in DDP again
+    optimizer groups (lr.py). Returns their names. Under torchrun, wrap the model in DDP again
     afterwards: DDP fixes the parameters it synchronizes when it is built (distributed.wrap)."""
     released = apply_freeze(model, frozen)
     for group in param_groups(model, rates, weight_decay, names=set(released)):
@@ -128,7 +127,7 @@ def release(model, optimizer, frozen, rates, weight_decay):
 
 
 def set_train_mode(model, frozen):
-    """Train mode, except that a fully frozen backbone runs in eval mode (no dropout): a fixed feature extractor."""
+    """Train mode, but a fully frozen backbone runs in eval mode (no dropout): a fixed function."""
     model.train()
     if backbone_parts(model.bert.config.num_hidden_layers, model.bert.pooler is not None) <= frozen:
         model.bert.eval()
@@ -138,7 +137,8 @@ def task_trains(model, task):
     """Does a step of this task update anything? Not when all of its path is frozen: the encoder's
     parts it reads, and its head (model.unread_parts says which parts a task never reads)."""
     unread = model.unread_parts(task)
-    return any(p.requires_grad for n, p in model.named_parameters() if parameter_part(n) not in unread)
+    return any(p.requires_grad for n, p in model.named_parameters()
+               if parameter_part(n) not in unread)
 
 
 def trainable_summary(model):

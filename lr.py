@@ -14,30 +14,30 @@ towards zero, which means nothing for a shift or a scale of 1.
 Groups are built from trainable parameters only, so freezing (freeze.py)
 decides what is in the optimizer and this file decides how fast it moves.
 
-train.py's default rates follow the backbone's size (auto_top_rate,
-auto_decay; the study behind them is docs/defaults.md): the top rate scales
-with 1 / hidden size squared from bert-base's 5e-5 (up to 3e-4), and the decay
-per layer is the one that leaves the embeddings the same share of the top rate
-at any depth.
+train.py's default rates follow the backbone's size (auto_top_rate, auto_decay; the study
+behind them is docs/defaults.md): the top rate scales with 1 / hidden size squared, and the
+decay per layer leaves the embeddings the same share of the top rate at any depth.
 """
 
+import torch
 from torch import nn
 
 from model import parameter_part
 
 AUTO = "auto"
-BERT_BASE_WIDTH, BERT_BASE_TOP_RATE = 768, 5e-5  # the top of Devlin et al.'s (2019) range for bert-base
+BERT_BASE_WIDTH, BERT_BASE_TOP_RATE = 768, 5e-5  # the top of Devlin et al.'s (2019) range
 # The most auto gives a narrow model: ELECTRA-small's rate, the largest Turc et al. (2019) searched.
 NARROW_TOP_RATE = 3e-4
-EMBEDDINGS_SHARE = 0.9 ** 6  # embeddings' rate / top rate: 0.53, near Sun et al.'s 0.95 ** 12 = 0.54 (bert-base)
+# The embeddings' rate / the top rate: 0.53, near Sun et al.'s 0.95 ** 12 = 0.54 (bert-base).
+EMBEDDINGS_SHARE = 0.9 ** 6
 
 
 def auto_top_rate(hidden_size):
     """--lr auto: 5e-5 for bert-base (hidden 768), 2e-4 for a 384-wide model, at most 3e-4.
 
-    The two points the rule goes through: bert-base's rate from the literature,
-    and all-MiniLM-L6-v2's measured over seeds (2e-4 beat 1e-4 on every seed).
-    Below 384 it is an extrapolation, so it stops at NARROW_TOP_RATE.
+    The rule goes through two points: bert-base's rate from the literature, and the rate
+    measured for all-MiniLM-L6-v2 (docs/defaults.md). Below 384 it is an extrapolation, so it
+    stops at NARROW_TOP_RATE.
     """
     return min(BERT_BASE_TOP_RATE * (BERT_BASE_WIDTH / hidden_size) ** 2, NARROW_TOP_RATE)
 
@@ -78,6 +78,13 @@ def param_groups(model, rates, weight_decay, names=None):
         group["params"].append(param)
     order = list(rates)
     return [groups[key] for key in sorted(groups, key=lambda k: (order.index(k[0]), not k[1]))]
+
+
+def adamw(groups, device):
+    """AdamW over the groups, with torch's fused kernel on CUDA. With nothing to train
+    (--freeze all), over one empty group, as AdamW needs at least one."""
+    empty = [{"params": [], "name": "none", "base_lr": 0.0}]
+    return torch.optim.AdamW(groups or empty, fused=device.type == "cuda")
 
 
 def lr_factor(step, total_steps, warmup_steps):

@@ -1,22 +1,21 @@
 """The BERT encoder, written out in full, and what Tasks 1 and 2 put on top of it.
 
-Follows Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers
-for Language Understanding" (2019), and matches the numerics of Hugging Face
-`transformers.BertModel` (tests/test_model.py proves it to 1e-5 in fp32).
-RoBERTa (Liu et al., 2019) and DistilBERT (Sanh et al., 2019) are the same
-post-LN encoder with other position numbers, no token types or no pooler:
-FAMILIES holds those differences as data, and one class runs all three
+Follows Devlin et al. (2019) and matches the numerics of Hugging Face `transformers.BertModel`
+(tests/test_model.py proves it to 1e-5 in fp32). RoBERTa (Liu et al., 2019) and DistilBERT
+(Sanh et al., 2019) are the same post-LN encoder with other position numbers, no token types
+or no pooler: FAMILIES holds those differences as data, and one class runs all three
 (tests/test_families.py matches RobertaModel and DistilBertModel).
 
 Reading order:
   the encoder   FAMILIES, BertConfig -> Embeddings -> SelfAttention -> Layer -> Packing
                 (the unpadded path) -> Bert (encoder + pooler); Dropout is nn.Dropout's,
-                drawn faster on the CPU (cpu_dropout.py)
+                drawn faster on the CPU (support/cpu_dropout.py)
   Task 1        pool_tokens / SentenceEncoder: one vector per sentence
-  Task 2        Head / MultiTaskModel: one encoder, a head per task (tasks.py), and
+  Task 2        Head / MultiTaskModel: one encoder, a head per task (support/tasks.py), and
                 parameter_part, the names freezing and learning rates use
 
-model_folder.py reads and writes the weights. attention_mask is (B, T), 1 = a real token, 0 = padding.
+support/model_folder.py reads and writes the weights. attention_mask is (B, T): 1 = a real token,
+0 = padding.
 """
 
 from dataclasses import dataclass
@@ -33,9 +32,9 @@ from support.tasks import SEED_TASKS, TASKS, Task
 
 @dataclass(frozen=True)
 class Family:
-    """What one model_type changes in the computation (the names its files use: model_folder.NAMES)."""
+    """What one model_type changes in the computation (its files' names: model_folder.NAMES)."""
     positions_after_padding: bool = False  # position ids start at pad_token_id + 1 (RoBERTa)
-    attention_output_dropout: bool = True  # DistilBERT has no dropout on the attention block's output
+    attention_output_dropout: bool = True  # DistilBERT: no dropout on the attention output
 
 
 # DistilBERT's lack of token types and of a pooler is data too: type_vocab_size 0, has_pooler False.
@@ -61,7 +60,7 @@ class BertConfig:
     pad_token_id: int = 0  # id of the padding token: [PAD] (BERT), <pad> (RoBERTa)
     # Set by the model family and the checkpoint, not read from config.json's keys:
     model_type: str = "bert"  # bert | roberta | distilbert (FAMILIES)
-    has_pooler: bool = True  # False when the checkpoint holds no pooler (the hub's RoBERTa and DistilBERT)
+    has_pooler: bool = True  # False for a checkpoint without one (the hub's RoBERTa and DistilBERT)
 
     @property
     def position_start(self):
@@ -75,16 +74,14 @@ class BertConfig:
 
 
 class Embeddings(nn.Module):
-    """Token id + position + segment embeddings, then LayerNorm and dropout.
-
-    DistilBERT has no segment embeddings (type_vocab_size 0).
-    """
+    """Token id + position + segment embeddings, then LayerNorm and dropout."""
 
     def __init__(self, config):
         super().__init__()
         self.word = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
+        self.token_type = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                           if config.type_vocab_size else None)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
         self.position_start, self.pad_id = config.position_start, config.pad_token_id
@@ -107,52 +104,54 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; softmax(QK^T / sqrt(hs)) V runs in SDPA (in CPU training, written out)."""
+    """Multi-head self-attention: softmax(QK^T / sqrt(hs)) V, by SDPA except in CPU training."""
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.num_attention_heads
-        # Query, key and value projections stacked in one (3H, H) matrix: one
-        # matrix product instead of three. model_folder.py stacks the
-        # checkpoint's three matrices as it loads them, and splits them as it saves.
+        # Query, key and value projections stacked in one (3H, H) matrix: one matrix product,
+        # not three. model_folder.py stacks the checkpoint's three as it loads and splits them
+        # as it saves.
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x, keep, packing=None):
-        """x (B, T, H) -> (B, T, H); on the unpadded path x (N, H) -> (N, H), the real tokens of a Packing."""
+        """x (B, T, H) -> (B, T, H); unpadded, x (N, H) -> (N, H): the real tokens of a Packing."""
         qkv = self.qkv(x)  # (B, T, 3H), or (N, 3H)
         H, nh = x.shape[-1], self.n_head
         if packing is None:
             B, T, _ = x.shape
             # (B, T, 3H) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs) -> q, k, v, each (B, nh, T, hs)
             q, k, v = qkv.view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4).unbind(0)
-            y = self.attend(q, k, v, keep).transpose(1, 2).reshape(B, T, H)  # (B, nh, T, hs) -> (B, T, H)
+            y = self.attend(q, k, v, keep).transpose(1, 2).reshape(B, T, H)  # -> (B, T, H)
         elif x.device.type == "cuda":  # unpadded: one kernel for all sequences (Packing.attend)
             y = packing.attend(qkv, nh, self.dropout_p if self.training else 0.0)
-        else:  # unpadded on the CPU: each sequence attends on its own, nothing masked (measured fastest)
-            q, k, v = qkv.view(len(x), 3, nh, H // nh).permute(1, 2, 0, 3).unbind(0)  # each (nh, N, hs)
-            per_sequence = zip(*(t.split(packing.lengths, dim=1) for t in (q, k, v)))  # (nh, T_b, hs) each
-            y = torch.cat([self.attend(q, k, v, None) for q, k, v in per_sequence], dim=1)  # (nh, N, hs)
+        else:  # unpadded on the CPU: each sequence alone, nothing masked (docs/performance.md)
+            q, k, v = qkv.view(len(x), 3, nh, H // nh).permute(1, 2, 0, 3).unbind(0)  # (nh, N, hs)
+            # Sequence b's q, k and v are (nh, T_b, hs) each; concatenated, y is (nh, N, hs).
+            per_sequence = zip(*(t.split(packing.lengths, dim=1) for t in (q, k, v)))
+            y = torch.cat([self.attend(q, k, v, None) for q, k, v in per_sequence], dim=1)
             y = y.transpose(0, 1).reshape(len(x), H)  # (nh, N, hs) -> (N, H)
         return self.out(y)
 
     def attend(self, q, k, v, keep):
-        """softmax(q k^T / sqrt(hs)) v, with dropout on the weights in training: (..., T, hs) -> (..., T, hs)."""
+        """(..., T, hs) -> (..., T, hs): softmax(q k^T / sqrt(hs)) v, with dropout in training."""
         if self.training and self.dropout_p > 0 and q.device.type == "cpu":
             return self._attend_with_dropout(q, k, v, keep)
         # keep: (B, 1, 1, T) boolean, True = this key may be attended to; None = no padding,
         # which lets SDPA pick its fastest kernel. A query whose keys are all masked (an
-        # all-padding row) gets zeros from SDPA, not NaN: checked on CPU and CUDA.
+        # all-padding row) gets zeros from SDPA, not NaN.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                               dropout_p=self.dropout_p if self.training else 0.0)
 
     def _attend_with_dropout(self, q, k, v, keep):
-        """SDPA's own math for CPU training, which SDPA runs with the costlier bernoulli_ masks. A row with
-        every key masked would get uniform weights (SDPA: zeros); training rows always hold [CLS] and [SEP]."""
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T); scaling q is the cheaper side
+        """SDPA's own math for CPU training, where SDPA draws costlier bernoulli_ masks. A row with
+        all keys masked gets uniform weights (SDPA: zeros); training rows hold [CLS] and [SEP]."""
+        # Scaling q is the cheaper side. Masked in place: the product's backward needs q, k only.
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T)
         if keep is not None:
-            scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)  # in place: the product's backward needs q, k only
+            scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
         weights = dropout(scores.softmax(-1), self.dropout_p, training=True)
         return weights @ v  # (B, nh, T, hs)
 
@@ -172,22 +171,24 @@ class Layer(nn.Module):
         self.attn_dropout = Dropout(config.hidden_dropout_prob if attention_dropout else 0.0)
 
     def forward(self, x, keep, packing=None):
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, keep, packing)))  # (B, T, H), or (N, H) packed
-        h = F.gelu(self.ffn_in(x))  # (B, T, I), I = intermediate_size; exact erf GELU, as BERT was trained
+        # x: (B, T, H), or (N, H) packed; I = intermediate_size
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, keep, packing)))
+        h = F.gelu(self.ffn_in(x))  # (B, T, I); the exact erf GELU, as BERT was trained
         return self.ffn_norm(x + self.dropout(self.ffn_out(h)))  # (B, T, H)
 
 
 class Packing:
-    """The unpadded path: where a batch's real tokens are, so that only they are computed. All of a layer
-    but attention works token by token, so it runs on the N real tokens packed into one (N, H) tensor.
-    Attention reads each sequence's tokens together: SelfAttention splits them per sequence on the CPU;
-    on a GPU, SDPA takes them all as nested jagged tensors (attend)."""
+    """The unpadded path: where a batch's real tokens are, so that only they are computed.
+    All of a layer but attention works token by token, so it runs on the N real tokens packed
+    into one (N, H) tensor. Attention reads each sequence's tokens together: split per sequence
+    on the CPU (SelfAttention), as nested jagged tensors on a GPU (attend)."""
 
     def __init__(self, attention_mask):
         self.shape = attention_mask.shape  # (B, T)
-        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,): each real token's place in B * T
+        # (N,): each real token's place in B * T
+        self.index = attention_mask.flatten().nonzero().squeeze(1)
         lengths = attention_mask.sum(1)  # (B,)
-        self.offsets = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,): sequence b is packed rows offsets[b:b + 2]
+        self.offsets = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,): each sequence's start, then N
         self.lengths = lengths.tolist()
 
     def pack(self, x):
@@ -200,39 +201,39 @@ class Packing:
         return out.view(*self.shape, *x.shape[1:])
 
     def attend(self, qkv, n_head, dropout_p):
-        """Attention per sequence on packed tokens, (N, 3H) -> (N, H): SDPA on nested jagged tensors."""
-        q, k, v = (t.contiguous() for t in qkv.view(len(qkv), 3, n_head, -1).unbind(1))  # each (N, nh, hs)
-        nested = [torch.nested.nested_tensor_from_jagged(t, self.offsets).transpose(1, 2) for t in (q, k, v)]
+        """(N, 3H) -> (N, H): attention per sequence, by SDPA on nested jagged tensors."""
+        # q, k, v: each (N, nh, hs)
+        q, k, v = (t.contiguous() for t in qkv.view(len(qkv), 3, n_head, -1).unbind(1))
+        nested = [torch.nested.nested_tensor_from_jagged(t, self.offsets).transpose(1, 2)
+                  for t in (q, k, v)]
         y = F.scaled_dot_product_attention(*nested, dropout_p=dropout_p)  # (B, nh, j, hs), j jagged
         return y.transpose(1, 2).values().flatten(1)  # (N, nh, hs) -> (N, H)
 
 
-UNPAD = ("auto", "always", "never")  # Bert.unpad: which batches with padding run unpadded (Bert.packs)
-PACK_FROM = 0.2  # auto packs a CPU batch from this share of padding up: faster there, slower below (measured)
+UNPAD = ("auto", "always", "never")  # Bert.unpad: which padded batches run unpadded (Bert.packs)
+# auto packs a CPU batch from this share of padding up: faster there, slower below.
+PACK_FROM = 0.2
 
 
 class Bert(nn.Module):
-    """The encoder: embeddings, L layers, and the pooler (dense + tanh on [CLS]).
-
-    A checkpoint without pooler weights gives a Bert without a pooler
-    (config.has_pooler False), whose "pooled" output is then the first
-    token's final state as it is: no random pooler is ever used.
-    """
+    """The encoder: embeddings, L layers, and the pooler (dense + tanh on [CLS]) if the checkpoint
+    has one; without it, "pooled" is the first token's final state: no random pooler is used."""
 
     def __init__(self, config, unpad="auto"):
         super().__init__()
         self.config, self.unpad = config, unpad
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.has_pooler else None
+        self.pooler = (nn.Linear(config.hidden_size, config.hidden_size)
+                       if config.has_pooler else None)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """input_ids (B, T) -> hidden (B, T, H), pooled (B, H)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        # The one place the 1 = keep mask becomes SDPA's boolean mask: (B, T) -> (B, 1, 1, T), broadcast
-        # over heads and queries. A batch without padding needs no mask (None): SDPA then has its fastest
-        # kernels, and nothing is packed. The checks wait for the device, and would split a compiled graph.
+        # The one place the 1 = keep mask becomes SDPA's boolean mask: (B, T) -> (B, 1, 1, T),
+        # broadcast over heads and queries. A batch without padding needs no mask (None) and is not
+        # packed. The checks wait for the device, and would split a compiled graph.
         keep, packing = None, None
         if attention_mask is not None:
             keep = attention_mask.bool()[:, None, None, :]
@@ -244,16 +245,18 @@ class Bert(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, packing)  # (B, T, H), or unpadded (N, H)
         for layer in self.layers:
             x = layer(x, keep, packing)
-        x = x if packing is None else packing.unpack(x)  # unpadded: (N, H) -> (B, T, H), zeros at padding
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else x[:, 0]  # (B, H), from [CLS]
+        x = x if packing is None else packing.unpack(x)  # (N, H) -> (B, T, H), zeros at padding
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else x[:, 0]  # (B, H)
         return x, pooled
 
     def packs(self, attention_mask):
-        """Whether a batch with padding runs unpadded (self.unpad). auto: on the CPU from PACK_FROM padding
-        up (random batches, not length-grouped ones: docs/performance.md); a GPU pads until measured there."""
+        """Whether a batch with padding runs unpadded (self.unpad). auto: on the CPU from PACK_FROM
+        padding up, so random batches pack and length-grouped ones do not (docs/performance.md);
+        a GPU pads, as packing is not measured there."""
         if self.unpad != "auto":
             return self.unpad == "always"
-        return attention_mask.device.type == "cpu" and 1 - attention_mask.float().mean() >= PACK_FROM
+        return (attention_mask.device.type == "cpu"
+                and 1 - attention_mask.float().mean() >= PACK_FROM)
 
 
 # --- Sentence embeddings (Task 1) ----------------------------------------------
@@ -294,7 +297,7 @@ def normalize_rows(x, norm):
 
 
 class SentenceEncoder(nn.Module):
-    """BERT -> pooling -> optional linear projection to embed_dim -> optional L1/L2 normalization."""
+    """BERT -> pooling -> optional projection to embed_dim -> optional L1/L2 normalization."""
 
     def __init__(self, bert, pool="mean", embed_dim=None, normalize=None):
         super().__init__()
@@ -310,35 +313,36 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         hidden, pooled = self.bert(input_ids, attention_mask)
-        return self.finish(pool_tokens(hidden, pooled, attention_mask, self.pool))  # (B, H) -> (B, D)
+        return self.finish(pool_tokens(hidden, pooled, attention_mask, self.pool))  # (B, D)
 
     def finish(self, x):
-        """Pooled vectors (B, H) -> embeddings (B, D): the optional projection, then normalization."""
+        """Pooled vectors (B, H) -> embeddings (B, D): optional projection, then normalization."""
         if self.project is not None:
             x = self.project(x)  # (B, H) -> (B, D)
         return normalize_rows(x, self.norm)
 
     @torch.no_grad()
     def encode(self, texts, tokenizer, batch_size=32, max_len=None):
-        """Embed a list of strings in batches; returns a float32 (N, D) tensor on the CPU.
-
-        Inputs longer than max_len word pieces (default: the model's limit)
-        keep their first max_len - 1 pieces and the final [SEP].
-        """
+        """Embed a list of strings in batches: a float32 (N, D) tensor on the CPU. Inputs longer
+        than max_len word pieces (default: the model's limit) keep their first max_len - 1 pieces
+        and the final [SEP]."""
         limit = self.bert.config.max_len
         max_len = max_len or limit
         if not 2 <= max_len <= limit:
-            raise ValueError(f"max_len must be between 2 and {limit} (the model's positions), got {max_len}")
+            raise ValueError(f"max_len must be between 2 and {limit} (the model's positions), "
+                             f"got {max_len}")
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         out = []
         for start in range(0, len(texts), batch_size):
             encodings = tokenizer.encode_batch(texts[start:start + batch_size])
-            rows = [torch.tensor(e.ids if len(e.ids) <= max_len else e.ids[:max_len - 1] + e.ids[-1:])
-                    for e in encodings]
-            input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.bert.config.pad_token_id)
-            attention_mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+            rows = [torch.tensor(e.ids if len(e.ids) <= max_len
+                                 else e.ids[:max_len - 1] + e.ids[-1:]) for e in encodings]
+            input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True,
+                                                  padding_value=self.bert.config.pad_token_id)
+            attention_mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows],
+                                                       batch_first=True)
             out.append(self(input_ids.to(device), attention_mask.to(device)).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
@@ -362,15 +366,11 @@ class Head(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """One shared encoder, one head per task, kept in `heads` by task name.
-
-    A sentence-level task's head reads the sentence embedding (pooling ->
-    optional projection -> optional normalization, as in SentenceEncoder);
-    a word-level task's head reads every token state, because pooling would
-    blur the words it has to tag. A batch holds one task, and forward runs
-    only that task's head.
-    """
-    SECTION, WRITTEN_BY = "multitask", "train.py"  # its settings' and heads' name in a model folder (model_folder.py)
+    """One shared encoder, one head per task, kept in `heads` by task name. A sentence-level
+    task's head reads the sentence embedding, as SentenceEncoder makes it; a word-level task's
+    head reads every token state, because pooling would blur the words it has to tag. A batch
+    holds one task, and forward runs only that task's head."""
+    SECTION, WRITTEN_BY = "multitask", "train.py"  # its section in a model folder (model_folder.py)
 
     def __init__(self, encoder, tasks=None, head_dropout=0.1):
         """encoder: the SentenceEncoder of Task 1 (BERT, pooling, projection, normalization);
@@ -379,14 +379,16 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.tasks = {t.name: t for t in tasks or [TASKS[name] for name in SEED_TASKS]}
         config = encoder.bert.config
-        width = {"sentence": encoder.embed_dim, "word": config.hidden_size}  # what each level's head reads
-        self.heads = nn.ModuleDict({name: Head(width[t.level], len(t.labels), head_dropout, config.layer_norm_eps)
-                                    for name, t in self.tasks.items()})
+        width = {"sentence": encoder.embed_dim, "word": config.hidden_size}  # what a head reads
+        self.heads = nn.ModuleDict({
+            name: Head(width[t.level], len(t.labels), head_dropout, config.layer_norm_eps)
+            for name, t in self.tasks.items()})
 
     @classmethod
     def from_settings(cls, bert, settings):
         """The model that settings() describes (config.json keeps them), on this bert."""
-        encoder = SentenceEncoder(bert, settings["pool"], settings["embed_dim"], settings["normalize"])
+        encoder = SentenceEncoder(bert, settings["pool"], settings["embed_dim"],
+                                  settings["normalize"])
         tasks = [Task(**{**card, "labels": tuple(card["labels"])}) for card in settings["tasks"]]
         return cls(encoder, tasks, settings["head_dropout"])
 
@@ -396,23 +398,21 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, task, features=None):
         """Logits of a task's head: (B, labels) at sentence level, (B, T, labels) at word level.
-
-        features: what the head reads, if it was computed already (a frozen
-        backbone's stored outputs, features.py); then the encoder does not run.
-        """
+        features: what the head reads, if computed already (a frozen backbone's stored outputs,
+        support/features.py); then the encoder does not run."""
         if features is None:
             features = self.features(input_ids, attention_mask, task)
         return self.head(features, task)
 
     def features(self, input_ids, attention_mask, task):
-        """What a task's head reads from the encoder: pooled vectors (B, H) or token states (B, T, H)."""
+        """What a task's head reads: pooled vectors (B, H) or token states (B, T, H)."""
         hidden, pooled = self.bert(input_ids, attention_mask)
         if self.tasks[task].level == "word":
             return hidden
         return pool_tokens(hidden, pooled, attention_mask, self.encoder.pool)
 
     def head(self, features, task):
-        """The rest of the step: a sentence vector's projection and normalization, then the task's head."""
+        """The rest of the step: a sentence vector's projection and normalization, then the head."""
         if self.tasks[task].level == "sentence":
             features = self.encoder.finish(features)
         return self.heads[task](features)
@@ -434,7 +434,7 @@ class MultiTaskModel(nn.Module):
 
 
 def parameter_part(name):
-    """The part a parameter belongs to, which freezing (freeze.py) and learning rates (lr.py) act on.
+    """The part a parameter belongs to: the unit of freezing (freeze.py) and learning rates (lr.py).
 
     The encoder's parts are "embeddings", "layer.{i}" and "pooler"; the
     sentence projection (encoder.project), shared by every sentence-level

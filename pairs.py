@@ -41,13 +41,12 @@ from support import interop
 from support import run_folder
 from support.checkpoint import Progress
 from data import Batching, MultiTaskSampler, length_batches, limit_split, load_tokenizer
-from support.features import weights_hash
-from lr import format_groups, lr_factor, param_groups, part_rates
+from lr import adamw, format_groups, lr_factor, param_groups, part_rates
 from support.metrics import pearson, spearman
 from model import NORMS, POOLS
 from support.model_folder import check_fits, load_pretrained, pooling_note
 from support.runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
-from support.sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_pairs, load_stsb
+from support.sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_stsb
 from support.step_log import StepLog, Work
 
 
@@ -234,24 +233,13 @@ def set_up(args):
 
     rates = part_rates(plan.num_layers, args.lr, args.lr_decay, {"cls_head": args.head_lr, "project": args.head_lr})
     groups = param_groups(model, rates, args.weight_decay)
-    optimizer = torch.optim.AdamW(groups or [{"params": [], "name": "none", "base_lr": 0.0}],
-                                  fused=place.device.type == "cuda")
+    optimizer = adamw(groups, place.device)
     if plan.trains(args.epochs):
         log("optimizer groups:\n" + format_groups(groups))
-    scaler = place.scaler()
-    if place.world_size > 1:
-        torch.manual_seed(args.seed + 1_000_003 * place.rank)  # different dropout on each rank
-    progress = Progress(flags=vars(args), world_size=place.world_size)
+    for epoch in range(1, checkpoint.epochs_begun(saved)) if plan.gradual else ():  # --resume: its groups
+        freeze.release(model, optimizer, plan.frozen_at(epoch), rates, args.weight_decay)
     sources = {split: data.source for split, data in splits.items()}
-    fingerprint = checkpoint.fingerprint(args.data, sources, args.model, weights_hash(model))
-    if saved is not None:  # --resume: the same model, data and flags, restored where they stood
-        checkpoint.check_fingerprint(folder.checkpoint, saved.fingerprint, fingerprint)
-        for epoch in range(1, saved.progress.epoch + (saved.progress.batch > 0)) if plan.gradual else ():
-            freeze.release(model, optimizer, plan.frozen_at(epoch), rates, args.weight_decay)
-        progress = checkpoint.restore(saved, folder.checkpoint, model, optimizer, scaler, place.rank)
-        progress.flags = vars(args)
-        log(f"resumed from {folder.checkpoint}: epoch {progress.epoch + 1}, batch {progress.batch}, "
-            f"step {progress.step}")
+    scaler, progress, fingerprint = checkpoint.start(args, place, model, optimizer, sources, saved)
     return Setup(args, place, folder, model, splits, sampler, plan, rates, optimizer, scaler, progress, fingerprint,
                  started, data_seconds)
 
@@ -285,7 +273,7 @@ def train(s):
                 log(f"epoch {epoch + 1}: unfroze {len(released)} tensors\n{freeze.trainable_summary(model)}")
             freeze.set_train_mode(model, s.plan.frozen_at(epoch))
             batches = s.sampler.epoch(epoch)
-            steps.start_epoch()
+            steps.start_epoch(len(batches))
             for b in range(progress.batch, len(batches)):
                 _, global_batch = batches[b]
                 indices = s.sampler.share(global_batch)  # this rank's part of the global batch
@@ -301,8 +289,10 @@ def train(s):
                     progress.skipped_steps += optimizer_step(optimizer, scaler, args.clip)  # unscale, clip, step
                 progress.step, progress.batch = progress.step + 1, b + 1
                 steps.add("sts", loss.detach(), len(global_batch))  # then: a stop signal? a log line? a NaN loss?
-                if signum := steps.after_step(progress, stop.signum, optimizer, last=b + 1 == len(batches)):
-                    return stop_mid_epoch(s, steps, signum)
+                if signum := steps.after_step(progress, stop.signum, optimizer):
+                    progress.train_seconds += steps.stop(progress)  # a signal: save a checkpoint, stop
+                    s.folder.save_checkpoint(progress, model, optimizer, scaler, s.fingerprint)
+                    return run_folder.stopped(signum, s.folder.path, f"at step {progress.step}")
 
             # The epoch's end: evaluate on dev, keep the best model, save a checkpoint.
             progress.train_seconds += steps.end_epoch()
@@ -320,24 +310,11 @@ def train(s):
                 log(f"  best so far: saved {s.folder.path / 'model.safetensors'}")
             progress.epoch, progress.batch = epoch + 1, 0
             s.folder.save_checkpoint(progress, model, optimizer, scaler, s.fingerprint)  # all that --resume needs
-            if signum := distributed.agree([stop.signum], place)[0]:  # one came during evaluation or saving
-                log(f"stopped by signal {signum} after epoch {epoch + 1}: checkpoint saved; "
-                    f"continue with --out {s.folder.path} --resume", file=sys.stderr)
-                return 128 + signum
-    if epochs and epochs.stop < args.epochs:
-        log(f"stopping after epoch {epochs.stop} (--stop-after); continue with --out {s.folder.path} --resume")
-        return 0
+            if signum := distributed.agree([stop.signum], place)[0]:  # it came during evaluation or saving
+                return run_folder.stopped(signum, s.folder.path, f"after epoch {epoch + 1}")
+    if epochs and epochs.stop < args.epochs:  # --stop-after
+        return run_folder.paused(epochs.stop, s.folder.path)
     return evaluate_best(s, batching)
-
-
-def stop_mid_epoch(s, steps, signum):
-    """After a stop signal: save a checkpoint in the middle of the epoch; returns 128 + the signal number."""
-    steps.drain(s.progress)
-    s.progress.train_seconds += steps.end_epoch()
-    s.folder.save_checkpoint(s.progress, s.model, s.optimizer, s.scaler, s.fingerprint)
-    log(f"stopped by signal {signum} at step {s.progress.step}: checkpoint saved; "
-        f"continue with --out {s.folder.path} --resume", file=sys.stderr)
-    return 128 + signum
 
 
 def evaluate_split(s, split, batching):
@@ -352,12 +329,7 @@ def evaluate_split(s, split, batching):
 def evaluate_best(s, batching):
     """The best model by dev Spearman, scored on dev (and test, where it is there); writes summary.json."""
     model, progress = s.model, s.progress
-    if progress.best is None:  # nothing trained: keep the model as it is
-        s.folder.save_model(model)
-    elif s.best_weights is not None:
-        model.load_state_dict(s.best_weights)
-    else:  # resumed after the best epoch: its weights are on disk (every rank reads OUT)
-        model.load_state_dict(load_pairs(s.folder.path).state_dict())
+    s.folder.restore_best(model, progress, s.best_weights)
     results = {}
     for split in ("valid", "test") if "test" in s.splits else ("valid",):
         results[split] = evaluate_split(s, split, batching)
@@ -369,8 +341,11 @@ def evaluate_best(s, batching):
                "inference": {**rate, "batch_size": batching.size, "split": "dev"},
                **run_folder.summary(progress, vars(s.args), s.place, model, s.started, s.data_seconds)}
     s.folder.write_json("summary.json", summary)
-    log(f"wrote {s.folder.path / 'summary.json'}, {s.folder.path / 'metrics.jsonl'}, "
-        f"{s.folder.path / 'model.safetensors'}")
+    out = s.folder.path
+    use = (f"python embed.py --model {out} \"A man plays a guitar.\"" if model.kind == "bi" else
+           f"CrossEncoder(\"{out}\") in sentence-transformers, or sentence_pairs.load_pairs(\"{out}\")")
+    log(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'} and the model: {out} is a model folder.\n"
+        f"use it: {use}")
     return 0
 
 

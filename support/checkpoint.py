@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from support.runtime import CheckpointError, UsageError, atomic_write
+from support.runtime import CheckpointError, UsageError, atomic_write, log
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Checkpoint:
     scaler: dict  # GradScaler.state_dict()
     rng: list  # per rank: {"torch": state, "cuda": state (where CUDA is present)}
     fingerprint: dict = field(default_factory=dict)  # {"data": {"path", "sha256"}, "model": {"path", "sha256"}}
+    path: Path = None  # the file it was read from (read)
 
 
 FORMAT = "2"  # 2: a format version, a checksum and a fingerprint; 1 (no "format" entry) had none of them
@@ -124,9 +125,11 @@ def read(path):
     if metadata.get("sha256") != checksum(tensors, metadata):
         raise CheckpointError(f"{path}: checksum mismatch: the file was changed or damaged after it was written")
     try:
-        return _unpack(metadata, tensors)
+        ckpt = _unpack(metadata, tensors)
     except (KeyError, TypeError, ValueError, IndexError) as e:  # a checksummed file of another layout
         raise CheckpointError(f"{path}: not a checkpoint of this program ({e!r})") from None
+    ckpt.path = Path(path)
+    return ckpt
 
 
 def saved_flags(path):
@@ -140,7 +143,7 @@ def saved_flags(path):
         with safe_open(path, "pt") as f:
             metadata = f.metadata()
         folders = {what: where["path"] for what, where in json.loads(metadata["fingerprint"]).items()}
-        return {**ADDED_FLAGS, **json.loads(metadata["state"])["run"], **folders}
+        return {**upgrade_flags(json.loads(metadata["state"])["run"]), **folders}
     except (SafetensorError, OSError, ValueError, KeyError, TypeError):
         read(path)  # raises CheckpointError, saying what is wrong with the file
         raise
@@ -168,6 +171,27 @@ def _unpack(metadata, tensors):
                       json.loads(metadata["fingerprint"]))
 
 
+# Flags that may change between a run and its --resume; every other flag must stay the same.
+RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "no_feature_store",
+                     "feature_store_limit_mb", "feature_cache_limit_mb", "device", "compile"}
+# Folders: compared by check_fingerprint, as resolved paths and by their contents, not as the text given.
+FOLDER_FLAGS = {"data", "model"}
+
+
+# --- Compatibility: checkpoints that earlier versions wrote ---------------------------------
+
+# Flags added after checkpoints were already written: a checkpoint without one ran as this value does.
+ADDED_FLAGS = {"loss_norm": "batch", "valid_fraction": 0.05, "tasks": "ag,ner", "task_lr": {}, "sampling": "min",
+               "loss_weight": {}}
+RENAMED_FLAGS = {"ag_valid_fraction": "valid_fraction"}  # a checkpoint's flag under its former name -> its name now
+
+
+def upgrade_flags(flags):
+    """A checkpoint's flags as this version names them: renamed ones under their names now, added ones
+    at the value that the run ran as."""
+    return {**ADDED_FLAGS, **{RENAMED_FLAGS.get(k, k): v for k, v in flags.items()}}
+
+
 def _without_nan(state):
     """A run state written before NaN was kept out of JSON may hold one: an undefined score becomes None,
     a best epoch whose score was undefined no best epoch, and an epoch's loss sum that is not a number
@@ -180,20 +204,9 @@ def _without_nan(state):
         state["loss_sum"], state["loss_count"] = 0.0, 0
 
 
-# Flags that may change between a run and its --resume; every other flag must stay the same.
-RESUME_MAY_CHANGE = {"out", "resume", "stop_after", "log_every", "no_data_cache", "no_feature_store",
-                     "feature_store_limit_mb", "feature_cache_limit_mb", "device", "compile"}
-# Folders: compared by check_fingerprint, as resolved paths and by their contents, not as the text given.
-FOLDER_FLAGS = {"data", "model"}
-# Flags added after checkpoints were already written: a checkpoint without one ran as this value does.
-ADDED_FLAGS = {"loss_norm": "batch", "valid_fraction": 0.05, "tasks": "ag,ner", "task_lr": {}, "sampling": "min",
-               "loss_weight": {}}
-RENAMED_FLAGS = {"ag_valid_fraction": "valid_fraction"}  # a checkpoint's flag under its former name -> its name now
-
-
 def check_resume(path, progress, flags, world_size):
     """--resume continues the same run: the flags that shape it, and the number of processes, must be unchanged."""
-    saved = {**ADDED_FLAGS, **{RENAMED_FLAGS.get(k, k): v for k, v in progress.flags.items()}}
+    saved = upgrade_flags(progress.flags)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in flags.items()
                if k not in RESUME_MAY_CHANGE | FOLDER_FLAGS and saved.get(k) != v]
     if changed:
@@ -202,6 +215,15 @@ def check_resume(path, progress, flags, world_size):
         raise CheckpointError(f"argument --resume: {path} was written by {progress.world_size} processes, this "
                               f"run has {world_size}; resume with the same number, so that the global batches "
                               "stay the same")
+
+
+def weights_hash(model):
+    """sha256 of the backbone's config and tensors, everything a feature depends on besides the data."""
+    h = hashlib.sha256(json.dumps(asdict(model.bert.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.bert.state_dict().items()):
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def fingerprint(data_dir, sources, model_dir, model_sha256):
@@ -242,3 +264,28 @@ def restore(ckpt, path, model, optimizer, scaler, rank=0):
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its optimizer, scaler or random state does not fit this run ({e!r})") from None
     return ckpt.progress
+
+
+def epochs_begun(saved):
+    """How many epochs a saved run had begun: those it finished, + 1 if it stopped in the middle of one;
+    0 for a new run (saved None). Gradual unfreezing released a layer in each after the first."""
+    return 0 if saved is None else saved.progress.epoch + (saved.progress.batch > 0)
+
+
+def start(args, place, model, optimizer, sources, saved):
+    """Where a run starts, in train.py and pairs.py alike: its GradScaler (on for fp16 only), its Progress,
+    and the fingerprint of the data and model it is made from (sources: {split name: its data's
+    source}). With --resume (saved: the Checkpoint run_folder.claim read), the fingerprint must match,
+    and the model, optimizer, scaler and random state are restored where they stood. Under torchrun,
+    each rank's dropout is seeded apart. Returns (scaler, progress, fingerprint)."""
+    scaler = place.scaler()
+    if place.world_size > 1:
+        torch.manual_seed(args.seed + 1_000_003 * place.rank)  # different dropout on each rank
+    progress = Progress(flags=vars(args), world_size=place.world_size)
+    fingerprint_now = fingerprint(args.data, sources, args.model, weights_hash(model))  # before any step
+    if saved is not None:
+        check_fingerprint(saved.path, saved.fingerprint, fingerprint_now)
+        progress = restore(saved, saved.path, model, optimizer, scaler, place.rank)
+        progress.flags = vars(args)
+        log(f"resumed from {saved.path}: epoch {progress.epoch + 1}, batch {progress.batch}, step {progress.step}")
+    return scaler, progress, fingerprint_now

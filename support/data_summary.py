@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support.flags import MAX_SEED
-from support.runtime import DataError, HelpFormatter, UsageError
+from support.runtime import MAX_SEED, DataError, HelpFormatter, UsageError
 from support.task_files import parse_tasks
 
 

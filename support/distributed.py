@@ -56,12 +56,11 @@ def init(device_name, amp):
 def close():
     """Leave the process group (every rank, at the end of the run).
 
-    Collect garbage first. The run's objects can sit in reference cycles (a
-    frame of torch's optimizer set-up stays referenced, and with it the
-    set-up's locals), so DDP may still be alive here, holding the process
-    group. Freed at interpreter exit instead, after the group is gone, it
-    sometimes aborted the process ("terminate called without an active
-    exception") when gloo's threads were torn down.
+    Collect garbage first: the run's objects can sit in reference cycles (a
+    frame of torch's optimizer set-up keeps the set-up's locals), which keep
+    DDP, and with it the process group, alive. Freed only at interpreter
+    exit, after the group is destroyed, DDP can abort the process as gloo's
+    threads are torn down ("terminate called without an active exception").
     """
     global _CONTROL
     _CONTROL = None

@@ -36,12 +36,10 @@ CHUNK_MB or CHUNK_SECONDS, so an interrupted build keeps most of its work.
 """
 
 import hashlib
-import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -50,21 +48,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from support import distributed
+from support.checkpoint import weights_hash
 from data import length_batches, pad
 from support.runtime import Report, atomic_write, duration, log, plural
 
 FORMAT = 2  # bump when what a feature is, or the file layout, changes
 CHUNK_MB = 256
 CHUNK_SECONDS = 60
-
-
-def weights_hash(model):
-    """sha256 of the backbone's config and tensors, everything a feature depends on besides the data."""
-    h = hashlib.sha256(json.dumps(asdict(model.bert.config), sort_keys=True).encode())
-    for name, tensor in sorted(model.bert.state_dict().items()):
-        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def feature_key(weights, part, pool, dtype, device):
@@ -322,19 +312,3 @@ def _encode(model, missing, unique, place, batching, cache):
         log(f"encoded {plural(len(missing), 'example')} in {duration(report.seconds())} "
             f"({len(missing) / report.seconds():,.0f} examples/s)")
     return out
-
-
-def frozen_features(s, epochs):
-    """With the whole backbone frozen for the whole run, its outputs for every example the run will read, as
-    a FeatureStore. None otherwise, with --no-feature-store, or where they would not fit in memory. s: the
-    run's train.Setup; epochs: the range of epochs this invocation runs."""
-    args = s.args
-    if not s.plan.backbone_fixed() or args.no_feature_store:
-        return None
-    train_rows = s.sampler.reads(epochs.start, s.progress.batch, epochs.stop) if epochs else {}  # what epochs draw
-    evaluated = (["valid"] if epochs else []) + (["test"] if not epochs or epochs.stop == args.epochs else [])
-    wanted = rows_wanted(s.splits, train_rows, evaluated, s.batching.size, s.place)  # + this rank's eval rows
-    on_disk = None
-    if not args.no_data_cache and args.feature_cache_limit_mb > 0:  # DATA/.cache/features, for later runs
-        on_disk = DiskCache(Path(args.data) / ".cache" / "features", args.feature_cache_limit_mb)
-    return FeatureStore.build(s.model, wanted, s.place, s.batching, args.feature_store_limit_mb, on_disk)

@@ -1,8 +1,8 @@
 """The flags train.py and pairs.py share, and their checks: each script adds these groups, then its own flags.
 
 Reading order: add_freeze_flags, add_feature_store_flags, add_rate_flags,
-add_run_flags (each adds flags to an argparse group, with defaults a script
-may change) -> Renamed, a flag that was renamed -> resolve_defaults (--lr auto, --lr-decay auto, and
+add_run_flags, add_multitask_flags (each adds flags to an argparse group,
+with defaults a script may change) -> Renamed, a flag that was renamed -> resolve_defaults (--lr auto, --lr-decay auto, and
 the sentence flags a sentence-transformers folder gives) ->
 check_flags (what a parser cannot see; UsageError names the flag) ->
 freeze_plan (--freeze and --unfreeze as a freeze.Plan).
@@ -17,12 +17,12 @@ from pathlib import Path
 from support import checkpoint
 import freeze
 from support import interop
+from data import SAMPLING
 from lr import AUTO, EMBEDDINGS_SHARE, auto_decay, auto_top_rate
 from model import UNPAD
 from support.model_folder import cross_encoder_note
-from support.runtime import CheckpointError, UsageError
-
-MAX_SEED = 2**32 - 1  # numpy's generators take no negative seed, torch none past 64 bits
+from support.runtime import MAX_SEED, CheckpointError, UsageError
+from support.tasks import Task
 
 
 def add_freeze_flags(group, strategies):
@@ -95,6 +95,29 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
                             "more each time, e.g. one time slot of a job queue each")
 
 
+def add_multitask_flags(group):
+    """train.py's flags for how the tasks share the run: their sampling and loss weights, the loss's
+    divisor, the validation split of a task without one, and the batches' shapes."""
+    group.add_argument("--loss-norm", choices=("batch", "fixed"), default="batch",
+                       help="what divides a batch's summed loss: batch: its own label count (the mean); fixed: the "
+                            "label count of an average batch of the task, so that every labelled word weighs the "
+                            "same in short and long batches")
+    group.add_argument("--valid-fraction", "--ag-valid-fraction", type=float, default=Task.valid_fraction,
+                       help="share of train held out as the validation split of a task without one, as AG "
+                            "News (fixed rows; a larger share holds out a superset)")
+    group.add_argument("--sampling", default="min", metavar="|".join(SAMPLING),
+                       help="the tasks' shares of an epoch of tasks x the smallest task's size (data."
+                            "MultiTaskSampler): min: equal; proportional: p ~ size; temperature:T: p ~ "
+                            "size^(1/T); annealed: from proportional towards uniform over the epochs")
+    group.add_argument("--loss-weight", type=task_values, default={}, metavar="NAME=W,...",
+                       help="a task's loss is multiplied by W (default 1)")
+    group.add_argument("--group-window", type=int, default=50,
+                       help="sort by length inside windows of this many batches to cut padding (0: off)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the encoder; batches are then padded to a multiple of 8 tokens, "
+                            "so that only a few shapes are compiled")
+
+
 def parse(parser, argv):
     """The flags in argv. --model's default follows --data: DATA/bert-base-uncased. With --resume, the
     run's flags are the defaults its checkpoint holds (--data and --model as the resolved folders), so
@@ -106,7 +129,6 @@ def parse(parser, argv):
     if args.resume and args.out is not None:
         with contextlib.suppress(UsageError, CheckpointError):
             saved = checkpoint.saved_flags(checkpoint.path_in(args.out))
-            saved = {checkpoint.RENAMED_FLAGS.get(flag, flag): value for flag, value in saved.items()}
             parser.set_defaults(**{flag: value for flag, value in saved.items()
                                    if flag in vars(args) and flag not in ("out", "resume", "stop_after")})
             args = parser.parse_args(argv)

