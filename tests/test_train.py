@@ -19,7 +19,7 @@ from support import step_log
 import train
 from support.runtime import Place, optimizer_step
 from data import Batching, load_splits, load_tokenizer
-from model import MultiTaskModel, SentenceEncoder
+from model import Bert, BertConfig, MultiTaskModel, SentenceEncoder
 from support.model_folder import load_multitask, load_pretrained
 
 DATA = FIXTURES / "data"
@@ -567,15 +567,19 @@ def test_the_estimate_counts_the_encoders_work_trained_frozen_and_evaluated():
 
 
 def test_a_long_cpu_run_says_so_at_start_with_the_faster_options(monkeypatch, capsys):
-    model = MultiTaskModel(SentenceEncoder(load_pretrained(TINY_PLAIN)))
+    wide = BertConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64)
     monkeypatch.setattr(step_log, "matmul_rate", lambda width: 1e9 / step_log.STEP_SHARE)  # a run: 1 GFLOP/s
-    for flops, device, expected in ((1e13, "cpu", "about 2h46m"), (2e11, "cpu", None), (1e13, "cuda", None)):
+    for flops, device, config, expected in ((1e13, "cpu", wide, "about 2h46m"), (2e11, "cpu", wide, None),
+                                            (1e13, "cuda", wide, None), (1e13, "cpu", BertConfig(
+                                                hidden_size=384, num_hidden_layers=1, intermediate_size=64), "")):
+        model = MultiTaskModel(SentenceEncoder(Bert(config)))
         monkeypatch.setattr(step_log, "estimated_flops", lambda *args: flops)
         step_log.warn_if_long(model, None, None, range(1), False, torch.device(device))
         out = capsys.readouterr().out
         if expected is None:
             assert out == ""
         else:
-            assert out.startswith(f"note: this run will take {expected} on this CPU") and "--limit N" in out
-            assert "a smaller --model (all-MiniLM-L6-v2" in out and "fewer --epochs" in out
+            assert out.startswith(f"note: this run will take {expected}") and "--limit N" in out
+            assert "fewer --epochs, or a GPU" in out
+            assert ("a smaller --model (all-MiniLM-L6-v2" in out) == (config.hidden_size > 384)  # not for MiniLM
 
