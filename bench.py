@@ -8,7 +8,9 @@
 Each setting runs a few warm-up steps, then times several steps and reports
 the median: ms per step, samples/s, tokens/s and peak memory (on the CPU,
 the process's largest resident size so far, so it only grows from row to
-row). --vs-transformers also times transformers' model of the same family
+row), and the step's TFLOP/s (6 per weight of the encoder's layers per token,
+2 with a frozen backbone; attention's own products are not counted) as a
+share of the device's fp32 and bf16 matrix-product peaks, measured at start. --vs-transformers also times transformers' model of the same family
 (BertModel, RobertaModel, DistilBertModel) with the same heads, shapes and precision in the same process, and prints the ratio (ours /
 theirs, below 1 is faster). The two models take turns step by step, so a
 drift of the machine's speed affects both alike. --compile compiles both
@@ -164,18 +166,29 @@ def time_steps(steps_by_name, device, warmup, n):
     return {name: (statistics.median(t), sum(t), tokens[name]) for name, t in times.items()}
 
 
-def matmul_tflops(device, n=8192, repeats=10):
-    """Measured bf16 matrix-product throughput, the ceiling for MFU."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+def matmul_tflops(device, dtype, seconds=0.5):
+    """Measured matrix-product throughput in TFLOP/s, the ceiling a step's FLOP/s is measured
+    against: n x n by n x n, n = 8192 on a GPU and 1024 on the CPU, repeated for about `seconds`
+    (constant inputs: the value does not change the time, and no random numbers are drawn)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.ones(n, n, device=device, dtype=dtype)
+    b = torch.ones(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    done, start = 0, time.perf_counter()
+    while done < 3 or time.perf_counter() - start < seconds:
         a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+        done += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return 2 * n**3 * done / (time.perf_counter() - start) / 1e12
+
+
+def matmul_peaks(device):
+    """{"fp32": TFLOP/s, "bf16": TFLOP/s} of this device's matrix products (TF32 off for fp32)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return {"fp32": matmul_tflops(device, torch.float32), "bf16": matmul_tflops(device, torch.bfloat16)}
 
 
 def train_flops(config, batch_size, seq_len, frozen):
@@ -286,9 +299,10 @@ def measure(args, config, device, precision, freeze, peak_tflops):
         seconds = timed[name][0]
         result[name] = {"ms": seconds * 1e3, "samples_per_s": args.batch_size / seconds,
                         "tokens_per_s": args.batch_size * args.seq_len / seconds, "peak_mb": peaks[name]}
-        if peak_tflops:
-            flops = train_flops(config, args.batch_size, args.seq_len, freeze == "backbone")
-            result[name]["mfu"] = flops / seconds / 1e12 / peak_tflops
+        # The step's FLOP/s, and its share of each precision's matrix-product peak.
+        tflops = train_flops(config, args.batch_size, args.seq_len, freeze == "backbone") / seconds / 1e12
+        result[name] |= {"tflops": tflops, "of_fp32_peak": tflops / peak_tflops["fp32"],
+                         "mfu": tflops / peak_tflops["bf16"]}
     if args.vs_transformers:
         result["ratio"] = result["ours"]["ms"] / result["transformers"]["ms"]
     if args.profile:
@@ -347,14 +361,14 @@ def profile(step, device, n, label, top=15):
               f"{e.key[:110]}")
 
 
-def print_table(args, rows, device, peak_tflops):
+def print_table(args, rows, device, peaks):
     print(f"{args.model or args.config} ({rows[0]['parameters'] / 1e6:.1f} M parameters), {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.steps} steps"
-          + (f", bf16 matmul {peak_tflops:.0f} TFLOP/s" if peak_tflops else "")
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.steps} steps, "
+          f"matrix products {peaks['fp32']:.3g} TFLOP/s fp32, {peaks['bf16']:.3g} bf16"
           + {None: "", "ours": ", our model compiled", "both": ", both models compiled"}[args.compile])
     head = "| precision | freeze | B | S | ms/step | samples/s | tokens/s | peak MB |"
-    head += " MFU |" if peak_tflops else ""
+    head += " TFLOP/s | of fp32 peak | of bf16 peak |"
     head += " transformers ms/step | ours / transformers |" if args.vs_transformers else ""
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -362,7 +376,7 @@ def print_table(args, rows, device, peak_tflops):
         o = r["ours"]
         line = (f"| {r['precision']} | {r['freeze']} | {r['batch']} | {r['seq']} | {o['ms']:.1f} | "
                 f"{o['samples_per_s']:,.1f} | {o['tokens_per_s']:,.0f} | {o['peak_mb']:,.0f} |")
-        line += f" {o['mfu']:.1%} |" if peak_tflops else ""
+        line += f" {o['tflops']:.3g} | {o['of_fp32_peak']:.1%} | {o['mfu']:.1%} |"
         if args.vs_transformers:
             line += f" {r['transformers']['ms']:.1f} | {r['ratio']:.3f} |"
         print(line)
@@ -395,7 +409,7 @@ def main(argv=None):
     except (UsageError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak_tflops = matmul_tflops(device) if device.type == "cuda" and not args.lengths else None
+    peak_tflops = None if args.lengths else matmul_peaks(device)
     rows = []
     for precision in args.precision:
         if device.type == "cuda":
@@ -412,7 +426,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.model or args.config, "device": str(device), "torch": torch.__version__,
-                       "compile": args.compile, "rows": rows}, f, indent=2)
+                       "compile": args.compile, "peak_tflops": peak_tflops, "rows": rows}, f, indent=2)
     return 0
 
 

@@ -45,7 +45,8 @@ from lr import adamw, format_groups, lr_factor, param_groups, part_rates
 from support.metrics import pearson, spearman
 from model import NORMS, POOLS
 from support.model_folder import check_fits, load_pretrained, pooling_note
-from support.runtime import PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log, optimizer_step, plural
+from support.runtime import (HelpFormatter, Place, Report, UsageError, describe_precision, log, optimizer_step,
+                             plural)
 from support.sentence_pairs import PAIR_KINDS, PairModel, collate_pairs, load_stsb
 from support.step_log import StepLog, Work
 
@@ -227,7 +228,7 @@ def set_up(args):
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"{args.encoder}-encoder parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))
-    log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}")
+    log(f"device {place.device}, {describe_precision(place, args.amp)}")
     sampler = MultiTaskSampler({"sts": splits["train"].lengths()}, args.batch_size, args.seed, args.group_window,
                                (place.rank, place.world_size))
 

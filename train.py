@@ -39,7 +39,7 @@ from lr import adamw, format_groups, lr_factor, param_groups, part_rates
 from support.metrics import describe, main_score, task_counts, task_scores
 from model import NORMS, POOLS, MultiTaskModel, SentenceEncoder
 from support.model_folder import check_fits, load_pretrained, pooling_note
-from support.runtime import (PRECISION_NAMES, HelpFormatter, Place, Report, UsageError, log,
+from support.runtime import (HelpFormatter, Place, Report, UsageError, describe_precision, log,
                              optimizer_step)
 from support.step_log import StepLog, Work, log_plan, warn_if_long
 from support.task_files import parse_tasks
@@ -254,7 +254,7 @@ def build_model(args, bert, tasks, plan, place):
     freeze.apply_freeze(model, plan.frozen_at(0))
     log(f"parameters (--freeze {args.freeze}{', --unfreeze gradual' if plan.gradual else ''}):")
     log(freeze.trainable_summary(model))
-    log(f"device {place.device}, {PRECISION_NAMES[place.amp_dtype]}{distributed.describe(place)}"
+    log(f"device {place.device}, {describe_precision(place, args.amp)}{distributed.describe(place)}"
         + (", torch.compile on the encoder" if args.compile else ""))
     if args.compile:
         model.bert.compile()  # in place: parameter names, checkpoints, model.features stay

@@ -31,6 +31,10 @@ old="--lr 5e-5 --lr-decay 0.9 --head-lr 1e-3 --warmup 0.1 --group-window 50 --lo
 flags() {  # NAME -> the command after `python`, without --model/--data/--out/--seed
   case $1 in
     defaults) echo "train.py" ;;
+    defaults-fp32) echo "train.py --amp off" ;;  # docs/defaults.md, precision on the CPU
+    defaults-bf16) echo "train.py --amp bf16" ;;
+    frozen-max-fp32) echo "train.py --pool max --freeze backbone --amp off" ;;
+    frozen-max-bf16) echo "train.py --pool max --freeze backbone --amp bf16" ;;
     grouped-padded) echo "train.py --group-window 50 --unpad never" ;;  # the defaults before the unpadded path
     random-unpadded) echo "train.py --group-window 0 --unpad always" ;;  # the defaults since, on the CPU
     lr1e-4-window0) echo "train.py $old --lr 1e-4 --group-window 0" ;;

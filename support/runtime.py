@@ -109,6 +109,32 @@ def pick_amp(amp, device):
 PRECISION_NAMES = {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bf16 autocast"}
 
 
+def cpu_bf16():
+    """The CPU's instructions that multiply bf16 in hardware, by name, or None: AMX (Intel since
+    Sapphire Rapids) or AVX512-BF16 (Intel since Cooper Lake, AMD since Zen 4). Read with torch's
+    own CPU checks, torch.cpu._is_amx_tile_supported and _is_avx512_bf16_supported, which ask the
+    CPU's feature flags. Not torch.backends.cpu.get_cpu_capability(): it names the vector width
+    ("AVX512"), with or without bf16. Not oneDNN's torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    it is true wherever oneDNN can run bf16 at all, emulated included. Not a timed product: its
+    answer would change with the machine's load, and a run's precision must not."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return None
+
+
+def describe_precision(place, amp):
+    """The precision a run computes in, and on the CPU why, for the line at its start."""
+    shown = PRECISION_NAMES[place.amp_dtype]
+    if place.device.type != "cpu" or amp != "auto":
+        return shown
+    native = cpu_bf16()
+    if native is None:
+        return f"{shown} (--amp auto; this CPU has no bf16 instructions: bf16 would be emulated)"
+    return f"{shown} (--amp auto; this CPU multiplies bf16 natively, {native}: --amp bf16 uses it)"
+
+
 @dataclass(frozen=True)
 class Place:
     """Where batches run: the device, the autocast dtype (None: fp32), and this process's

@@ -24,8 +24,16 @@ def test_bench_reports_every_setting_and_the_ratio(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(ours["ms"] / theirs["ms"])
         assert ours["samples_per_s"] == pytest.approx(4000 / ours["ms"])
         assert ours["tokens_per_s"] == pytest.approx(16 * ours["samples_per_s"])
+    peaks = json.loads(out.read_text())["peak_tflops"]
+    assert set(peaks) == {"fp32", "bf16"} and all(p > 0 for p in peaks.values())
+    for r in rows:  # the step's FLOP/s, as a share of each measured peak
+        flops = bench.train_flops(load_pretrained(TINY_PLAIN).config, 4, 16, r["freeze"] == "backbone")
+        assert r["ours"]["tflops"] == pytest.approx(flops / (r["ours"]["ms"] / 1e3) / 1e12)
+        assert r["ours"]["of_fp32_peak"] == pytest.approx(r["ours"]["tflops"] / peaks["fp32"])
+        assert r["ours"]["mfu"] == pytest.approx(r["ours"]["tflops"] / peaks["bf16"])
     table = capsys.readouterr().out.splitlines()
     assert table[1].startswith("| precision | freeze | B | S | ms/step") and len(table) == 3 + len(rows)
+    assert table[1].endswith("| TFLOP/s | of fp32 peak | of bf16 peak | transformers ms/step | ours / transformers |")
 
 
 def test_bench_refuses_gpu_only_precisions_on_the_cpu(capsys):

@@ -8,6 +8,7 @@ tests can compare ranks with each other and with a single process.
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,7 +113,9 @@ def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path, capfd)
     out = tmp_path / "run"
     (weights0, writes0), (weights1, writes1) = run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2,
                                                                          "--batch-size", 2))
-    assert capfd.readouterr().out.count("device cpu, fp32, process group gloo, world size 2\n") == 1  # rank 0 says it
+    said = re.findall(r"^device cpu, fp32 \(--amp auto; [^)]*\), process group gloo, world size 2$",
+                      capfd.readouterr().out, re.M)
+    assert len(said) == 1  # rank 0 says it, with why the CPU computes in fp32
     assert len(weights0) == len(weights1) == 3  # validation after epochs 1 and 2, then test
     for a, b in zip(weights0, weights1):  # DDP keeps the ranks bit-identical
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

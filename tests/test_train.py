@@ -17,6 +17,7 @@ from support import features
 from support import run_folder
 from support import step_log
 import train
+from support import runtime
 from support.runtime import Place, optimizer_step
 from data import Batching, load_splits, load_tokenizer
 from model import Bert, BertConfig, MultiTaskModel, SentenceEncoder
@@ -583,3 +584,18 @@ def test_a_long_cpu_run_says_so_at_start_with_the_faster_options(monkeypatch, ca
             assert "fewer --epochs, or a GPU" in out
             assert ("a smaller --model (all-MiniLM-L6-v2" in out) == (config.hidden_size > 384)  # not for MiniLM
 
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, native", [(False, False, None), (False, True, "AVX512-BF16"),
+                                                      (True, True, "AMX")])
+def test_the_start_line_says_whether_the_cpu_multiplies_bf16_natively(monkeypatch, amx, avx512_bf16, native):
+    """Read from the CPU's feature flags (runtime.cpu_bf16), faked here both ways."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert runtime.cpu_bf16() == native
+    cpu = Place(torch.device("cpu"))
+    expected = ("fp32 (--amp auto; this CPU has no bf16 instructions: bf16 would be emulated)" if native is None
+                else f"fp32 (--amp auto; this CPU multiplies bf16 natively, {native}: --amp bf16 uses it)")
+    assert runtime.describe_precision(cpu, "auto") == expected
+    assert runtime.describe_precision(cpu, "off") == "fp32"  # asked for: nothing to explain
+    assert runtime.describe_precision(Place(torch.device("cpu"), torch.bfloat16), "bf16") == "bf16 autocast"
