@@ -65,7 +65,15 @@ def cost(out, queries=1_000, documents=100_000, shortlist=100):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python scripts/pairs_table.py OUT_DIR (the folder scripts/pairs_study.sh wrote)", file=sys.stderr)
+        sys.exit(2)
     out = Path(sys.argv[1])
+    missing = [name for name in ("zero-shot-bi", "bi-0", "cross-0") if not (out / name / "summary.json").is_file()]
+    if missing:
+        print(f"error: {out}: no finished run {missing[0]}/summary.json; run scripts/pairs_study.sh first",
+              file=sys.stderr)
+        sys.exit(2)
     zero = ours(out / "zero-shot-bi")[0]
     print(f"Zero-shot bi-encoder: dev Spearman {zero:.2f}\n")
     print(quality(out) + "\n")
