@@ -32,6 +32,7 @@ flags() {  # NAME -> the command after `python`, without --model/--data/--out/--
   case $1 in
     defaults) echo "train.py" ;;
     defaults-fp32) echo "train.py --amp off" ;;  # docs/defaults.md, precision on the CPU
+    fused-fp32) echo "train.py --amp off" ;;  # run from a tree whose lr.adamw is fused on the CPU too
     defaults-bf16) echo "train.py --amp bf16" ;;
     frozen-max-fp32) echo "train.py --pool max --freeze backbone --amp off" ;;
     frozen-max-bf16) echo "train.py --pool max --freeze backbone --amp bf16" ;;
