@@ -121,8 +121,7 @@ def make_step(model, batches, device, dtype, freeze):
         for p in model.bert.parameters():
             p.requires_grad_(False)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     real_tokens = [int(mask.sum()) for _, _, mask, _ in batches]  # counted once, before the clock runs
     count = [0]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from support import cpu_attention
 from support.cpu_dropout import Dropout, dropout
 from support.tasks import SEED_TASKS, TASKS, Task
 
@@ -119,21 +120,20 @@ class SelfAttention(nn.Module):
     def forward(self, x, keep, packing=None):
         """x (B, T, H) -> (B, T, H); unpadded, x (N, H) -> (N, H): the real tokens of a Packing."""
         qkv = self.qkv(x)  # (B, T, 3H), or (N, 3H)
-        H, nh = x.shape[-1], self.n_head
         if packing is None:
-            B, T, _ = x.shape
-            # (B, T, 3H) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs) -> q, k, v, each (B, nh, T, hs)
-            q, k, v = qkv.view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4).unbind(0)
-            y = self.attend(q, k, v, keep).transpose(1, 2).reshape(B, T, H)  # -> (B, T, H)
+            y = self.attend_padded(qkv, keep)
         elif x.device.type == "cuda":  # unpadded: one kernel for all sequences (Packing.attend)
-            y = packing.attend(qkv, nh, self.dropout_p if self.training else 0.0)
-        else:  # unpadded on the CPU: each sequence alone, nothing masked (docs/performance.md)
-            q, k, v = qkv.view(len(x), 3, nh, H // nh).permute(1, 2, 0, 3).unbind(0)  # (nh, N, hs)
-            # Sequence b's q, k and v are (nh, T_b, hs) each; concatenated, y is (nh, N, hs).
-            per_sequence = zip(*(t.split(packing.lengths, dim=1) for t in (q, k, v)))
-            y = torch.cat([self.attend(q, k, v, None) for q, k, v in per_sequence], dim=1)
-            y = y.transpose(0, 1).reshape(len(x), H)  # (nh, N, hs) -> (N, H)
+            y = packing.attend(qkv, self.n_head, self.dropout_p if self.training else 0.0)
+        else:  # unpadded on the CPU: sequences of like length attend together (Packing.group)
+            y = packing.ungroup([self.attend_padded(x_g, keep) for x_g, keep in packing.group(qkv)])
         return self.out(y)
+
+    def attend_padded(self, qkv, keep):
+        """(B, T, 3H) -> (B, T, H): the heads' attention over a padded batch; keep as in attend."""
+        (B, T, _), H, nh = qkv.shape, qkv.shape[2] // 3, self.n_head
+        # (B, T, 3H) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs) -> q, k, v, each (B, nh, T, hs)
+        q, k, v = qkv.view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attend(q, k, v, keep).transpose(1, 2).reshape(B, T, H)  # -> (B, T, H)
 
     def attend(self, q, k, v, keep):
         """(..., T, hs) -> (..., T, hs): softmax(q k^T / sqrt(hs)) v, with dropout in training."""
@@ -180,8 +180,8 @@ class Layer(nn.Module):
 class Packing:
     """The unpadded path: where a batch's real tokens are, so that only they are computed.
     All of a layer but attention works token by token, so it runs on the N real tokens packed
-    into one (N, H) tensor. Attention reads each sequence's tokens together: split per sequence
-    on the CPU (SelfAttention), as nested jagged tensors on a GPU (attend)."""
+    into one (N, H) tensor. Attention reads each sequence's tokens together: in groups of like
+    length on the CPU (group), as nested jagged tensors on a GPU (attend)."""
 
     def __init__(self, attention_mask):
         self.shape = attention_mask.shape  # (B, T)
@@ -190,6 +190,7 @@ class Packing:
         lengths = attention_mask.sum(1)  # (B,)
         self.offsets = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,): each sequence's start, then N
         self.lengths = lengths.tolist()
+        self.groups = None  # the CPU's attention groups (group): cpu_attention.Groups
 
     def pack(self, x):
         """(B, T, ...) -> (N, ...): the real tokens, row after row."""
@@ -208,6 +209,18 @@ class Packing:
                   for t in (q, k, v)]
         y = F.scaled_dot_product_attention(*nested, dropout_p=dropout_p)  # (B, nh, j, hs), j jagged
         return y.transpose(1, 2).values().flatten(1)  # (N, nh, hs) -> (N, H)
+
+    def group(self, x):
+        """(N, C) -> [(x_g, keep_g)] per group of like-length sequences (support/cpu_attention.py):
+        x_g (n_g, T_g, C), padded with zeros to the longest; keep_g, its real keys (attend)."""
+        g = self.groups = self.groups or cpu_attention.plan(self.lengths, x.device)  # once a batch
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, g.rows)  # row N: padding
+        parts = zip(x.split(g.sizes), g.counts, g.keeps)
+        return [(x_g.view(n, -1, x.shape[1]), keep) for x_g, n, keep in parts]
+
+    def ungroup(self, parts):
+        """[(n_g, T_g, C)] -> (N, C): group's inverse, the real tokens back in packing order."""
+        return torch.cat([part.flatten(0, 1) for part in parts]).index_select(0, self.groups.back)
 
 
 UNPAD = ("auto", "always", "never")  # Bert.unpad: which padded batches run unpadded (Bert.packs)

@@ -74,7 +74,8 @@ def add_run_flags(group, epochs=3, batch_size=32, data_cache=True):
     group.add_argument("--batch-size", type=int, default=batch_size, help="examples per step (per rank under torchrun)")
     group.add_argument("--max-len", type=int, default=128, help="word pieces per example, special tokens included")
     group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
-                       help="auto: bf16 on GPUs that have it, else fp16; off (fp32) on the CPU")
+                       help="auto: bf16 on GPUs that have it, else fp16; on the CPU bf16 where it multiplies "
+                       "bf16 natively (AMX, AVX512-BF16), else off (fp32)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: cuda where there is one")
     group.add_argument("--unpad", choices=UNPAD, default="auto",

@@ -95,11 +95,14 @@ def pick_device(name):
 
 
 def pick_amp(amp, device):
-    """--amp auto|fp16|bf16|off -> the autocast dtype, or None for fp32."""
+    """--amp auto|fp16|bf16|off -> the autocast dtype, or None for fp32. auto: on the CPU, bf16
+    where it multiplies bf16 natively (cpu_bf16), fp32 where bf16 would be emulated and slower."""
     if device.type == "cpu":
         if amp == "fp16":
             raise UsageError("argument --amp: fp16 needs a CUDA GPU (fp16 autocast with a GradScaler is the CUDA "
                              "path here); on the CPU use --amp bf16 or off")
+        if amp == "auto":
+            return torch.bfloat16 if cpu_bf16() else None
         return torch.bfloat16 if amp == "bf16" else None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -131,8 +134,8 @@ def describe_precision(place, amp):
         return shown
     native = cpu_bf16()
     if native is None:
-        return f"{shown} (--amp auto; this CPU has no bf16 instructions: bf16 would be emulated)"
-    return f"{shown} (--amp auto; this CPU multiplies bf16 natively, {native}: --amp bf16 uses it)"
+        return f"{shown} (--amp auto: this CPU has no bf16 instructions, so bf16 would be emulated and slower)"
+    return f"{shown} (--amp auto: this CPU multiplies bf16 natively, {native}; --amp off for fp32)"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,24 @@ TINY_LEGACY = FIXTURES / "tiny_bert_legacy"
 
 sys.path.insert(0, str(ROOT))  # the project's modules sit at the top level
 
+from support import runtime  # noqa: E402
+
+CPU_BF16 = runtime.cpu_bf16  # the real check, before cpu_without_native_bf16 replaces it
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every test sees a CPU without bf16 instructions, so that --amp auto is fp32 on any machine and
+    the suite's numbers do not depend on the processor it runs on. A test of the other kind of CPU
+    fakes it (native_bf16); processes a test starts see the real CPU, so they get --amp off where
+    they compare numbers."""
+    monkeypatch.setattr("support.runtime.cpu_bf16", lambda: None)
+
+
+def native_bf16(monkeypatch, name="AMX"):
+    """Within a test: a CPU that multiplies bf16 natively, as runtime.cpu_bf16 names it."""
+    monkeypatch.setattr("support.runtime.cpu_bf16", lambda: name)
+
 
 @pytest.fixture(scope="session")
 def minilm_dir():

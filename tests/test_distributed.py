@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from support import checkpoint
 from support import run_folder
+from support import runtime
 import train
 from support.runtime import Place
 from data import Batching, MultiTaskSampler, length_batches, load_splits, load_tokenizer
@@ -44,11 +45,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker(rank, world_size, port, argv, record, expect, signal_at=None, nan_at=None):
-    """One rank: torchrun's environment, then train.main, recording weights and writes."""
+def rank_environment(rank, world_size, port):
+    """What a spawned rank needs first: torchrun's variables, one thread, and the suite's CPU without
+    bf16 instructions (conftest's fixture does not reach a new process)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    runtime.cpu_bf16 = lambda: None
+
+
+def worker(rank, world_size, port, argv, record, expect, signal_at=None, nan_at=None):
+    """One rank: torchrun's environment, then train.main, recording weights and writes."""
+    rank_environment(rank, world_size, port)
     evaluations, writes = [], []
     evaluate = train.evaluate
 
@@ -113,7 +121,7 @@ def test_two_ranks_stay_identical_and_evaluate_like_one_process(tmp_path, capfd)
     out = tmp_path / "run"
     (weights0, writes0), (weights1, writes1) = run_ranks(tmp_path, flags(out, TINY_PLAIN, "--epochs", 2,
                                                                          "--batch-size", 2))
-    said = re.findall(r"^device cpu, fp32 \(--amp auto; [^)]*\), process group gloo, world size 2$",
+    said = re.findall(r"^device cpu, fp32 \(--amp auto: [^)]*\), process group gloo, world size 2$",
                       capfd.readouterr().out, re.M)
     assert len(said) == 1  # rank 0 says it, with why the CPU computes in fp32
     assert len(weights0) == len(weights1) == 3  # validation after epochs 1 and 2, then test
@@ -295,9 +303,7 @@ def test_a_dead_rank_stops_torchrun_and_leaves_a_loadable_checkpoint(tmp_path):
 
 def pairs_worker(rank, world_size, port, argv, record, signal_at):
     """One rank of pairs.py, recording its weights at every evaluation."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    rank_environment(rank, world_size, port)
     import pairs
 
     evaluations, evaluate, pair_loss, calls = [], pairs.evaluate, pairs.pair_loss, []

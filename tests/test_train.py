@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, TINY_PLAIN
+from conftest import CPU_BF16, FIXTURES, ROOT, TINY_PLAIN, native_bf16
 from safetensors import safe_open
 
 from support import features
@@ -82,7 +82,11 @@ def run_recording_losses(monkeypatch, argv):
     return losses
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("native", [None, "AMX"])
+def test_resume_is_exact(tmp_path, monkeypatch, native):
+    """--amp auto: fp32 on a CPU without bf16 instructions, bf16 on one with them (faked); exact both ways."""
+    if native:
+        native_bf16(monkeypatch, native)
     common = ("--epochs", 2, "--lr", "1e-3", "--unfreeze", "gradual")
     straight = run_recording_losses(monkeypatch, flags(tmp_path / "a", *common))
     first = run_recording_losses(monkeypatch, flags(tmp_path / "b", *common, "--stop-after", 1))
@@ -91,6 +95,9 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert len(straight) == 24 and first + rest == straight  # the same losses, step by step
     a, b = checkpoint_weights(tmp_path / "a"), checkpoint_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for run in "ab":
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert summary["precision"] == ("fp32" if native is None else "bf16 autocast")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -588,14 +595,18 @@ def test_a_long_cpu_run_says_so_at_start_with_the_faster_options(monkeypatch, ca
 
 @pytest.mark.parametrize("amx, avx512_bf16, native", [(False, False, None), (False, True, "AVX512-BF16"),
                                                       (True, True, "AMX")])
-def test_the_start_line_says_whether_the_cpu_multiplies_bf16_natively(monkeypatch, amx, avx512_bf16, native):
+def test_auto_is_bf16_on_a_cpu_that_multiplies_bf16_natively_and_says_why(monkeypatch, amx, avx512_bf16, native):
     """Read from the CPU's feature flags (runtime.cpu_bf16), faked here both ways."""
+    monkeypatch.setattr(runtime, "cpu_bf16", CPU_BF16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert runtime.cpu_bf16() == native
-    cpu = Place(torch.device("cpu"))
-    expected = ("fp32 (--amp auto; this CPU has no bf16 instructions: bf16 would be emulated)" if native is None
-                else f"fp32 (--amp auto; this CPU multiplies bf16 natively, {native}: --amp bf16 uses it)")
-    assert runtime.describe_precision(cpu, "auto") == expected
-    assert runtime.describe_precision(cpu, "off") == "fp32"  # asked for: nothing to explain
-    assert runtime.describe_precision(Place(torch.device("cpu"), torch.bfloat16), "bf16") == "bf16 autocast"
+    cpu = torch.device("cpu")
+    assert runtime.pick_amp("auto", cpu) is (None if native is None else torch.bfloat16)
+    assert runtime.pick_amp("off", cpu) is None and runtime.pick_amp("bf16", cpu) is torch.bfloat16
+    expected = ("fp32 (--amp auto: this CPU has no bf16 instructions, so bf16 would be emulated and slower)"
+                if native is None else f"bf16 autocast (--amp auto: this CPU multiplies bf16 natively, {native}; "
+                "--amp off for fp32)")
+    assert runtime.describe_precision(Place(cpu, runtime.pick_amp("auto", cpu)), "auto") == expected
+    assert runtime.describe_precision(Place(cpu), "off") == "fp32"  # asked for: nothing to explain
+    assert runtime.describe_precision(Place(cpu, torch.bfloat16), "bf16") == "bf16 autocast"

@@ -5,6 +5,7 @@ their dropout masks over tensors of different shapes, so with dropout on they
 are two equally good random runs, not one.
 """
 
+import itertools
 import json
 
 import pytest
@@ -17,6 +18,7 @@ import model as model_module
 import train
 from data import IGNORE_INDEX
 from model import POOLS, MultiTaskModel, Packing, SentenceEncoder
+from support import cpu_attention
 from support.model_folder import load_pretrained
 
 FAMILIES = {"bert": TINY_PLAIN, "roberta": FIXTURES / "tiny_roberta_plain",
@@ -115,6 +117,47 @@ def test_auto_unpads_cpu_batches_with_a_fifth_of_padding_or_more(monkeypatch):
     assert model_module.PACK_FROM == 0.2
     bert.unpad = "auto"
     assert not bert.packs(mask.to("meta"))  # another device than the CPU pads, until measured there
+
+
+@pytest.mark.parametrize("call, groups", [(0, [[3], [1], [4], [0, 5], [2]]), (30, [[3, 1], [4], [0, 5], [2]]),
+                                          (100, [[3, 1], [4, 0, 5], [2]]), (10_000, [[3, 1, 4, 0, 5, 2]])])
+def test_cpu_attention_in_groups_gives_the_padded_paths_outputs_and_gradients(monkeypatch, call, groups):
+    """From a group per length (call 0) to one group for all: the same numbers, dropout off, to 1e-5."""
+    lengths = (9, 4, 12, 2, 7, 9)
+    assert cpu_attention.cheapest_groups(list(lengths), call) == groups
+    monkeypatch.setattr(cpu_attention, "CALL", call)
+    torch.manual_seed(0)
+    bert = load_pretrained(TINY_PLAIN)
+    model = MultiTaskModel(SentenceEncoder(bert, "mean")).eval()
+    batch = padded_batch(bert.config, lengths)
+    padded, padded_grads = run(model, "never", batch)
+    unpadded, unpadded_grads = run(model, "always", batch)
+    for name, value in padded.items():
+        assert (unpadded[name] - value).abs().max() <= 1e-5, name
+    for name, grad in padded_grads.items():
+        assert (unpadded_grads[name] - grad).abs().max() <= 1e-5, name
+
+
+def test_the_cpu_attention_groups_are_the_cheapest_cut():
+    """Against every cut of the sorted sequences into runs, on random lengths: none costs less."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(200):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        call = [0, 50, 400, 3000][case % 4]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        cost = lambda groups: sum(call + len(m) * max(lengths[b] for b in m) ** 2 for m in groups)  # noqa: E731
+        groups = cpu_attention.cheapest_groups(lengths, call)
+        assert sorted(b for m in groups for b in m) == list(range(len(lengths)))  # each sequence once
+        for cuts in itertools.product([False, True], repeat=len(lengths) - 1):  # a cut after position i or not
+            runs, begin = [], 0
+            for i, cut in enumerate(cuts, 1):
+                if cut:
+                    runs.append(order[begin:i])
+                    begin = i
+            runs.append(order[begin:])
+            assert cost(groups) <= cost(runs), (lengths, call, groups, runs)
+
+
 def test_nested_tensor_attention_for_the_gpu_equals_per_sequence_attention():
     """Packing.attend (SDPA on nested jagged tensors, the GPU's kernel) run here on the CPU's math backend."""
     bert = load_pretrained(TINY_PLAIN).eval()
