@@ -179,26 +179,27 @@ class Layer(nn.Module):
 
 class Packing:
     """The unpadded path: where a batch's real tokens are, so that only they are computed.
-    All of a layer but attention works token by token, so it runs on the N real tokens packed
-    into one (N, H) tensor. Attention reads each sequence's tokens together: in groups of like
-    length on the CPU (group), as nested jagged tensors on a GPU (attend)."""
+    All of a layer but attention works token by token, so it runs on the N real tokens packed into
+    one (N + R, H) tensor (R rounding rows: cpu_attention.rounding). Attention reads a sequence's
+    tokens together: in groups of like length on the CPU (group), as nested tensors on a GPU."""
 
-    def __init__(self, attention_mask):
+    def __init__(self, attention_mask, rounds=None):
         self.shape = attention_mask.shape  # (B, T)
-        # (N,): each real token's place in B * T
-        self.index = attention_mask.flatten().nonzero().squeeze(1)
+        self.real = attention_mask.flatten().nonzero().squeeze(1)  # (N,): their places in B * T
+        self.n, self.rounding = len(self.real), cpu_attention.rounding(self.real.device, rounds)
+        self.index = F.pad(self.real, (0, -self.n % self.rounding[0]))  # (N + R,): R times token 0
         lengths = attention_mask.sum(1)  # (B,)
         self.offsets = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,): each sequence's start, then N
         self.lengths = lengths.tolist()
         self.groups = None  # the CPU's attention groups (group): cpu_attention.Groups
 
     def pack(self, x):
-        """(B, T, ...) -> (N, ...): the real tokens, row after row."""
+        """(B, T, ...) -> (N + R, ...): the real tokens, row after row, then R rounding rows."""
         return x.flatten(0, 1).index_select(0, self.index)
 
     def unpack(self, x):
-        """(N, ...) -> (B, T, ...), with zeros where the padding was."""
-        out = x.new_zeros(self.shape.numel(), *x.shape[1:]).index_copy(0, self.index, x)
+        """(N + R, ...) -> (B, T, ...), with zeros where the padding was."""
+        out = x.new_zeros(self.shape.numel(), *x.shape[1:]).index_copy(0, self.real, x[:self.n])
         return out.view(*self.shape, *x.shape[1:])
 
     def attend(self, qkv, n_head, dropout_p):
@@ -211,21 +212,20 @@ class Packing:
         return y.transpose(1, 2).values().flatten(1)  # (N, nh, hs) -> (N, H)
 
     def group(self, x):
-        """(N, C) -> [(x_g, keep_g)] per group of like-length sequences (support/cpu_attention.py):
+        """(N + R, C) -> [(x_g, keep_g)] per group of like-length sequences (cpu_attention.plan):
         x_g (n_g, T_g, C), padded with zeros to the longest; keep_g, its real keys (attend)."""
-        g = self.groups = self.groups or cpu_attention.plan(self.lengths, x.device)  # once a batch
-        x = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, g.rows)  # row N: padding
+        g = self.groups = self.groups or cpu_attention.plan(self.lengths, x, self.rounding[1])
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, g.rows)  # last row: padding
         parts = zip(x.split(g.sizes), g.counts, g.keeps)
         return [(x_g.view(n, -1, x.shape[1]), keep) for x_g, n, keep in parts]
 
     def ungroup(self, parts):
-        """[(n_g, T_g, C)] -> (N, C): group's inverse, the real tokens back in packing order."""
+        """[(n_g, T_g, C)] -> (N + R, C): group's inverse, the real tokens back in packing order."""
         return torch.cat([part.flatten(0, 1) for part in parts]).index_select(0, self.groups.back)
 
 
 UNPAD = ("auto", "always", "never")  # Bert.unpad: which padded batches run unpadded (Bert.packs)
-# auto packs a CPU batch from this share of padding up: faster there, slower below.
-PACK_FROM = 0.2
+PACK_FROM = 0.2  # auto packs a CPU batch from this share of padding up: faster there, slower below
 
 
 class Bert(nn.Module):

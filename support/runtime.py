@@ -22,6 +22,10 @@ from pathlib import Path
 import torch
 
 
+# oneDNN, which runs bf16 matrix products on the CPU, keeps 1,024 built kernels by default, fewer than
+# the shapes of a run in bf16 (model.Packing), and rebuilding one costs more than its product. Read
+# when it builds its first kernel; a value set beforehand wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 MAX_SEED = 2**32 - 1  # --seed: numpy's generators take no negative seed, torch none past 64 bits
 
 

@@ -95,6 +95,45 @@ def test_packing_packs_row_after_row_and_unpacks_back():
     assert packing.unpack(packing.pack(x)).tolist() == [[0, 1, 2, 0], [4, 5, 0, 0], [8, 9, 10, 11]]
 
 
+def test_in_bf16_on_the_cpu_the_packed_rows_and_attention_groups_are_rounded():
+    """Fewer shapes for oneDNN's kernels: N real tokens -> a multiple of ROWS rows, groups a multiple of POSITIONS."""
+    mask = (torch.arange(12)[None, :] < torch.tensor([9, 4, 12, 2, 7, 9])[:, None]).long()  # 43 real tokens
+    x = torch.arange(72.0).view(6, 12) + 1
+    assert len(Packing(mask).pack(x)) == 43  # fp32: no rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packing = Packing(mask)
+    assert packing.rounding == (cpu_attention.ROWS, cpu_attention.POSITIONS) == (64, 8)
+    packed = packing.pack(x)
+    assert len(packed) == 64 and torch.equal(packed[43:], torch.ones(21))  # the extra rows copy position 0
+    assert torch.equal(packing.unpack(packed), x * mask)
+    assert packing.unpack(packed + 100)[0, 0] == 101  # unpack reads the real row 0, not its copies
+    packed = packed[:, None]  # (N + R, C = 1)
+    parts = packing.group(packed)
+    assert [tuple(p.shape[:2]) for p, _ in parts] == [(6, 16)]  # one group, 12 rounded up to 16
+    keep = parts[0][1].view(6, 16)
+    assert keep.sum(1).tolist() == [2, 4, 7, 9, 9, 12]  # shortest first; positions 12 to 15 are padding
+    back = packing.ungroup([p for p, _ in parts])
+    assert torch.equal(back[:43], packed[:43]) and torch.equal(back[43:], packed[[0] * 21])  # row 0's attention
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rounded_packing_gives_the_padded_paths_outputs_and_gradients(monkeypatch, family):
+    """The rounding rows and the groups' padding, forced in fp32, change no real output or gradient (to 1e-5)."""
+    monkeypatch.setattr(model_module, "Packing", lambda mask: Packing(mask, rounds=True))
+    monkeypatch.setattr(cpu_attention, "CALL", 30)  # several groups
+    torch.manual_seed(0)
+    bert = load_pretrained(FAMILIES[family])
+    model = MultiTaskModel(SentenceEncoder(bert, "mean")).eval()
+    batch = padded_batch(bert.config, (9, 4, 12, 2, 7, 9, 21))
+    padded, padded_grads = run(model, "never", batch)
+    unpadded, unpadded_grads = run(model, "always", batch)
+    for name, value in padded.items():
+        assert (unpadded[name] - value).abs().max() <= 1e-5, name
+    assert padded_grads.keys() == unpadded_grads.keys()
+    for name, grad in padded_grads.items():
+        assert (unpadded_grads[name] - grad).abs().max() <= 1e-5, name
+
+
 def test_auto_unpads_cpu_batches_with_a_fifth_of_padding_or_more(monkeypatch):
     bert = load_pretrained(TINY_PLAIN).eval()
     made = []
@@ -143,10 +182,11 @@ def test_the_cpu_attention_groups_are_the_cheapest_cut():
     g = torch.Generator().manual_seed(0)
     for case in range(200):
         lengths = torch.randint(1, 40, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
-        call = [0, 50, 400, 3000][case % 4]
+        call, multiple = [0, 50, 400, 3000][case % 4], [1, 8][case // 4 % 2]  # multiple: bf16's rounding
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        cost = lambda groups: sum(call + len(m) * max(lengths[b] for b in m) ** 2 for m in groups)  # noqa: E731
-        groups = cpu_attention.cheapest_groups(lengths, call)
+        padded = lambda m: -(-max(lengths[b] for b in m) // multiple) * multiple  # noqa: E731
+        cost = lambda groups: sum(call + len(m) * padded(m) ** 2 for m in groups)  # noqa: E731
+        groups = cpu_attention.cheapest_groups(lengths, call, multiple)
         assert sorted(b for m in groups for b in m) == list(range(len(lengths)))  # each sequence once
         for cuts in itertools.product([False, True], repeat=len(lengths) - 1):  # a cut after position i or not
             runs, begin = [], 0
