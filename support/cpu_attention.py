@@ -33,6 +33,11 @@ def rounding(device, rounds=None):
     return (ROWS, POSITIONS) if rounds else (1, 1)
 
 
+def round_up(n, multiple):
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
 def cheapest_groups(lengths, call, multiple=1):
     """The cheapest cut of the sequences, sorted by length, into groups: a list of sequence numbers
     (indices of lengths) per group, shortest first; each group padded to its longest, rounded up to a
@@ -41,7 +46,7 @@ def cheapest_groups(lengths, call, multiple=1):
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     cost, start = [0], [0]  # start[j]: where the last group of that cheapest cut begins
     for j in range(1, len(order) + 1):
-        longest = -(-lengths[order[j - 1]] // multiple) * multiple
+        longest = round_up(lengths[order[j - 1]], multiple)
         costs = [cost[i] + call + (j - i) * longest ** 2 for i in range(j)]
         start.append(min(range(j), key=costs.__getitem__))
         cost.append(costs[start[j]])
@@ -73,7 +78,7 @@ def plan(lengths, x, multiple=1):
         starts.append(starts[-1] + n)
     rows, back, groups = [], [0] * packed, Groups(None, None, [], [], [])
     for members in cheapest_groups(lengths, CALL, multiple):
-        longest = -(-max(lengths[b] for b in members) // multiple) * multiple
+        longest = round_up(max(lengths[b] for b in members), multiple)
         for b in members:
             n = lengths[b]
             back[starts[b]:starts[b] + n] = range(len(rows), len(rows) + n)

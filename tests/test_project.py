@@ -252,3 +252,13 @@ def test_the_spin_count_is_set_before_torch_starts_unless_the_user_chose(given, 
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **given}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == [str(expected), "support.cpu_threads"]
+
+
+@pytest.mark.parametrize("given, expected", [({}, "8192"), ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}, "64")])
+def test_onednn_keeps_8192_kernels_unless_the_user_chose(given, expected):
+    """Set at import, before anything builds a oneDNN kernel (support/runtime.py says why)."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    code = "import os; import train; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **given}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [expected]
